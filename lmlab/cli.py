@@ -1,0 +1,285 @@
+"""The `lmlab` command. Each subcommand is a small function; configs come from dataclasses.
+
+Options of the form `--section.key=value` (or `--section.key value`) override any config field;
+an unknown key is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+EXAMPLES = """\
+getting started:
+  lmlab quickstart                              prepare the built-in corpus, train a small GPT, sample
+  lmlab prepare stdlib-docs --out data/docs     text -> tokenizer + token shards
+  lmlab train --data data/docs --model mini --train.max_steps=500 --train.lr=1e-3
+  lmlab eval runs/<run> --split test            loss, perplexity and bits per byte
+  lmlab generate runs/<run> "The json module" --temperature 0.8 --top_k 50
+  lmlab info runs/<run>                         what a run, checkpoint or data directory holds
+
+Every subcommand has its own --help.
+"""
+
+
+def _overrides(rest: list[str], allowed_prefixes: tuple[str, ...] | None = None) -> list[str]:
+    """Turn leftover ['--a.b=1', '--c.d', '2'] into ['a.b=1', 'c.d=2']; anything else is an error."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            raise LmlabError(f"unexpected argument '{arg}'")
+        key = arg[2:]
+        if "=" in key:
+            out.append(key)
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            out.append(f"{key}={rest[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{key}=true")
+        if allowed_prefixes is not None and "." not in out[-1].split("=")[0]:
+            raise LmlabError(f"unknown option '{arg}'. Config overrides look like "
+                             f"--{allowed_prefixes[0]}.key=value (sections: {', '.join(allowed_prefixes)})")
+        i += 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.config import apply_overrides
+    from lmlab.data.prepare import PrepareConfig, prepare
+
+    if rest:
+        raise LmlabError(f"unexpected arguments: {' '.join(rest)} (see lmlab prepare --help)")
+    given = [f"{f.name}={getattr(args, f.name)}" for f in dataclasses.fields(PrepareConfig)
+             if f.name != "source" and getattr(args, f.name) is not None]
+    cfg = apply_overrides(PrepareConfig(source=args.source), given)
+    prepare(cfg, force=args.force)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def build_run_config(args: argparse.Namespace, rest: list[str]):
+    from lmlab.config import apply_overrides, from_dict, load_yaml
+    from lmlab.models.registry import preset
+    from lmlab.train.checkpoint import read_run_config
+    from lmlab.train.config import RunConfig
+
+    if args.resume:
+        cfg = read_run_config(Path(args.resume))
+    elif args.config:
+        cfg = from_dict(RunConfig, load_yaml(args.config))
+    else:
+        cfg = RunConfig()
+    if args.model:
+        vocab = cfg.model.vocab_size
+        cfg.model = preset(args.model)
+        cfg.model.vocab_size = vocab
+    if args.data:
+        cfg.data.dir = args.data
+    if args.out:
+        cfg.train.out_dir = args.out
+    if args.resume:
+        cfg.train.out_dir = args.resume
+    return apply_overrides(cfg, _overrides(rest, ("model", "data", "train")))
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.config import dump_yaml
+    from lmlab.train.trainer import Trainer
+
+    cfg = build_run_config(args, rest)
+    run_dir = Path(cfg.train.out_dir or f"runs/{cfg.model.family}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.train.out_dir = str(run_dir)
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise LmlabError(f"run directory {run_dir} already exists; continue it with "
+                         f"`lmlab train --resume {run_dir}` or choose another --out")
+    trainer = Trainer(cfg, run_dir)
+    print(dump_yaml(cfg), end="")
+    if args.resume and trainer.resume() is None:
+        print(f"no checkpoint in {run_dir} yet; starting from step 0")
+    n = trainer.model.num_params()
+    print(f"model: {cfg.model.family}, {n / 1e6:.2f}M parameters without embeddings, "
+          f"{trainer.model.num_params(non_embedding=False) / 1e6:.2f}M with; run directory {run_dir}")
+    summary = trainer.fit()
+    line = f"step {summary['step']}: train loss {summary['loss']:.4f}"
+    if "val_loss" in summary:
+        line += f", val loss {summary['val_loss']:.4f} (ppl {math.exp(summary['val_loss']):.2f})"
+    print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval / generate / info
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    import torch
+
+    from lmlab.data.stream import TokenSplit
+    from lmlab.eval.perplexity import evaluate_split, unigram_baseline
+    from lmlab.train.checkpoint import load_checkpoint
+
+    _overrides(rest, ("eval",)) if rest else None
+    model, cfg, _, ckpt = load_checkpoint(args.checkpoint)
+    data_dir = args.data or cfg.data.dir
+    split = TokenSplit(data_dir, args.split)
+    if split.meta["vocab_size"] > cfg.model.vocab_size:
+        raise LmlabError(f"{data_dir} was tokenized with a larger vocabulary than the model's")
+    res = evaluate_split(model, split, block_size=cfg.model.block_size, stride=args.stride,
+                         batch_size=args.batch_size, max_tokens=args.max_tokens,
+                         autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    out = {"checkpoint": str(ckpt), "data": str(data_dir), **res.as_dict()}
+    if args.baseline:
+        out["unigram"] = unigram_baseline(TokenSplit(data_dir, "train"), split).as_dict()
+    print(f"{ckpt} on {data_dir} [{args.split}]: {res.tokens:,} tokens, loss {res.loss:.4f}, "
+          f"perplexity {res.perplexity:.2f}, {res.bits_per_byte:.4f} bits/byte")
+    if args.baseline:
+        u = out["unigram"]
+        print(f"unigram baseline: perplexity {u['perplexity']:.2f}, {u['bits_per_byte']:.4f} bits/byte")
+    if args.json:
+        from lmlab.io.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.generate.engine import SamplingConfig, stream_text
+    from lmlab.train.checkpoint import load_checkpoint
+
+    if rest:
+        raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
+    model, _, tok, _ = load_checkpoint(args.checkpoint)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop=args.stop or [])
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(model, tok, args.prompt, cfg, use_cache=not args.no_cache):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.info import describe_path
+
+    if rest:
+        raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
+    print(describe_path(Path(args.path)))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.quickstart import quickstart
+
+    return quickstart(out=args.out, data=args.data, steps=args.steps, overrides=_overrides(rest, ("model", "train")))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from lmlab import __version__
+
+    p = argparse.ArgumentParser(
+        prog="lmlab", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Language models from n-grams to LLMs: prepare data, train, evaluate, generate.",
+        epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"lmlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func, help: str, epilog: str = "") -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=func)
+        return sp
+
+    from lmlab.config import describe
+    from lmlab.data.prepare import PrepareConfig
+    from lmlab.train.config import RunConfig
+
+    sp = add("prepare", cmd_prepare, "Turn text into a tokenizer and token shards (a data directory).",
+             "sources: a file, a folder, a glob ('texts/**/*.txt'), a .jsonl file, or a built-in corpus:\n"
+             "  stdlib-docs  English docstrings and help topics of this Python's standard library\n"
+             "  stdlib-code  the standard library's source code (~30 MB)\n\n"
+             "options (defaults shown):\n" + "\n".join(describe(PrepareConfig)) +
+             "\n\nexample: lmlab prepare notes/ --out data/notes --tokenizer=char")
+    sp.add_argument("source", nargs="?", default="stdlib-docs", help="text to prepare (default: stdlib-docs)")
+    sp.add_argument("--force", action="store_true", help="rebuild the data directory if it exists")
+    for f in dataclasses.fields(PrepareConfig):
+        if f.name != "source":
+            sp.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
+
+    sp = add("train", cmd_train, "Train a model on a prepared data directory.",
+             "any config key can be overridden (defaults shown):\n" + "\n".join(describe(RunConfig)) +
+             "\n\nexamples:\n  lmlab train --data data/stdlib-docs --model mini --train.max_steps=300\n"
+             "  lmlab train --config configs/quickstart.yaml --train.dtype=bfloat16\n"
+             "  lmlab train --resume runs/gpt-20260101-120000     (continue exactly where it stopped)")
+    sp.add_argument("--config", help="YAML file with model/data/train sections")
+    sp.add_argument("--model", help="model preset: tiny, mini, small, gpt2-124m, gpt2-medium")
+    sp.add_argument("--data", help="prepared data directory (same as --data.dir)")
+    sp.add_argument("--out", help="run directory to create (same as --train.out_dir)")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+
+    sp = add("eval", cmd_eval, "Loss, perplexity and bits per byte of a checkpoint on a held-out split.")
+    sp.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
+    sp.add_argument("--data", help="data directory (default: the one the model was trained on)")
+    sp.add_argument("--split", default="test", help="train | val | test (default: test)")
+    sp.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: block_size)")
+    sp.add_argument("--batch_size", type=int, default=8)
+    sp.add_argument("--max_tokens", type=int, default=0, help="score only the first N tokens (0: all)")
+    sp.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+    sp.add_argument("--baseline", action="store_true", help="also report a unigram model's figures")
+    sp.add_argument("--json", help="write the results to this JSON file")
+
+    sp = add("generate", cmd_generate, "Continue a prompt with a trained model, streaming the text.")
+    sp.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
+    sp.add_argument("prompt", nargs="?", default="", help="text to continue (default: start a new document)")
+    sp.add_argument("--max_new_tokens", type=int, default=200)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    sp.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    sp.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
+    sp.add_argument("--no_cache", action="store_true", help="recompute the context each step (slow)")
+
+    sp = add("info", cmd_info, "Show what a data, run or checkpoint directory holds.")
+    sp.add_argument("path")
+
+    sp = add("quickstart", cmd_quickstart,
+             "The main job: prepare the built-in corpus, train a small GPT (a few minutes on a CPU), "
+             "compare it with a unigram baseline and print a sample.")
+    sp.add_argument("--out", default="", help="run directory (default: runs/quickstart-<time>)")
+    sp.add_argument("--data", default="data/stdlib-docs", help="data directory to use or create")
+    sp.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, rest = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args, rest)
+    except LmlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Text sources -> tokenizer + token shards -> batches of windows."""

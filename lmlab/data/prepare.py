@@ -1,0 +1,185 @@
+"""Text -> tokenizer + token shards: `lmlab prepare`.
+
+Documents are assigned to train/val/test by rank of a seeded hash of their content, so the split is
+deterministic, never cuts a document, and puts exact duplicates side by side (hence almost always in
+the same split). Each split is a list of uint16/uint32 memmap shards; documents are concatenated with
+the tokenizer's `</s>` after each one. Everything is written into a temporary directory and renamed
+into place at the end, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.config import to_dict
+from lmlab.data.sources import Corpus
+from lmlab.errors import LmlabError
+from lmlab.io.atomic import atomic_dir, atomic_write_text
+from lmlab.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+
+SPLITS = ("train", "val", "test")
+FORMAT = "lmlab-tokens-v1"
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    source: str = "stdlib-docs"       # path, folder, glob, .jsonl, or stdlib-docs / stdlib-code
+    out: str = ""                     # data directory to create (default: data/<source name>)
+    tokenizer: str = "bpe"            # char | word | bpe, or a directory holding tokenizer.json
+    vocab_size: int = 4096            # BPE merges target; cap for char/word (0 = no cap)
+    min_count: int = 2                # rarer words/chars become <unk>; BPE min merge frequency
+    doc_split: str = "paragraph"      # how a plain text file is cut into documents: file|paragraph|line
+    jsonl_field: str = "text"
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 1337
+    shard_tokens: int = 50_000_000    # tokens per shard file
+
+
+def default_out(source: str) -> str:
+    name = Path(source.rstrip("/*")).stem or "corpus"
+    return str(Path("data") / name)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends token arrays to `<split>-NNNN.bin` files of at most `shard_tokens` tokens."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.cap = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):04d}.bin"
+        self._file = open(self.directory / name, "wb")
+        self.shards.append({"file": name, "n_tokens": 0})
+        self._count = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._file is None or self._count >= self.cap:
+                self.close()
+                self._open()
+            take = min(len(tokens), self.cap - self._count)
+            self._file.write(tokens[:take].tobytes())
+            self._count += take
+            self.shards[-1]["n_tokens"] += take
+            tokens = tokens[take:]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def assign_splits(corpus: Corpus, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """Split index (0 train, 1 val, 2 test) per document, by rank of a seeded content hash."""
+    key = seed.to_bytes(8, "little", signed=True)
+    hashes = [int.from_bytes(hashlib.blake2b(d.encode("utf-8"), digest_size=8, key=key).digest(), "little")
+              for d in corpus]
+    n = len(hashes)
+    if n == 0:
+        raise LmlabError(f"corpus '{corpus.source}' is empty: it holds no non-blank text")
+    order = np.argsort(np.array(hashes, dtype=np.uint64), kind="stable")
+    n_val = math.ceil(val_fraction * n) if val_fraction > 0 else 0
+    n_test = math.ceil(test_fraction * n) if test_fraction > 0 else 0
+    if n - n_val - n_test < 1:
+        raise LmlabError(
+            f"corpus '{corpus.source}' has only {n} document(s), too few for train/val/test splits; "
+            "add text, or cut it into more documents with --doc_split=line")
+    split = np.zeros(n, dtype=np.int8)
+    split[order[:n_val]] = 1
+    split[order[n_val:n_val + n_test]] = 2
+    return split
+
+
+def prepare(cfg: PrepareConfig, *, force: bool = False, log=print) -> Path:
+    out = Path(cfg.out or default_out(cfg.source))
+    if out.exists() and not force:
+        raise LmlabError(f"data directory {out} already exists; pass --force to rebuild it, or choose --out")
+    corpus = Corpus(cfg.source, doc_split=cfg.doc_split, jsonl_field=cfg.jsonl_field)
+    t0 = time.time()
+    provenance = corpus.describe()
+    split_of = assign_splits(corpus, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    log(f"corpus {cfg.source}: {len(split_of)} documents "
+        f"({int((split_of == 0).sum())} train / {int((split_of == 1).sum())} val / {int((split_of == 2).sum())} test)")
+
+    with atomic_dir(out, replace=force) as tmp:
+        tok = _get_tokenizer(cfg, corpus, split_of)
+        tok.save(str(tmp))
+        dtype = token_dtype(tok.vocab_size)
+        writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in SPLITS}
+        stats = {s: {"n_docs": 0, "n_bytes": 0} for s in SPLITS}
+        eos = tok.eos_id
+        batch: list[tuple[int, str]] = []
+
+        def flush() -> None:
+            for (s, doc), ids in zip(batch, tok.encode_batch([d for _, d in batch])):
+                if not ids or ids[-1] != eos:
+                    ids.append(eos)
+                name = SPLITS[s]
+                writers[name].write(np.asarray(ids, dtype=np.int64))
+                stats[name]["n_docs"] += 1
+                # bytes of the document plus one for the separator that </s> stands for
+                stats[name]["n_bytes"] += len(doc.encode("utf-8")) + 1
+            batch.clear()
+
+        for i, doc in enumerate(corpus):
+            batch.append((int(split_of[i]), doc))
+            if len(batch) >= 256:
+                flush()
+        flush()
+        for w in writers.values():
+            w.close()
+
+        splits = {}
+        for s in SPLITS:
+            n_tokens = sum(sh["n_tokens"] for sh in writers[s].shards)
+            splits[s] = {"shards": writers[s].shards, "n_tokens": n_tokens, **stats[s]}
+        meta = {
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "eos_id": eos,
+                          "specials": tok.specials.as_dict()},
+            "corpus": provenance,
+            "splits": splits,
+            "prepare": to_dict(cfg) | {"out": str(out)},
+            "seconds": round(time.time() - t0, 2),
+        }
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
+    if splits["train"]["n_tokens"] == 0:
+        raise LmlabError(f"corpus '{cfg.source}' produced no training tokens")
+    log(f"wrote {out}: " + ", ".join(f"{s} {splits[s]['n_tokens']:,} tokens" for s in SPLITS)
+        + f" (vocab {tok.vocab_size}, {dtype.name})")
+    return out
+
+
+def _get_tokenizer(cfg: PrepareConfig, corpus: Corpus, split_of: np.ndarray) -> Tokenizer:
+    if cfg.tokenizer in ("char", "word", "bpe"):
+        train_docs = (d for i, d in enumerate(corpus) if split_of[i] == 0)
+        return train_tokenizer(cfg.tokenizer, train_docs, vocab_size=cfg.vocab_size, min_count=cfg.min_count)
+    return load_tokenizer(cfg.tokenizer)
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise LmlabError(f"{data_dir} is not a prepared data directory (no meta.json); run `lmlab prepare` first")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise LmlabError(f"{path}: unknown data format {meta.get('format')!r}")
+    return meta

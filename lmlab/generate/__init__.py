@@ -1,0 +1,1 @@
+"""Text generation: sampling filters and the decoding engine."""

@@ -1,0 +1,1 @@
+"""Model families; `registry` maps names to configs, classes and presets."""

@@ -1,0 +1,1 @@
+"""Shared building blocks that every Transformer family assembles."""

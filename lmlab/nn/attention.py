@@ -1,0 +1,63 @@
+"""One attention module: multi-head or grouped-query, causal or bidirectional, with a KV cache.
+
+The projection of queries, keys and values is a single fused matmul (n_head + 2 * n_kv_head heads),
+and the attention itself is `scaled_dot_product_attention`, which picks a fused kernel where one
+exists. Position information other than additive embeddings (e.g. RoPE) enters through `rotary`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.nn.kv_cache import KVCache
+
+
+class Attention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, bias: bool = True,
+                 dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head or n_head
+        if n_embd % n_head or n_head % self.n_kv_head:
+            raise ValueError(f"n_embd={n_embd}, n_head={n_head}, n_kv_head={self.n_kv_head} do not divide")
+        self.head_dim = n_embd // n_head
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
+
+    def forward(self, x: torch.Tensor, *, kv_cache: KVCache | None = None, layer_idx: int = 0,
+                rotary: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.append(layer_idx, k, v)
+        if nkv != nh:
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        is_causal = False
+        mask = attn_mask
+        if self.causal and T > 1:
+            if past == 0 and mask is None:
+                is_causal = True
+            else:  # query i (absolute position past + i) sees keys 0 .. past + i
+                S = k.shape[2]
+                causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                mask = causal if mask is None else (mask & causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return self.proj(y)

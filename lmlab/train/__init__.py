@@ -1,0 +1,1 @@
+"""The one training loop, its optimizer, schedule, checkpoints and run configuration."""

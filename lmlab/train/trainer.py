@@ -1,0 +1,246 @@
+"""The one training loop, shared by every neural family.
+
+The trainer knows nothing about objectives: it asks the sampler for a batch, calls the model and
+backpropagates `output.loss` (+ `aux_loss`). Its whole state — step, tokens seen, optimizer, every
+RNG, the sampler's position — goes into each checkpoint, so a resumed run continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmlab.config import dump_yaml
+from lmlab.data.stream import SAMPLERS, RandomWindows, TokenSplit
+from lmlab.errors import LmlabError
+from lmlab.io.atomic import atomic_write_text
+from lmlab.models.registry import build
+from lmlab.train.checkpoint import list_checkpoints, load_trainer_state, load_weights, save_checkpoint
+from lmlab.train.config import RunConfig
+from lmlab.train.optim import make_optimizer
+from lmlab.train.schedule import lr_at
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype in ("bfloat16", "bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if dtype in ("float16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    if dtype in ("float32", "fp32"):
+        return contextlib.nullcontext()
+    raise LmlabError(f"unknown train.dtype '{dtype}' (float32 | bfloat16 | float16)")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, log=print):
+        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = pick_device(t.device)
+        self.train_data = TokenSplit(cfg.data.dir, "train")
+        self.val_data = TokenSplit(cfg.data.dir, "val")
+        vocab = self.train_data.meta["vocab_size"]
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise LmlabError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary ({vocab})")
+        if cfg.data.sampler not in SAMPLERS:
+            raise LmlabError(f"unknown data.sampler '{cfg.data.sampler}' ({' | '.join(SAMPLERS)})")
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        np.random.seed(t.seed % 2**32)
+        self.model = build(cfg.model).to(self.device)
+        self.optimizer = make_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
+                                        betas=(t.beta1, t.beta2), eps=t.eps)
+        self.sampler = SAMPLERS[cfg.data.sampler](self.train_data, cfg.model.block_size, t.batch_size, seed=t.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        # Applied from outside the model; the checkpoint always saves the plain module.
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self._stop_requested = False
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                "rng": rng_state(), "sampler": self.sampler.state_dict()}
+
+    def resume(self) -> Path | None:
+        """Load the latest checkpoint of the run directory, if any; drop metrics logged after it."""
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            return None
+        ckpt = ckpts[-1]
+        load_weights(self.model, ckpt / "model.safetensors")
+        state = load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
+        self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+        return ckpt
+
+    def save(self, info: dict[str, Any] | None = None) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.train_data.dir,
+                               self.state_dict(), {"tokens_seen": self.tokens_seen, **(info or {})},
+                               keep=self.cfg.train.keep_checkpoints)
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over a fixed set of windows (the same ones at every evaluation)."""
+        t = self.cfg.train
+        sampler = RandomWindows(self.val_data, self.cfg.model.block_size, t.batch_size, seed=t.seed + 1)
+        self.model.eval()
+        losses = []
+        for _ in range(t.eval_iters):
+            x, y = sampler.next_batch()
+            with autocast(self.device, t.dtype):
+                losses.append(self.forward(x.to(self.device), y.to(self.device)).loss.item())
+        self.model.train()
+        return float(np.mean(losses))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _log_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_requested = True
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        self._tb = _tensorboard(self.run_dir)
+        end = min(t.max_steps, t.stop_at_step) if t.stop_at_step > 0 else t.max_steps
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
+        old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = _progress(t.progress, self.step, t.max_steps)
+        self.model.train()
+        last = {"loss": float("nan")}
+        window_t, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < end and not self._stop_requested:
+                lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                           max_steps=t.max_steps, schedule=t.schedule)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for _ in range(t.grad_accum):
+                    x, y = self.sampler.next_batch()
+                    with autocast(self.device, t.dtype):
+                        out = self.forward(x.to(self.device), y.to(self.device))
+                        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                    (loss / t.grad_accum).backward()
+                    loss_sum += out.loss.item()
+                if not math.isfinite(loss_sum):
+                    raise LmlabError(f"loss became {loss_sum} at step {self.step}; lower train.lr or use float32")
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                           t.grad_clip if t.grad_clip > 0 else float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                window_tokens += tokens_per_step
+                last = {"step": self.step, "loss": loss_sum / t.grad_accum, "lr": lr,
+                        "grad_norm": float(grad_norm), "tokens": self.tokens_seen}
+                if self.step % t.log_interval == 0 or self.step == end:
+                    now = time.perf_counter()
+                    last["tok_per_s"] = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    self._log_metrics(last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:,.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if t.eval_interval > 0 and self.step % t.eval_interval == 0 and self.step < t.max_steps:
+                    val = self.evaluate()
+                    last["val_loss"] = val
+                    self._log_metrics({"step": self.step, "val_loss": val})
+                    if bar is not None:
+                        bar.write(f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
+                if t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0 and self.step < end:
+                    self.save({"loss": last["loss"]})
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+        summary: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "loss": last["loss"]}
+        if self.step >= t.max_steps:
+            summary["val_loss"] = self.evaluate()
+            self._log_metrics({"step": self.step, "val_loss": summary["val_loss"]})
+        if self.step > 0 and not (list_checkpoints(self.run_dir) and list_checkpoints(self.run_dir)[-1].name
+                                  == f"step-{self.step:06d}"):
+            summary["checkpoint"] = str(self.save({k: v for k, v in summary.items() if k != "step"}))
+        if self._tb is not None:
+            self._tb.close()
+        if self._stop_requested:
+            self.log(f"stopped at step {self.step}; continue with `lmlab train --resume {self.run_dir}`")
+        return summary
+
+
+def _progress(enabled: bool, initial: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None)
+
+
+def _tensorboard(run_dir: Path):
+    if os.environ.get("LMLAB_NO_TENSORBOARD"):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
