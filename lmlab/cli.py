@@ -165,7 +165,8 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
     model, _, tok, _ = load_checkpoint(args.checkpoint)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, stop=args.stop or [])
+                         top_p=args.top_p, seed=args.seed,
+                         stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop or []])
     sys.stdout.write(args.prompt)
     for piece in stream_text(model, tok, args.prompt, cfg, use_cache=not args.no_cache):
         sys.stdout.write(piece)
@@ -235,7 +236,11 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run directory to create (same as --train.out_dir)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
 
-    sp = add("eval", cmd_eval, "Loss, perplexity and bits per byte of a checkpoint on a held-out split.")
+    sp = add("eval", cmd_eval, "Loss, perplexity and bits per byte of a checkpoint on a held-out split.",
+             "Every token of the split is scored once. Bits per byte divide the total loss by the text's\n"
+             "UTF-8 bytes, so models with different tokenizers compare fairly.\n\n"
+             "examples:\n  lmlab eval runs/<run>                       test split of the run's own data\n"
+             "  lmlab eval runs/<run> --split val --stride 64 --baseline --json eval.json")
     sp.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
     sp.add_argument("--data", help="data directory (default: the one the model was trained on)")
     sp.add_argument("--split", default="test", help="train | val | test (default: test)")
@@ -246,7 +251,9 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", action="store_true", help="also report a unigram model's figures")
     sp.add_argument("--json", help="write the results to this JSON file")
 
-    sp = add("generate", cmd_generate, "Continue a prompt with a trained model, streaming the text.")
+    sp = add("generate", cmd_generate, "Continue a prompt with a trained model, streaming the text.",
+             "examples:\n  lmlab generate runs/<run> \"The json module\" --temperature 0   (greedy)\n"
+             "  lmlab generate runs/<run> \"def \" --top_p 0.9 --seed 1 --stop \"\\n\\n\"")
     sp.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
     sp.add_argument("prompt", nargs="?", default="", help="text to continue (default: start a new document)")
     sp.add_argument("--max_new_tokens", type=int, default=200)
@@ -257,8 +264,11 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     sp.add_argument("--no_cache", action="store_true", help="recompute the context each step (slow)")
 
-    sp = add("info", cmd_info, "Show what a data, run or checkpoint directory holds.")
-    sp.add_argument("path")
+    sp = add("info", cmd_info, "Show what a data, run or checkpoint directory holds.",
+             "for a data directory: corpus, Python version and content hash, tokenizer, tokens per split;\n"
+             "for a run or checkpoint: parameters, step, tokens seen, validation loss and the full config.\n\n"
+             "examples:\n  lmlab info data/stdlib-docs\n  lmlab info runs/quickstart-20260101-120000")
+    sp.add_argument("path", help="a data directory, run directory or checkpoint directory")
 
     sp = add("quickstart", cmd_quickstart,
              "The main job: prepare the built-in corpus, train a small GPT (a few minutes on a CPU), "

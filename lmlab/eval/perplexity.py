@@ -67,7 +67,7 @@ def token_nll(model: nn.Module, tokens: np.ndarray, *, bos: int, block_size: int
         y = torch.full((len(chunk), width), -100, dtype=torch.long)
         for r, (s, e, first) in enumerate(chunk):
             x[r, : e - s] = torch.from_numpy(seq[s:e])
-            tgt = torch.from_numpy(seq[s + 1:e + 1])
+            tgt = torch.from_numpy(seq[s + 1:e + 1].copy())
             tgt[: first - s] = -100          # context only, scored by an earlier window
             y[r, : e - s] = tgt
         ctx = torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype else _null()

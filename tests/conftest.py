@@ -1,0 +1,40 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lmlab.data.prepare import PrepareConfig, prepare
+from lmlab.data.sources import Corpus
+
+os.environ.setdefault("LMLAB_NO_TENSORBOARD", "1")
+
+
+@pytest.fixture(scope="session")
+def docs_jsonl(tmp_path_factory) -> Path:
+    """About 300 kB of English prose from the built-in corpus, as a JSONL file."""
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    out, size = [], 0
+    for doc in Corpus("stdlib-docs"):
+        if size > 300_000:
+            break
+        out.append(json.dumps({"text": doc}))
+        size += len(doc)
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(docs_jsonl, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare(PrepareConfig(source=str(docs_jsonl), out=str(out), tokenizer="char", min_count=1, vocab_size=0),
+            log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_data(docs_jsonl, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "bpe"
+    prepare(PrepareConfig(source=str(docs_jsonl), out=str(out), tokenizer="bpe", vocab_size=512),
+            log=lambda *a: None)
+    return out

@@ -1,0 +1,50 @@
+import torch
+
+from lmlab.models.gpt import GPT, GPTConfig
+from lmlab.models.registry import PRESETS, build, preset
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, **kw)).eval()
+
+
+def test_forward_shapes_loss_and_tied_embeddings():
+    m = tiny()
+    x = torch.randint(0, 50, (3, 10))
+    out = m(x, x)
+    assert out.logits.shape == (3, 10, 50)
+    assert out.loss.ndim == 0 and abs(out.loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5
+    assert m.lm_head.weight.data_ptr() == m.wte.weight.data_ptr()
+    n_all = sum(p.numel() for p in m.parameters())
+    assert m.num_params(non_embedding=False) == n_all
+    assert m.num_params() == n_all - 50 * 32 - 32 * 32
+
+
+def test_kv_cache_matches_full_forward():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 20))
+    full = m(x).logits
+    cache = m.make_kv_cache(2)
+    parts = [m(x[:, :7], kv_cache=cache).logits, m(x[:, 7:8], kv_cache=cache).logits,
+             m(x[:, 8:20], kv_cache=cache).logits]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == 20
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    m = tiny()
+    x = torch.randint(0, 50, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 50
+    torch.testing.assert_close(m(x).logits[:, :8], m(y).logits[:, :8])
+
+
+def test_presets_build_with_expected_sizes():
+    assert set(PRESETS) >= {"tiny", "gpt2-124m"}
+    cfg = preset("gpt2-124m")
+    cfg.vocab_size = 50257
+    with torch.device("meta"):
+        m = build(cfg)
+    # GPT-2 small: 124.4M parameters with tied embeddings (Radford et al. 2019; HF's count)
+    assert abs(m.num_params(non_embedding=False) - 124_439_808) == 0
