@@ -12,8 +12,8 @@ def tiny(**kw):
 def test_forward_shapes_loss_and_tied_embeddings():
     m = tiny()
     x = torch.randint(0, 50, (3, 10))
+    assert m(x).logits.shape == (3, 10, 50)
     out = m(x, x)
-    assert out.logits.shape == (3, 10, 50)
     assert out.loss.ndim == 0 and abs(out.loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5
     assert m.lm_head.weight.data_ptr() == m.wte.weight.data_ptr()
     n_all = sum(p.numel() for p in m.parameters())
@@ -48,3 +48,40 @@ def test_presets_build_with_expected_sizes():
         m = build(cfg)
     # GPT-2 small: 124.4M parameters with tied embeddings (Radford et al. 2019; HF's count)
     assert abs(m.num_params(non_embedding=False) - 124_439_808) == 0
+
+
+def test_fused_chunked_loss_equals_plain_cross_entropy():
+    import torch.nn.functional as F
+
+    from lmlab.nn.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (300,))
+    t[::7] = -100
+    fused = linear_cross_entropy(x, w, t, chunk_size=64)
+    (2 * fused).backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    plain = F.cross_entropy(x @ w.t(), t, ignore_index=-100)
+    (2 * plain).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation path: no gradient work
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, chunk_size=64), plain)
+
+
+def test_model_loss_paths_agree_and_bf16_is_close():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 16))
+    m.config.loss_chunk_size = 8
+    fused = m(x, x).loss
+    m.config.loss_chunk_size = 0
+    plain = m(x, x).loss
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    m.config.loss_chunk_size = 8
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(x, x).loss
+    assert low.dtype == torch.float32 and abs(low.item() - plain.item()) < 0.05

@@ -16,6 +16,7 @@ from torch import nn
 from lmlab.models.base import LMOutput, ModelConfig
 from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
+from lmlab.nn.loss import linear_cross_entropy
 from lmlab.nn.norm import make_norm
 
 
@@ -31,6 +32,7 @@ class GPTConfig(ModelConfig):
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    loss_chunk_size: int = 1024  # positions per chunk of the fused output-layer loss (0: plain logits)
 
 
 class GPT(nn.Module):
@@ -90,6 +92,11 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.norm_f(x)
+        if targets is not None and self.config.loss_chunk_size > 0:
+            # training: the loss without materialising the logits (see lmlab/nn/loss.py)
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                        chunk_size=self.config.loss_chunk_size)
+            return LMOutput(logits=None, loss=loss)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

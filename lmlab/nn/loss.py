@@ -1,0 +1,74 @@
+"""Cross-entropy of a linear output layer, computed in chunks without materialising the logits.
+
+For a batch of N positions and a vocabulary of V, the usual path builds an N x V logit matrix, a
+float32 copy for `log_softmax`, and the same again in the backward pass. Here the forward pass walks
+over chunks of positions, computes each chunk's logits, its loss and — when gradients are needed —
+its gradient (softmax - one_hot) / n straight away, and keeps only the N x C gradient of the input
+and the V x C gradient of the weight. Memory is O(chunk x V) instead of O(N x V), and the time spent
+in soft-max passes and dtype copies drops (the same idea as the "fused linear cross-entropy" of
+Liger-Kernel and of Wijmans et al. 2024, "Cut your losses").
+
+Under autocast the matmuls run in the autocast dtype; soft-max and loss are always float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                ignore_index: int, compute_dtype: torch.dtype) -> torch.Tensor:
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        xs, w = x.to(compute_dtype), weight.to(compute_dtype)
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        safe_targets = targets.clamp(min=0)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = None
+        for s in range(0, x.shape[0], chunk_size):
+            e = min(s + chunk_size, x.shape[0])
+            # in-place soft-max on one float32 buffer: large fresh allocations cost page faults on CPU
+            logits = (xs[s:e] @ w.t()).float()
+            tgt = safe_targets[s:e]
+            v = valid[s:e]
+            target_logit = logits.gather(1, tgt[:, None])[:, 0]
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            sum_exp = probs.sum(dim=-1, keepdim=True)
+            lse = (row_max + sum_exp.log())[:, 0]
+            loss += ((lse - target_logit) * v).sum()
+            if need_x or need_w:
+                # d loss / d logits = (softmax - one_hot) / n_valid on valid rows, 0 elsewhere
+                g = probs.div_(sum_exp)
+                g[torch.arange(e - s, device=x.device), tgt] -= 1.0
+                g.mul_((v.to(torch.float32) / n_valid)[:, None])
+                g = g.to(compute_dtype)
+                if need_x:
+                    grad_x[s:e] = (g @ w).to(x.dtype)
+                if need_w:  # accumulate in float32 without a float32 temporary
+                    part = g.t() @ xs[s:e]
+                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
+        ctx.save_for_backward(grad_x if need_x else None, grad_w if need_w else None)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        gx = grad_x * grad_out.to(grad_x.dtype) if grad_x is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gx, gw, None, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         chunk_size: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of `x @ weight.T` ([N, C] @ [C, V]) against `targets` ([N])."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk_size, ignore_index, dtype)
+
