@@ -228,7 +228,7 @@ def make_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "Train a model on a prepared data directory.",
              "any config key can be overridden (defaults shown):\n" + "\n".join(describe(RunConfig)) +
              "\n\nexamples:\n  lmlab train --data data/stdlib-docs --model mini --train.max_steps=300\n"
-             "  lmlab train --config configs/quickstart.yaml --train.dtype=bfloat16\n"
+             "  lmlab train --config configs/small-stdlib-docs.yaml --train.dtype=float32\n"
              "  lmlab train --resume runs/gpt-20260101-120000     (continue exactly where it stopped)")
     sp.add_argument("--config", help="YAML file with model/data/train sections")
     sp.add_argument("--model", help="model preset: tiny, mini, small, gpt2-124m, gpt2-medium")

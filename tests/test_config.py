@@ -48,3 +48,13 @@ def test_yaml_unknown_key_and_missing_file(tmp_path):
         from_dict(RunConfig, load_yaml(path))
     with pytest.raises(LmlabError, match="not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_shipped_yaml_recipes_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = from_dict(RunConfig, load_yaml(f))
+        assert isinstance(cfg.model, GPTConfig) and cfg.train.max_steps > 0

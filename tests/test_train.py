@@ -16,7 +16,7 @@ from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--train.batch_size=4", "--train.progress=false", "--train.log_interval=1", "--train.eval_iters=2",
-        "--train.warmup_steps=5", "--train.dropout_unused=0"][:-1]
+        "--train.warmup_steps=5"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -72,7 +72,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_resume_after_sigkill_is_exact(char_data, tmp_path):
     args = ["train", "--data", str(char_data), *TINY, "--train.max_steps=40", "--train.ckpt_interval=5",
-            "--train.eval_interval=7", "--model.dropout=0.1"]
+            "--train.eval_interval=7", "--model.dropout=0.1", "--train.grad_accum=2", "--data.sampler=sequential"]
     assert main([*args, "--out", str(tmp_path / "full")]) == 0
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -89,7 +89,6 @@ def test_resume_after_sigkill_is_exact(char_data, tmp_path):
     assert child.returncode == -signal.SIGKILL
     ckpts = list_checkpoints(run)
     assert 15 <= int(ckpts[-1].name.split("-")[1]) < 40
-    assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir()) or True  # temp dirs ignored
     assert main(["train", "--resume", str(run)]) == 0
     full, resumed = losses(tmp_path / "full"), losses(run)
     assert sorted(resumed) == list(range(1, 41))

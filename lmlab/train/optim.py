@@ -20,4 +20,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                    eps: float, fused: bool | None = None) -> torch.optim.AdamW:
+    """`fused` (one kernel for the whole update) defaults to on for CPU and CUDA parameters, as
+    transformers' Trainer does with torch >= 2.8."""
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
