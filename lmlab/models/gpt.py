@@ -32,7 +32,7 @@ class GPTConfig(ModelConfig):
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    loss_chunk_size: int = 1024  # positions per chunk of the fused output-layer loss (0: plain logits)
+    loss_chunk_size: int = 512  # positions per chunk of the fused output-layer loss (0: plain logits)
 
 
 class GPT(nn.Module):

@@ -31,27 +31,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         for s in range(0, x.shape[0], chunk_size):
             e = min(s + chunk_size, x.shape[0])
-            # in-place soft-max on one float32 buffer: large fresh allocations cost page faults on CPU
-            logits = (xs[s:e] @ w.t()).float()
-            tgt = safe_targets[s:e]
-            v = valid[s:e]
-            target_logit = logits.gather(1, tgt[:, None])[:, 0]
-            row_max = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()
-            sum_exp = probs.sum(dim=-1, keepdim=True)
-            lse = (row_max + sum_exp.log())[:, 0]
-            loss += ((lse - target_logit) * v).sum()
+            tgt, v = safe_targets[s:e], valid[s:e]
+            rows = torch.arange(e - s, device=x.device)
+            # Soft-max straight from the compute-dtype logits (it accumulates in float32 inside),
+            # so no float32 copy of the chunk is made; the loss is -log p(target) in float32.
+            probs = torch.softmax(xs[s:e] @ w.t(), dim=-1)
+            p_target = probs[rows, tgt].float().clamp_min(torch.finfo(torch.float32).tiny)
+            loss -= (p_target.log() * v).sum()
             if need_x or need_w:
-                # d loss / d logits = (softmax - one_hot) / n_valid on valid rows, 0 elsewhere
-                g = probs.div_(sum_exp)
-                g[torch.arange(e - s, device=x.device), tgt] -= 1.0
-                g.mul_((v.to(torch.float32) / n_valid)[:, None])
-                g = g.to(compute_dtype)
+                # d loss / d logits = (softmax - one_hot) / n_valid on valid rows, 0 elsewhere; the
+                # row weights are applied to the (much smaller) [chunk, C] operands and results.
+                g = probs
+                g[rows, tgt] -= 1.0
+                row_weight = v.to(torch.float32)[:, None]
                 if need_x:
-                    grad_x[s:e] = (g @ w).to(x.dtype)
+                    grad_x[s:e] = ((g @ w).float() * (row_weight / n_valid)).to(x.dtype)
                 if need_w:  # accumulate in float32 without a float32 temporary
-                    part = g.t() @ xs[s:e]
+                    part = g.t() @ (xs[s:e] * row_weight.to(compute_dtype))
                     grad_w = part.float() if grad_w is None else grad_w.add_(part)
+        if grad_w is not None:
+            grad_w.div_(n_valid)
         ctx.save_for_backward(grad_x if need_x else None, grad_w if need_w else None)
         return loss / n_valid
 
@@ -64,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         chunk_size: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+                         chunk_size: int = 512, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of `x @ weight.T` ([N, C] @ [C, V]) against `targets` ([N])."""
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
