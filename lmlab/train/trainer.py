@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,9 @@ class Trainer:
         self._tb = _tensorboard(self.run_dir)
         end = min(t.max_steps, t.stop_at_step) if t.stop_at_step > 0 else t.max_steps
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
-        old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Ctrl-C / SIGTERM finish the current step and write a checkpoint (main thread only)
+        old_handlers = ({s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+                        if threading.current_thread() is threading.main_thread() else {})
         bar = _progress(t.progress, self.step, t.max_steps)
         self.model.train()
         last = {"loss": float("nan")}
@@ -205,8 +208,8 @@ class Trainer:
                     val = self.evaluate()
                     last["val_loss"] = val
                     self._log_metrics({"step": self.step, "val_loss": val})
-                    if bar is not None:
-                        bar.write(f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
+                    (bar.write if bar is not None else self.log)(
+                        f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
                 if t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0 and self.step < end:
                     self.save({"loss": last["loss"]})
         finally:
