@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from lmlab.scaling.fit import (CHINCHILLA_APPROACH3, ChinchillaLaw, bootstrap, fit_chinchilla, fit_power_law,
+                               interval, isoflop_optima)
+
+
+def test_chinchilla_approach3_compute_optimal_closed_form():
+    C = 5.76e23  # Gopher's compute budget
+    N, D = CHINCHILLA_APPROACH3.compute_optimal(C)
+    assert N == pytest.approx(32.2e9, rel=0.01) and D == pytest.approx(2.98e12, rel=0.01)
+    assert D / N == pytest.approx(92.6, rel=0.01)
+    assert 6 * N * D == pytest.approx(C)
+    # it is the minimum along the IsoFLOP curve
+    for f in (0.8, 1.25):
+        assert CHINCHILLA_APPROACH3.loss(N * f, C / (6 * N * f)) > CHINCHILLA_APPROACH3.loss(N, D)
+
+
+def _synthetic(law, seed=0, noise=0.003):
+    rng = np.random.default_rng(seed)
+    N = np.repeat(np.geomspace(2e5, 2e7, 6), 4)
+    D = np.tile(np.geomspace(2e6, 2e8, 4), 6)
+    L = law.loss(N, D) * np.exp(rng.normal(0, noise, len(N)))
+    return N, D, L
+
+
+def test_fit_recovers_known_coefficients_and_predicts():
+    truth = ChinchillaLaw(E=1.8, A=300.0, B=900.0, alpha=0.35, beta=0.4)
+    N, D, L = _synthetic(truth, noise=0.002)
+    fit = fit_chinchilla(N, D, L)
+    assert fit.E == pytest.approx(truth.E, rel=0.05)
+    assert fit.alpha == pytest.approx(truth.alpha, rel=0.15) and fit.beta == pytest.approx(truth.beta, rel=0.15)
+    # extrapolation to 4x the largest compute stays close
+    assert fit.loss(4e7, 4e8) == pytest.approx(truth.loss(4e7, 4e8), rel=0.01)
+
+
+def test_power_law_fits():
+    X = np.geomspace(1e5, 1e8, 10)
+    law = fit_power_law(X, 2.0 + (3e4 / X) ** 0.3)
+    assert law.E == pytest.approx(2.0, rel=0.02) and law.alpha == pytest.approx(0.3, rel=0.05)
+    kaplan = fit_power_law(X, (8.8e13 / X) ** 0.076, irreducible=False)  # Kaplan et al. 2020's L(N)
+    assert kaplan.alpha == pytest.approx(0.076, rel=1e-6) and kaplan.X_c == pytest.approx(8.8e13, rel=1e-4)
+
+
+def test_isoflop_approach2_matches_the_closed_form():
+    law = ChinchillaLaw(E=1.8, A=300.0, B=900.0, alpha=0.35, beta=0.4)
+    N, D = [], []
+    for C in (1e15, 1e16, 1e17):
+        n_star, _ = law.compute_optimal(C)
+        for f in np.geomspace(0.25, 4, 7):
+            N.append(n_star * f)
+            D.append(C / (6 * n_star * f))
+    res = isoflop_optima(N, D, law.loss(N, D))
+    expected = law.beta / (law.alpha + law.beta)
+    assert res.n_exponent == pytest.approx(expected, abs=0.03)
+    assert res.n_exponent + res.d_exponent == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bootstrap_interval_covers_truth():
+    X = np.geomspace(1e5, 1e8, 12)
+    rng = np.random.default_rng(1)
+    L = (3e4 / X) ** 0.3 * np.exp(rng.normal(0, 0.01, len(X)))
+    fits = bootstrap(lambda x, y: fit_power_law(x, y, irreducible=False), [X, L], n=100)
+    lo, hi = interval([f.alpha for f in fits])
+    assert lo < 0.3 < hi and hi - lo < 0.05
