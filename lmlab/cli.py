@@ -184,6 +184,38 @@ def cmd_info(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.config import apply_overrides
+    from lmlab.scaling import report
+    from lmlab.scaling.sweep import SweepConfig, sweep
+
+    if args.action == "sweep":
+        cfg = apply_overrides(SweepConfig(), _overrides(rest))
+        sweep(cfg)
+        print(f"results in {cfg.out}/results.md; fit them with `lmlab scaling fit {cfg.out}`")
+        return 0
+    if rest:
+        raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
+    if args.action == "fit":
+        if not args.path:
+            raise LmlabError("give the sweep directory: lmlab scaling fit runs/scaling")
+        fit = report.fit_results(report.load_results(args.path), n_bootstrap=args.bootstrap)
+        out = Path(args.path) / "fit.json" if Path(args.path).is_dir() else Path(args.path).with_name("fit.json")
+        report.write_fit(fit, out)
+        print(report.summary(fit))
+        print(f"wrote {out}")
+        return 0
+    if not args.path or args.n is None or args.d is None:
+        raise LmlabError("usage: lmlab scaling predict FIT.json --n PARAMS --d TOKENS")
+    path = Path(args.path)
+    if not path.is_file():
+        raise LmlabError(f"fit file not found: {path}")
+    p = report.predict(json.loads(path.read_text()), args.n, args.d)
+    print(f"predicted final validation loss for N={args.n:.3g}, D={args.d:.3g} (C={p['C']:.3g}): "
+          f"{p['loss']:.4f}, 90% interval [{p['interval_90'][0]:.4f}, {p['interval_90'][1]:.4f}]")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace, rest: list[str]) -> int:
     from lmlab.quickstart import quickstart
 
@@ -269,6 +301,23 @@ def make_parser() -> argparse.ArgumentParser:
              "for a run or checkpoint: parameters, step, tokens seen, validation loss and the full config.\n\n"
              "examples:\n  lmlab info data/stdlib-docs\n  lmlab info runs/quickstart-20260101-120000")
     sp.add_argument("path", help="a data directory, run directory or checkpoint directory")
+
+    from lmlab.scaling.sweep import SweepConfig
+
+    sp = add("scaling", cmd_scaling, "Scaling laws: sweep model sizes x token budgets, fit the laws, predict a run.",
+             "actions:\n  sweep    train the grid (resumable: finished runs are skipped, interrupted ones resumed)\n"
+             "  fit      fit L(N, D) (Chinchilla Approach 3), L(N), L(D), L(C), IsoFLOP optima; bootstrap\n"
+             "  predict  predicted loss with a 90% interval for a run not yet trained\n\n"
+             "sweep options (defaults shown):\n" + "\n".join(describe(SweepConfig)) +
+             "\n\nexamples:\n  lmlab prepare stdlib-code --out data/stdlib-code --vocab_size 2048\n"
+             "  lmlab scaling sweep --sizes=1e5,3e5,1e6 --tokens=2e6,4e6,8e6,16e6\n"
+             "  lmlab scaling fit runs/scaling\n"
+             "  lmlab scaling predict runs/scaling/fit.json --n 2e6 --d 3.2e7")
+    sp.add_argument("action", choices=["sweep", "fit", "predict"])
+    sp.add_argument("path", nargs="?", help="fit: the sweep directory; predict: its fit.json")
+    sp.add_argument("--n", type=float, help="predict: non-embedding parameters")
+    sp.add_argument("--d", type=float, help="predict: training tokens")
+    sp.add_argument("--bootstrap", type=int, default=100, help="fit: bootstrap resamples for intervals")
 
     sp = add("quickstart", cmd_quickstart,
              "The main job: prepare the built-in corpus, train a small GPT (a few minutes on a CPU), "

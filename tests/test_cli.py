@@ -6,7 +6,7 @@ import yaml
 
 from lmlab.cli import main
 
-COMMANDS = ["prepare", "train", "eval", "generate", "info", "quickstart"]
+COMMANDS = ["prepare", "train", "eval", "generate", "info", "quickstart", "scaling"]
 
 
 def run_cli(*args):

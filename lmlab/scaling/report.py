@@ -1,0 +1,80 @@
+"""`lmlab scaling fit` and `lmlab scaling predict`: fit the laws to a sweep's results, predict a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import LmlabError
+from lmlab.io.atomic import atomic_write_text
+from lmlab.scaling.fit import (ChinchillaLaw, bootstrap, fit_chinchilla, fit_power_law, interval,
+                               isoflop_optima)
+
+
+def load_results(path: str | Path) -> list[dict]:
+    p = Path(path)
+    file = p / "results.json" if p.is_dir() else p
+    if not file.is_file():
+        raise LmlabError(f"no sweep results at {p} (expected results.json from `lmlab scaling sweep`)")
+    runs = json.loads(file.read_text(encoding="utf-8"))
+    if len(runs) < 5:
+        raise LmlabError(f"{file} holds {len(runs)} runs; a fit needs at least 5")
+    return runs
+
+
+def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> dict:
+    N = np.array([r["N"] for r in runs], dtype=float)
+    D = np.array([r["D"] for r in runs], dtype=float)
+    L = np.array([r["val_loss"] for r in runs], dtype=float)
+    law = fit_chinchilla(N, D, L)
+    boots = bootstrap(lambda n, d, l: fit_chinchilla(n, d, l, starts=8), [N, D, L], n=n_bootstrap, seed=seed)
+    out: dict = {"chinchilla": law.as_dict(), "n_runs": len(runs),
+                 "bootstrap": [b.as_dict() for b in boots],
+                 "intervals_90": {k: interval([b.as_dict()[k] for b in boots]) for k in law.as_dict()}}
+    C = 6 * N * D
+    # Kaplan et al. 2020 style one-variable laws over the frontier: the best loss at each N, D and C
+    for name, X in (("L_of_N", N), ("L_of_D", D), ("L_of_C", C)):
+        xs = np.unique(X)
+        best = np.array([L[X == x].min() for x in xs])
+        if len(xs) >= 3:
+            out[name] = fit_power_law(xs, best).as_dict()
+    try:
+        iso = isoflop_optima(N, D, L)
+        out["isoflop"] = {"n_exponent": iso.n_exponent, "d_exponent": iso.d_exponent,
+                          "budgets": iso.budgets, "n_opt": iso.n_opt}
+    except ValueError as e:
+        out["isoflop"] = {"skipped": str(e)}
+    budgets = np.geomspace(C.min(), C.max() * 100, 5)
+    n_opt, d_opt = law.compute_optimal(budgets)
+    out["compute_optimal"] = [{"C": float(c), "N": float(n), "D": float(d), "tokens_per_param": float(d / n)}
+                              for c, n, d in zip(budgets, n_opt, d_opt)]
+    return out
+
+
+def predict(fit: dict, n: float, d: float) -> dict:
+    law = ChinchillaLaw(**fit["chinchilla"])
+    boots = [float(ChinchillaLaw(**b).loss(n, d)) for b in fit.get("bootstrap", [])]
+    lo, hi = interval(boots) if boots else (float("nan"), float("nan"))
+    return {"N": n, "D": d, "C": 6 * n * d, "loss": float(law.loss(n, d)), "interval_90": [lo, hi]}
+
+
+def write_fit(fit: dict, path: Path) -> None:
+    atomic_write_text(path, json.dumps(fit, indent=2))
+
+
+def summary(fit: dict) -> str:
+    c = fit["chinchilla"]
+    lines = [f"L(N, D) = {c['E']:.3f} + {c['A']:.4g} / N^{c['alpha']:.3f} + {c['B']:.4g} / D^{c['beta']:.3f}"
+             f"   ({fit['n_runs']} runs)"]
+    for k, (lo, hi) in fit["intervals_90"].items():
+        lines.append(f"  {k:<6} 90% interval [{lo:.4g}, {hi:.4g}]")
+    for name in ("L_of_N", "L_of_D", "L_of_C"):
+        if name in fit:
+            p = fit[name]
+            lines.append(f"{name}: {p['E']:.3f} + ({p['X_c']:.3g} / X)^{p['alpha']:.3f}")
+    lines.append("compute-optimal allocation (C = 6ND):")
+    for row in fit["compute_optimal"]:
+        lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, {row['tokens_per_param']:.1f} tokens/param")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""`lmlab scaling sweep`: a grid of model sizes x token budgets, each a normal, resumable lmlab run.
+
+Shapes: for a target non-embedding parameter count N (12 n_layer n_embd^2 for GPT blocks, Kaplan et
+al. 2020 Table 1) the sweep picks the (n_layer, n_embd) closest to N with n_embd / n_layer near
+`aspect` and 32-wide heads. Learning rate follows Kaplan et al. 2020, eq. D.1:
+LR(N) = 0.003239 - 0.0001395 ln N, with a cosine schedule to 10% over each run's own length and
+warmup over the first 5% of steps. Each run is its own run directory; rerunning the sweep skips runs
+that finished (they hold `result.json`) and resumes interrupted ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmlab.data.stream import TokenSplit
+from lmlab.errors import LmlabError
+from lmlab.eval.perplexity import evaluate_split
+from lmlab.io.atomic import atomic_write_text
+from lmlab.models.gpt import GPTConfig
+from lmlab.train.config import DataConfig, RunConfig, TrainConfig
+from lmlab.train.trainer import Trainer
+
+MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data cost little
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    data: str = "data/stdlib-code"
+    out: str = "runs/scaling"
+    sizes: list[float] = field(default_factory=lambda: [1e5, 2e5, 4e5, 8e5])   # target non-embedding N
+    tokens: list[float] = field(default_factory=lambda: [2e6, 4e6, 8e6])       # token budgets D
+    block_size: int = 128
+    batch_size: int = 16
+    aspect: float = 32.0        # n_embd / n_layer the shape search aims for
+    head_dim: int = 32
+    dtype: str = "bfloat16"
+    seed: int = 1337
+    eval_tokens: int = 200_000  # validation tokens scored for each run's final loss
+
+
+def lr_for(n_params: float) -> float:
+    return 0.003239 - 0.0001395 * math.log(n_params)
+
+
+def shape_for(n_target: float, *, aspect: float = 32.0, head_dim: int = 32) -> tuple[int, int]:
+    """(n_layer, n_embd) whose 12 L d^2 is closest to n_target (in log space), d / L near `aspect`."""
+    best, best_score = (1, head_dim), math.inf
+    for n_layer in range(1, 25):
+        d = round(math.sqrt(n_target / (12 * n_layer)) / head_dim) * head_dim
+        if d < head_dim:
+            continue
+        score = abs(math.log(12 * n_layer * d * d / n_target)) + 0.25 * abs(math.log(d / n_layer / aspect))
+        if score < best_score:
+            best, best_score = (n_layer, d), score
+    return best
+
+
+def flops_per_token(n_params: int, n_layer: int, block_size: int, n_embd: int) -> float:
+    """Training FLOPs per token: 6N plus attention, 3 x (2 n_layer n_ctx d_attn) (Kaplan et al. Table 1)."""
+    return 6 * n_params + 6 * n_layer * block_size * n_embd
+
+
+def run_config(cfg: SweepConfig, n_target: float, d_target: float) -> RunConfig:
+    n_layer, n_embd = shape_for(n_target, aspect=cfg.aspect, head_dim=cfg.head_dim)
+    steps = max(1, round(d_target / (cfg.batch_size * cfg.block_size)))
+    n_actual = 12 * n_layer * n_embd**2
+    lr = lr_for(n_actual)
+    name = f"N{n_target:.0e}-D{d_target:.0e}".replace("+", "")
+    return RunConfig(
+        model=GPTConfig(n_layer=n_layer, n_head=n_embd // cfg.head_dim, n_embd=n_embd, block_size=cfg.block_size),
+        data=DataConfig(dir=cfg.data),
+        train=TrainConfig(out_dir=str(Path(cfg.out) / name), seed=cfg.seed, dtype=cfg.dtype,
+                          batch_size=cfg.batch_size, max_steps=steps, lr=lr, min_lr=lr / 10,
+                          warmup_steps=max(1, steps // 20), eval_interval=0, ckpt_interval=max(50, steps // 10),
+                          keep_checkpoints=1, log_interval=max(1, steps // 50), progress=False))
+
+
+def run_one(cfg: SweepConfig, run: RunConfig, log=print) -> dict:
+    run_dir = Path(run.train.out_dir)
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.time()
+    trainer = Trainer(run, run_dir, log=log)
+    resumed = trainer.resume() is not None
+    trainer.fit()
+    val = evaluate_split(trainer.model, TokenSplit(run.data.dir, "val"), block_size=run.model.block_size,
+                         batch_size=16, max_tokens=cfg.eval_tokens,
+                         autocast_dtype=torch.bfloat16 if run.train.dtype == "bfloat16" else None)
+    m = run.model
+    n = trainer.model.num_params()
+    tokens = trainer.tokens_seen
+    seconds = time.time() - t0
+    result = {"name": run_dir.name, "N": n, "N_with_embeddings": trainer.model.num_params(non_embedding=False),
+              "D": tokens, "C": 6 * n * tokens, "C_counted": flops_per_token(n, m.n_layer, m.block_size, m.n_embd) * tokens,
+              "val_loss": val.loss, "val_bits_per_byte": val.bits_per_byte, "seconds": seconds,
+              "tok_per_s": tokens / seconds, "resumed": resumed, "n_layer": m.n_layer, "n_embd": m.n_embd,
+              "n_head": m.n_head, "block_size": m.block_size, "batch_size": run.train.batch_size,
+              "lr": run.train.lr, "steps": run.train.max_steps, "dtype": run.train.dtype}
+    atomic_write_text(done, json.dumps(result, indent=2))
+    return result
+
+
+def sweep(cfg: SweepConfig, log=print) -> list[dict]:
+    train_tokens = TokenSplit(cfg.data, "train").n_tokens
+    results = []
+    for n in cfg.sizes:
+        for d in cfg.tokens:
+            if d > MAX_EPOCHS * train_tokens:
+                raise LmlabError(f"a budget of {d:.0e} tokens is over {MAX_EPOCHS:g} epochs of {cfg.data} "
+                                 f"({train_tokens:,} training tokens); use a larger corpus or smaller budgets")
+            run = run_config(cfg, n, d)
+            log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
+                f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
+            r = run_one(cfg, run, log=lambda *a: None)
+            log(f"  N={r['N']:,} D={r['D']:,} val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
+            results.append(r)
+    write_table(results, Path(cfg.out))
+    return results
+
+
+def write_table(results: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    lines = ["| run | N | N (with emb) | D | C = 6ND | C counted | val loss | s | tok/s | shape | lr |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["N"], r["D"])):
+        lines.append(f"| {r['name']} | {r['N']:,} | {r['N_with_embeddings']:,} | {r['D']:,} | {r['C']:.3g} | "
+                     f"{r['C_counted']:.3g} | {r['val_loss']:.4f} | {r['seconds']:.0f} | {r['tok_per_s']:,.0f} | "
+                     f"L{r['n_layer']} d{r['n_embd']} h{r['n_head']} | {r['lr']:.2e} |")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
