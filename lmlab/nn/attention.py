@@ -61,3 +61,16 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.proj(y)
+
+
+def padding_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
+    """The `attn_mask` for the last `n_query` of the positions in `key_mask` ([B, S] bool, True = real
+    token): [B, 1, n_query, S], True where a query may attend (`Attention` adds causality).
+
+    Every query also sees its own key, so that a pad query (whose output nobody uses) attends to one
+    key instead of none: an all-masked row gives NaN, which would reach real tokens in the next layer
+    through the pad's value vector (a zero attention weight times NaN is NaN)."""
+    S = key_mask.shape[1]
+    keys = torch.arange(S, device=key_mask.device)
+    own = keys[None, :] == keys[S - n_query:, None]  # [T, S]
+    return key_mask[:, None, None, :] | own

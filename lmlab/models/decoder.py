@@ -1,0 +1,133 @@
+"""What every decoder-only family shares: token embedding -> blocks -> final norm -> output layer -> loss.
+
+A family (GPT, Llama) chooses its blocks (norm, activation, biases, GQA) and how positions enter:
+`embed` adds learned position embeddings (GPT), `rotary` rotates queries and keys (Llama).
+Padding, position ids, the KV cache and the loss are handled here once.
+
+Padding: `attention_mask` ([B, T], 1 = token, 0 = pad) works for right padding (scoring) and left
+padding (batched generation). Position ids then count real tokens only, so a left-padded row sees
+the positions of its unpadded self, as `transformers.generate` computes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.models.base import LMOutput, ModelConfig
+from lmlab.nn.attention import padding_mask
+from lmlab.nn.block import Block
+from lmlab.nn.kv_cache import KVCache
+from lmlab.nn.loss import linear_cross_entropy
+from lmlab.nn.norm import make_norm
+from lmlab.nn.position import position_ids_from_mask
+
+
+class DecoderLM(nn.Module):
+    """Base of the decoder families. `config` needs n_layer, n_head, n_embd, vocab_size, block_size,
+    dropout, norm_eps, tie_embeddings, init_std and loss_chunk_size; `block` holds the per-family
+    `Block` options; `wpe` is a learned position table, for families that have one."""
+
+    def __init__(self, config: ModelConfig, *, norm: str, block: dict, wpe: nn.Module | None = None):
+        super().__init__()
+        c = config
+        if c.vocab_size <= 0:
+            raise ValueError(f"{type(c).__name__}.vocab_size must be set (it comes from the tokenizer)")
+        self.config = c
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = wpe
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.n_embd, c.n_head, norm=norm, norm_eps=c.norm_eps, dropout=c.dropout, causal=True, **block)
+            for _ in range(c.n_layer))
+        self.norm_f = make_norm(norm, c.n_embd, c.norm_eps, block.get("bias", True))
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        # GPT-2's init: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layer))
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # -- family hooks ---------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(input_ids)
+        return x + self.wpe(position_ids) if self.wpe is not None else x
+
+    def rotary(self, position_ids: torch.Tensor):
+        """The `Attention.rotary` hook for these positions, or None (positions enter in `embed`)."""
+        return None
+
+    # -- shared -------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counting tied weights once; `non_embedding` leaves out the token and position
+        tables (Kaplan et al. 2020's N; an untied output layer stays counted)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in (self.wte, self.wpe) if m is not None)
+        return n
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        attn, p = self.blocks[0].attn, self.wte.weight
+        return KVCache(len(self.blocks), batch_size, attn.n_kv_head, max_len or self.config.block_size,
+                       attn.head_dim, dtype=dtype or p.dtype, device=p.device)
+
+    def _key_mask(self, attention_mask: torch.Tensor | None, kv_cache: KVCache | None, B: int, T: int,
+                  past: int) -> torch.Tensor | None:
+        """Which keys ([B, past + T]) are real tokens, or None when none is padding."""
+        if attention_mask is None:
+            if kv_cache is None or kv_cache.key_mask is None:
+                return None
+            new = torch.ones(B, T, dtype=torch.bool, device=kv_cache.key_mask.device)
+        else:
+            new = attention_mask.to(torch.bool)
+            if past and new.shape == (B, past + T):  # transformers-style mask over all tokens so far
+                new = new[:, past:]
+            if new.shape != (B, T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                 f"{(B, T)}" + (f" or {(B, past + T)}" if past else ""))
+            if (kv_cache is None or kv_cache.key_mask is None) and bool(new.all()):
+                return None  # keeps the fast causal path
+        return kv_cache.update_mask(new) if kv_cache is not None else new
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> LMOutput:
+        B, T = input_ids.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        key_mask = self._key_mask(attention_mask, kv_cache, B, T, past)
+        if position_ids is None:
+            if key_mask is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # [1, T]: shared
+            else:
+                position_ids = position_ids_from_mask(key_mask)[:, past:]
+        x = self.drop(self.embed(input_ids, position_ids))
+        attn_kw = {"kv_cache": kv_cache, "rotary": self.rotary(position_ids),
+                   "attn_mask": padding_mask(key_mask, T) if key_mask is not None else None}
+        for i, block in enumerate(self.blocks):
+            x = block(x, layer_idx=i, **attn_kw)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.norm_f(x)
+        if targets is not None and self.config.loss_chunk_size > 0:
+            # training: the loss without materialising the logits (see lmlab/nn/loss.py)
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                        chunk_size=self.config.loss_chunk_size)
+            return LMOutput(logits=None, loss=loss)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return LMOutput(logits=logits, loss=loss)
