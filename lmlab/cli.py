@@ -134,6 +134,10 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from lmlab.train.checkpoint import load_checkpoint
 
     _overrides(rest, ("eval",)) if rest else None
+    if args.model:
+        return _eval_text_file(args)
+    if not args.checkpoint:
+        raise LmlabError("give a run/checkpoint directory, or --model FILE.gguf --data FILE.txt")
     model, cfg, _, ckpt = load_checkpoint(args.checkpoint)
     data_dir = args.data or cfg.data.dir
     split = TokenSplit(data_dir, args.split)
@@ -157,13 +161,86 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
-    from lmlab.generate.engine import SamplingConfig, stream_text
+def _load_lm(path: str):
+    """(model, tokenizer) from a GGUF file (lmlab/io/gguf.py) or a run/checkpoint directory."""
+    if str(path).endswith(".gguf"):
+        from lmlab.io.gguf import load_gguf
+
+        return load_gguf(path)
     from lmlab.train.checkpoint import load_checkpoint
+
+    model, _, tok, _ = load_checkpoint(path)
+    return model, tok
+
+
+def _sampling(args: argparse.Namespace):
+    from lmlab.generate.engine import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
+
+
+def cmd_chat(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.serve.chat import ChatSession
 
     if rest:
         raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
-    model, _, tok, _ = load_checkpoint(args.checkpoint)
+    model, tok = _load_lm(args.model)
+    session, cfg = ChatSession(model, tok, system=args.system), _sampling(args)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        for piece in session.reply(user, cfg):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def _eval_text_file(args: argparse.Namespace) -> int:
+    """`lmlab eval --model FILE.gguf --data FILE.txt`: sliding-window perplexity of a text file under a
+    model that brings its own tokenizer (each window of `--block_size` tokens scores its last `--stride`)."""
+    import numpy as np
+
+    from lmlab.eval.perplexity import EvalResult, token_nll
+
+    path = Path(args.data or "")
+    if not path.is_file():
+        raise LmlabError("--model needs --data FILE.txt, a UTF-8 text file to score")
+    model, tok = _load_lm(args.model)
+    text = path.read_text(encoding="utf-8")
+    ids = np.array(tok.encode(text), dtype=np.int64)
+    n_bytes = len(text.encode("utf-8"))
+    if args.max_tokens and len(ids) > args.max_tokens:
+        n_bytes = round(n_bytes * args.max_tokens / len(ids))  # approximate: proportional share
+        ids = ids[:args.max_tokens]
+    block = min(args.block_size or 1024, model.config.block_size)
+    stride = args.stride or block // 2
+    nll = token_nll(model, ids, bos=tok.bos_id, block_size=block, stride=stride, batch_size=args.batch_size)
+    res = EvalResult(path.name, len(ids), n_bytes, float(nll.mean()) if len(nll) else float("nan"))
+    print(f"{args.model} on {path}: {res.tokens:,} tokens, loss {res.loss:.4f}, perplexity {res.perplexity:.2f}, "
+          f"{res.bits_per_byte:.4f} bits/byte (window {block}, stride {stride})")
+    if args.json:
+        from lmlab.io.atomic import atomic_write_text
+
+        out = {"model": str(args.model), "data": str(path), **res.as_dict()}
+        atomic_write_text(args.json, json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.generate.engine import SamplingConfig, stream_text
+
+    if rest:
+        raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
+    model, tok = _load_lm(args.checkpoint)
+    if getattr(model, "objective", "causal") != "causal":
+        raise LmlabError(f"generate continues text with a causal LM; '{model.config.family}' is not one"
+                         + (" (try lmlab fill-mask)" if model.objective == "mlm" else ""))
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed,
                          stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop or []])
@@ -172,6 +249,18 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_fill_mask(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.generate.fill_mask import fill_mask
+    from lmlab.train.checkpoint import load_checkpoint
+
+    if rest:
+        raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
+    model, _, tok, _ = load_checkpoint(args.checkpoint)
+    for i, fillers in enumerate(fill_mask(model, tok, args.text, args.top_k)):
+        print(f"mask {i + 1}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in fillers))
     return 0
 
 
@@ -273,7 +362,9 @@ def make_parser() -> argparse.ArgumentParser:
              "UTF-8 bytes, so models with different tokenizers compare fairly.\n\n"
              "examples:\n  lmlab eval runs/<run>                       test split of the run's own data\n"
              "  lmlab eval runs/<run> --split val --stride 64 --baseline --json eval.json")
-    sp.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
+    sp.add_argument("checkpoint", nargs="?", help="run directory (latest checkpoint) or checkpoint directory")
+    sp.add_argument("--model", help="a .gguf file instead of a checkpoint; --data is then a text file")
+    sp.add_argument("--block_size", type=int, default=0, help="with --model: window length (default 1024)")
     sp.add_argument("--data", help="data directory (default: the one the model was trained on)")
     sp.add_argument("--split", default="test", help="train | val | test (default: test)")
     sp.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: block_size)")
@@ -286,7 +377,7 @@ def make_parser() -> argparse.ArgumentParser:
     sp = add("generate", cmd_generate, "Continue a prompt with a trained model, streaming the text.",
              "examples:\n  lmlab generate runs/<run> \"The json module\" --temperature 0   (greedy)\n"
              "  lmlab generate runs/<run> \"def \" --top_p 0.9 --seed 1 --stop \"\\n\\n\"")
-    sp.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
+    sp.add_argument("checkpoint", help="run directory (latest checkpoint), checkpoint directory or .gguf file")
     sp.add_argument("prompt", nargs="?", default="", help="text to continue (default: start a new document)")
     sp.add_argument("--max_new_tokens", type=int, default=200)
     sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -295,6 +386,23 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     sp.add_argument("--no_cache", action="store_true", help="recompute the context each step (slow)")
+
+    sp = add("fill-mask", cmd_fill_mask, "Print the most likely fillers of each <mask> (masked LMs such as BERT).",
+             "example:\n  lmlab fill-mask runs/<bert-run> \"The json <mask>odule\" --top_k 5")
+    sp.add_argument("checkpoint", help="run or checkpoint directory of a masked language model")
+    sp.add_argument("text", help="text with one or more <mask> (the tokenizer's mask token)")
+    sp.add_argument("--top_k", type=int, default=5, help="fillers shown per mask")
+
+    sp = add("chat", cmd_chat, "Chat with a model whose tokenizer has a chat template (e.g. a GGUF file).",
+             "Type a message per line; an empty line or end of input ends the chat.\n\n"
+             "example:\n  lmlab chat --model SmolLM2-135M-Instruct.Q4_1.gguf --temperature 0")
+    sp.add_argument("--model", required=True, help=".gguf file, or run/checkpoint directory")
+    sp.add_argument("--system", default=None, help="system message (default: the template's own)")
+    sp.add_argument("--max_new_tokens", type=int, default=256)
+    sp.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    sp.add_argument("--top_k", type=int, default=0)
+    sp.add_argument("--top_p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=None)
 
     sp = add("info", cmd_info, "Show what a data, run or checkpoint directory holds.",
              "for a data directory: corpus, Python version and content hash, tokenizer, tokens per split;\n"

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data.stream import TokenSplit
+from lmlab.errors import LmlabError
+from lmlab.eval.pll import pseudo_token_nll
 
 
 @dataclass
@@ -96,9 +98,23 @@ def evaluate_split(model: nn.Module, data: TokenSplit, *, block_size: int, strid
         n_bytes = round(n_bytes * max_tokens / len(tokens))  # approximate: proportional share
         tokens = tokens[:max_tokens]
     bos = data.meta["tokenizer"]["eos_id"]  # documents are separated by </s>
-    nll = token_nll(model, tokens, bos=bos, block_size=block_size, stride=stride, batch_size=batch_size,
-                    device=device, autocast_dtype=autocast_dtype)
+    extra = {}
+    if getattr(model, "objective", "causal") == "mlm":  # pseudo-perplexity (lmlab/eval/pll.py)
+        from lmlab.tokenizers import load_tokenizer
+
+        extra["mask_id"] = load_tokenizer(data.dir).mask_id
+    objective = getattr(model, "objective", "causal")
+    if objective not in SCORERS:
+        raise LmlabError(f"no perplexity for '{objective}' models ({model.config.family}); "
+                         f"scored objectives: {', '.join(SCORERS)}")
+    nll = SCORERS[objective](
+        model, tokens, bos=bos, block_size=block_size, stride=stride, batch_size=batch_size, device=device,
+        autocast_dtype=autocast_dtype, **extra)
     return EvalResult(data.split, len(tokens), int(n_bytes), float(nll.mean()) if len(nll) else float("nan"))
+
+
+# the model's objective -> the per-token scores its perplexity is made of
+SCORERS = {"causal": token_nll, "mlm": pseudo_token_nll}
 
 
 def unigram_baseline(train: TokenSplit, heldout: TokenSplit) -> EvalResult:

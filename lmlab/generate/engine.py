@@ -58,10 +58,11 @@ def generate_ids(model: nn.Module, prompt: list[int], cfg: SamplingConfig, *, eo
             return
 
 
-def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SamplingConfig, *,
+def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], cfg: SamplingConfig, *,
                 use_cache: bool = True) -> Iterator[str]:
-    """Yield pieces of generated text as they become printable, honouring stop strings."""
-    prompt_ids = tokenizer.encode(prompt) if prompt else []
+    """Yield pieces of generated text as they become printable, honouring stop strings. `prompt` is
+    text, or token ids already encoded (e.g. a chat template's, with its special tokens)."""
+    prompt_ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt) if prompt else []
     if not prompt_ids:
         prompt_ids = [tokenizer.eos_id]  # an empty prompt starts a new document
     new: list[int] = []

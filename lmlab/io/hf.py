@@ -25,6 +25,8 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.io.atomic import atomic_dir
 from lmlab.models.base import ModelConfig
+from lmlab.models.bart import BartConfig
+from lmlab.models.bert import BertConfig
 from lmlab.models.gpt import GPTConfig
 from lmlab.models.llama import LlamaConfig
 from lmlab.models.registry import build
@@ -177,11 +179,142 @@ def _llama_params(c: LlamaConfig) -> list[Param]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# BERT (BertForMaskedLM)
+
+_BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def _bert_config_from_hf(hf: dict) -> BertConfig:
+    act = _get(hf, "hidden_act", "gelu")
+    if act not in _BERT_ACTIVATIONS:
+        raise _unsupported(hf, "hidden_act", act)
+    for key, ok in (("position_embedding_type", "absolute"), ("is_decoder", False), ("add_cross_attention", False),
+                    ("tie_word_embeddings", True)):
+        if _get(hf, key, ok) != ok:
+            raise _unsupported(hf, key, hf[key])
+    return BertConfig(vocab_size=_get(hf, "vocab_size"), block_size=_get(hf, "max_position_embeddings"),
+                      n_layer=_get(hf, "num_hidden_layers"), n_head=_get(hf, "num_attention_heads"),
+                      n_embd=_get(hf, "hidden_size"), mlp_hidden=_get(hf, "intermediate_size"),
+                      type_vocab_size=_get(hf, "type_vocab_size", 2), activation=_BERT_ACTIVATIONS[act],
+                      norm_eps=_get(hf, "layer_norm_eps", 1e-12), dropout=_get(hf, "hidden_dropout_prob", 0.1),
+                      init_std=_get(hf, "initializer_range", 0.02), pad_id=_get(hf, "pad_token_id", 0))
+
+
+def _bert_config_to_hf(c: BertConfig) -> dict:
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}.get(c.activation)
+    if act is None:
+        raise LmlabError(f"BERT activation '{c.activation}' has no transformers equivalent")
+    if c.type_vocab_size < 1:
+        raise LmlabError("transformers' BERT needs token-type embeddings (type_vocab_size >= 1)")
+    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size, "hidden_size": c.n_embd,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "intermediate_size": c.mlp_hidden,
+            "type_vocab_size": c.type_vocab_size, "hidden_act": act, "layer_norm_eps": c.norm_eps,
+            "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout,
+            "initializer_range": c.init_std, "position_embedding_type": "absolute", "tie_word_embeddings": True,
+            "pad_token_id": c.pad_id}
+
+
+def _bert_params(c: BertConfig) -> list[Param]:
+    e = "bert.embeddings"
+    out = [Param("wte.weight", (f"{e}.word_embeddings.weight",)),
+           Param("wpe.weight", (f"{e}.position_embeddings.weight",))]
+    if c.type_vocab_size > 0:
+        out.append(Param("wtt.weight", (f"{e}.token_type_embeddings.weight",)))
+    out += [Param("norm_emb.weight", (f"{e}.LayerNorm.weight",)), Param("norm_emb.bias", (f"{e}.LayerNorm.bias",))]
+    for i in range(c.n_layer):
+        h = f"bert.encoder.layer.{i}"
+        for wb in ("weight", "bias"):
+            qkv = tuple(f"{h}.attention.self.{p}.{wb}" for p in ("query", "key", "value"))
+            out += [Param(f"blocks.{i}.attn.qkv.{wb}", qkv, sizes=(c.n_embd,) * 3),
+                    Param(f"blocks.{i}.attn.proj.{wb}", (f"{h}.attention.output.dense.{wb}",)),
+                    Param(f"blocks.{i}.norm1.{wb}", (f"{h}.attention.output.LayerNorm.{wb}",)),
+                    Param(f"blocks.{i}.mlp.up.{wb}", (f"{h}.intermediate.dense.{wb}",)),
+                    Param(f"blocks.{i}.mlp.down.{wb}", (f"{h}.output.dense.{wb}",)),
+                    Param(f"blocks.{i}.norm2.{wb}", (f"{h}.output.LayerNorm.{wb}",))]
+    for wb in ("weight", "bias"):
+        out += [Param(f"head_dense.{wb}", (f"cls.predictions.transform.dense.{wb}",)),
+                Param(f"head_norm.{wb}", (f"cls.predictions.transform.LayerNorm.{wb}",))]
+    out.append(Param("lm_head.bias", ("cls.predictions.bias",)))
+    return out
+
+
+def _bert_normalize(key: str) -> str:
+    # the decoder weight is the (tied) word embedding: spelt as the tied output layer, which is dropped
+    return "lm_head.weight" if key == "cls.predictions.decoder.weight" else key
+
+
+# ---------------------------------------------------------------------------------------------
+# BART (BartForConditionalGeneration)
+
+def _bart_config_from_hf(hf: dict) -> BartConfig:
+    act = _get(hf, "activation_function", "gelu")
+    if act not in _BERT_ACTIVATIONS:
+        raise _unsupported(hf, "activation_function", act)
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if _get(hf, a) != _get(hf, b):
+            raise _unsupported(hf, b, hf[b])  # lmlab's BART has one width for both stacks
+    if not _get(hf, "tie_word_embeddings", True):
+        raise _unsupported(hf, "tie_word_embeddings", False)
+    return BartConfig(vocab_size=_get(hf, "vocab_size"), block_size=_get(hf, "max_position_embeddings"),
+                      n_layer=_get(hf, "encoder_layers"), n_dec_layer=_get(hf, "decoder_layers"),
+                      n_head=_get(hf, "encoder_attention_heads"), n_embd=_get(hf, "d_model"),
+                      mlp_hidden=_get(hf, "encoder_ffn_dim"), activation=_BERT_ACTIVATIONS[act],
+                      dropout=_get(hf, "dropout", 0.1), scale_embedding=_get(hf, "scale_embedding", False),
+                      init_std=_get(hf, "init_std", 0.02), pad_id=_get(hf, "pad_token_id", 1),
+                      eos_id=_get(hf, "eos_token_id", 2), decoder_start_id=_get(hf, "decoder_start_token_id", 2))
+
+
+def _bart_config_to_hf(c: BartConfig) -> dict:
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}.get(c.activation)
+    if act is None:
+        raise LmlabError(f"BART activation '{c.activation}' has no transformers equivalent")
+    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size, "d_model": c.n_embd,
+            "encoder_layers": c.n_layer, "decoder_layers": c.n_dec_layer, "encoder_attention_heads": c.n_head,
+            "decoder_attention_heads": c.n_head, "encoder_ffn_dim": c.mlp_hidden, "decoder_ffn_dim": c.mlp_hidden,
+            "activation_function": act, "dropout": c.dropout, "attention_dropout": 0.0, "activation_dropout": 0.0,
+            "scale_embedding": c.scale_embedding, "init_std": c.init_std, "tie_word_embeddings": True,
+            "pad_token_id": c.pad_id, "eos_token_id": c.eos_id, "decoder_start_token_id": c.decoder_start_id,
+            "forced_eos_token_id": None, "forced_bos_token_id": None, "is_encoder_decoder": True}
+
+
+def _bart_params(c: BartConfig) -> list[Param]:
+    out = [Param("wte.weight", ("model.shared.weight",)), Param("final_logits_bias", ("final_logits_bias",))]
+    for side, n in (("enc", c.n_layer), ("dec", c.n_dec_layer)):
+        stack = f"model.{side}oder"
+        out.append(Param(f"{side}_wpe.weight", (f"{stack}.embed_positions.weight",)))
+        for wb in ("weight", "bias"):
+            out.append(Param(f"{side}_norm_emb.{wb}", (f"{stack}.layernorm_embedding.{wb}",)))
+        for i in range(n):
+            h, ours = f"{stack}.layers.{i}", f"{side}_blocks.{i}"
+            attns = (("attn", "self_attn"), ("cross", "encoder_attn")) if side == "dec" else (("attn", "self_attn"),)
+            for wb in ("weight", "bias"):
+                for a, theirs in attns:
+                    out += [Param(f"{ours}.{a}.qkv.{wb}", tuple(f"{h}.{theirs}.{p}_proj.{wb}" for p in "qkv"),
+                                  sizes=(c.n_embd,) * 3),
+                            Param(f"{ours}.{a}.proj.{wb}", (f"{h}.{theirs}.out_proj.{wb}",))]
+                out += [Param(f"{ours}.norm1.{wb}", (f"{h}.self_attn_layer_norm.{wb}",)),
+                        Param(f"{ours}.mlp.up.{wb}", (f"{h}.fc1.{wb}",)),
+                        Param(f"{ours}.mlp.down.{wb}", (f"{h}.fc2.{wb}",)),
+                        Param(f"{ours}.norm2.{wb}", (f"{h}.final_layer_norm.{wb}",))]
+                if side == "dec":
+                    out.append(Param(f"{ours}.norm_cross.{wb}", (f"{h}.encoder_attn_layer_norm.{wb}",)))
+    return out
+
+
 ADAPTERS: dict[str, Adapter] = {
     "gpt": Adapter("gpt", "gpt2", "GPT2LMHeadModel", _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_params,
                    ignore=re.compile(r"\.attn\.(bias|masked_bias)$"), normalize=_gpt2_normalize),
     "llama": Adapter("llama", "llama", "LlamaForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
                      _llama_params, ignore=re.compile(r"rotary_emb\.inv_freq$")),
+    # the decoder bias is `cls.predictions.bias` again; the pooler and next-sentence head are not an LM
+    "bert": Adapter("bert", "bert", "BertForMaskedLM", _bert_config_from_hf, _bert_config_to_hf, _bert_params,
+                    ignore=re.compile(r"cls\.predictions\.decoder\.bias$|embeddings\.(position|token_type)_ids$"
+                                      r"|^bert\.pooler\.|^cls\.seq_relationship\."),
+                    normalize=_bert_normalize),
+    # the encoder's and decoder's token tables are `model.shared` again
+    "bart": Adapter("bart", "bart", "BartForConditionalGeneration", _bart_config_from_hf, _bart_config_to_hf,
+                    _bart_params, ignore=re.compile(r"^model\.(en|de)coder\.embed_tokens\.weight$")),
 }
 
 
@@ -309,7 +442,8 @@ def load_hf_dir(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[
 
 def save_hf_dir(model: nn.Module, path: str | Path, tokenizer: Tokenizer | None = None, *,
                 overwrite: bool = False) -> Path:
-    """Write `model` (and `tokenizer`) as a directory `transformers.AutoModelForCausalLM` loads."""
+    """Write `model` (and `tokenizer`) as a directory `transformers` loads (AutoModelForCausalLM; for BERT
+    AutoModelForMaskedLM, for BART AutoModelForSeq2SeqLM)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise LmlabError(f"{path} already exists (pass overwrite=True to replace it)")

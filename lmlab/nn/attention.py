@@ -30,11 +30,36 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
         self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
 
+    def _project(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Part of the fused projection: the query rows or the key/value rows of `qkv`."""
+        b = self.qkv.bias[rows] if self.qkv.bias is not None else None
+        return F.linear(x, self.qkv.weight[rows], b)
+
+    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ([B, n_kv_head, S, head_dim]) of cross-attention over `memory` (e.g. an
+        encoder's output): computed once per input and passed to every decoding step as `cross_kv`."""
+        B, S, _ = memory.shape
+        hd, nkv = self.head_dim, self.n_kv_head
+        k, v = self._project(memory, slice(self.n_head * hd, None)).split([nkv * hd, nkv * hd], dim=-1)
+        return k.view(B, S, nkv, hd).transpose(1, 2), v.view(B, S, nkv, hd).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, *, kv_cache: KVCache | None = None, layer_idx: int = 0,
                 rotary: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Self-attention over `x`, or with `cross_kv` (from `cross_kv(memory)`) cross-attention:
+        queries from `x`, keys/values fixed (no cache, no causality, no rotary)."""
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
+        if cross_kv is not None:
+            q = self._project(x, slice(0, nh * hd)).view(B, T, nh, hd).transpose(1, 2)
+            k, v = cross_kv
+            if nkv != nh:
+                k = k.repeat_interleave(nh // nkv, dim=1)
+                v = v.repeat_interleave(nh // nkv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
+            return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(B, T, nh, hd).transpose(1, 2)
         k = k.view(B, T, nkv, hd).transpose(1, 2)

@@ -1,4 +1,7 @@
-"""The pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+"""The Transformer block: pre-norm x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Llama), or with
+`post_norm` the original arrangement norm(x + attn(x)), then norm(x + mlp(x)) (Vaswani et al. 2017;
+BERT, BART). With `cross_attention` (an encoder-decoder's decoder) a cross-attention sub-layer over
+the encoder's output sits between the two: its keys/values come in as `cross_kv`, computed once."""
 
 from __future__ import annotations
 
@@ -13,14 +16,27 @@ from lmlab.nn.norm import make_norm
 class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, *, n_kv_head: int | None = None, mlp_hidden: int | None = None,
                  activation: str = "gelu_tanh", norm: str = "layernorm", norm_eps: float = 1e-5,
-                 bias: bool = True, dropout: float = 0.0, causal: bool = True):
+                 bias: bool = True, dropout: float = 0.0, causal: bool = True, post_norm: bool = False,
+                 cross_attention: bool = False):
         super().__init__()
+        self.post_norm = post_norm
         self.norm1 = make_norm(norm, n_embd, norm_eps, bias)
         self.attn = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=causal)
+        if cross_attention:
+            self.norm_cross = make_norm(norm, n_embd, norm_eps, bias)
+            self.cross = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=False)
         self.norm2 = make_norm(norm, n_embd, norm_eps, bias)
         self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, activation, bias, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cross_mask: torch.Tensor | None = None, **attn_kwargs) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.drop(self.attn(x, **attn_kwargs)))
+            if cross_kv is not None:
+                x = self.norm_cross(x + self.drop(self.cross(x, cross_kv=cross_kv, attn_mask=cross_mask)))
+            return self.norm2(x + self.mlp(x))
         x = x + self.drop(self.attn(self.norm1(x), **attn_kwargs))
+        if cross_kv is not None:
+            x = x + self.drop(self.cross(self.norm_cross(x), cross_kv=cross_kv, attn_mask=cross_mask))
         return x + self.mlp(self.norm2(x))

@@ -19,6 +19,7 @@ from lmlab.tokenizers.base import ROLES, SpecialIdsMixin, SpecialTokens
 
 class BPETokenizer(SpecialIdsMixin):
     kind = "bpe"
+    chat_template: str | None = None  # Jinja chat template, when the source ships one (e.g. a GGUF)
 
     def __init__(self, hf: HFTokenizer, specials: SpecialTokens = SpecialTokens()):
         self.hf = hf
@@ -52,8 +53,16 @@ class BPETokenizer(SpecialIdsMixin):
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Ids of `text`; with `allow_special` a special token spelled in it (e.g. a chat template's
+        <|im_start|>) becomes its own id instead of plain text."""
+        if not allow_special:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        self.hf.encode_special_tokens = False
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self.hf.encode_special_tokens = True
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lmlab.config import dump_yaml
-from lmlab.data.stream import SAMPLERS, RandomWindows, TokenSplit
+from lmlab.data.objectives import make_sampler
+from lmlab.data.stream import SAMPLERS, TokenSplit
 from lmlab.errors import LmlabError
 from lmlab.io.atomic import atomic_write_text
 from lmlab.models.registry import build
@@ -89,7 +90,8 @@ class Trainer:
         self.model = build(cfg.model).to(self.device)
         self.optimizer = make_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
                                         betas=(t.beta1, t.beta2), eps=t.eps)
-        self.sampler = SAMPLERS[cfg.data.sampler](self.train_data, cfg.model.block_size, t.batch_size, seed=t.seed)
+        self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
+                                    t.batch_size, seed=t.seed)
         self.step = 0
         self.tokens_seen = 0
         # Applied from outside the model; the checkpoint always saves the plain module.
@@ -133,7 +135,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over a fixed set of windows (the same ones at every evaluation)."""
         t = self.cfg.train
-        sampler = RandomWindows(self.val_data, self.cfg.model.block_size, t.batch_size, seed=t.seed + 1)
+        sampler = make_sampler("random", self.val_data, self.model, self.cfg.model.block_size, t.batch_size,
+                               seed=t.seed + 1)
         self.model.eval()
         losses = []
         for _ in range(t.eval_iters):

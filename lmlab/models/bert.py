@@ -1,0 +1,115 @@
+"""BERT (Devlin et al. 2019): a bidirectional Transformer encoder trained as a masked language model.
+
+Token + learned position (+ optional token-type) embeddings go through a LayerNorm, then post-norm
+blocks (norm(x + attn(x)), norm(x + mlp(x)); Vaswani et al. 2017) with an erf-GELU MLP and no causal
+mask. The MLM head is dense -> GELU -> LayerNorm -> a decoder tied to the word embeddings with a bias
+of its own. Targets are -100 except at the masked positions (see lmlab/data/mlm.py); only those rows
+go through the head during training, which is ~15% of the work of scoring every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.models.base import LMOutput, ModelConfig
+from lmlab.nn.attention import padding_mask
+from lmlab.nn.block import Block
+from lmlab.nn.mlp import ACTIVATIONS
+
+
+@dataclass(kw_only=True)
+class BertConfig(ModelConfig):
+    family: str = "bert"
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    mlp_hidden: int = 1536         # "intermediate_size", 4 n_embd in BERT-base
+    type_vocab_size: int = 2       # token-type (segment) embeddings; 0: none
+    activation: str = "gelu"       # BERT's exact (erf) GELU
+    norm_eps: float = 1e-12        # BERT's LayerNorm epsilon
+    dropout: float = 0.1
+    tie_embeddings: bool = True    # the MLM decoder shares the word embeddings (always, as in BERT)
+    init_std: float = 0.02
+    pad_id: int = 0                # its embedding row starts at zero and is never updated (as in BERT)
+
+
+class BERT(nn.Module):
+    config_class = BertConfig
+    objective = "mlm"  # picks the training-batch collator (lmlab/data/objectives.py)
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c = config
+        if c.vocab_size <= 0:
+            raise ValueError("BertConfig.vocab_size must be set (it comes from the tokenizer)")
+        if not c.tie_embeddings:
+            raise ValueError("BERT's MLM decoder is always tied to the word embeddings")
+        self.config = c
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd, padding_idx=c.pad_id)  # <pad> gets no gradient
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.wtt = nn.Embedding(c.type_vocab_size, c.n_embd) if c.type_vocab_size > 0 else None
+        self.norm_emb = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.n_embd, c.n_head, mlp_hidden=c.mlp_hidden, activation=c.activation, norm_eps=c.norm_eps,
+                  dropout=c.dropout, causal=False, post_norm=True) for _ in range(c.n_layer))
+        # MLM head ("cls.predictions" in transformers)
+        self.head_dense = nn.Linear(c.n_embd, c.n_embd)
+        self.head_act = ACTIVATIONS[c.activation]
+        self.head_norm = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=True)
+        self.apply(self._init_weights)
+        self.lm_head.weight = self.wte.weight
+
+    def _init_weights(self, m: nn.Module) -> None:
+        # BERT's init: N(0, 0.02) weights, zero biases, LayerNorm (1, 0)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in (self.wte, self.wpe, self.wtt) if m is not None)
+        return n
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, n_embd]."""
+        B, T = input_ids.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))[None]
+        if self.wtt is not None:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.wtt(tt)
+        elif token_type_ids is not None:
+            raise ValueError("this BERT has no token-type embeddings (type_vocab_size=0)")
+        x = self.drop(self.norm_emb(x))
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = padding_mask(attention_mask.to(torch.bool), T)
+        for block in self.blocks:
+            x = block(x, attn_mask=mask)
+        return x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.head_norm(self.head_act(self.head_dense(h))))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> LMOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids)
+        if targets is None:
+            return LMOutput(logits=self.head(h))
+        # training: the head only at the masked positions (targets != -100)
+        picked = targets != -100
+        logits = self.head(h[picked])
+        loss = F.cross_entropy(logits.float(), targets[picked]) if logits.shape[0] else h.sum() * 0.0
+        return LMOutput(logits=None, loss=loss)

@@ -1,0 +1,1 @@
+"""Serving: chat templates (and, later, an OpenAI-compatible HTTP server)."""
