@@ -26,7 +26,7 @@ from lmlab.tokenizers import load_tokenizer
 from lmlab.train.config import DataConfig, RunConfig, TrainConfig
 from lmlab.train.trainer import Trainer
 
-RECIPE_STEPS = 500
+RECIPE_STEPS = 400
 
 
 def bf16_is_faster(n: int = 512, repeats: int = 5) -> bool:

@@ -38,3 +38,14 @@ def bpe_data(docs_jsonl, tmp_path_factory) -> Path:
     prepare(PrepareConfig(source=str(docs_jsonl), out=str(out), tokenizer="bpe", vocab_size=512),
             log=lambda *a: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def docs_lines() -> list[str]:
+    """3,000 non-blank lines of the built-in English corpus, whitespace-normalised (n-gram tests)."""
+    out: list[str] = []
+    for doc in Corpus("stdlib-docs"):
+        out += [" ".join(line.split()) for line in doc.splitlines() if line.strip()]
+        if len(out) >= 3000:
+            break
+    return out[:3000]
