@@ -332,6 +332,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     from lmlab.config import describe
     from lmlab.data.prepare import PrepareConfig
+    from lmlab.models.registry import PRESETS
     from lmlab.train.config import RunConfig
 
     sp = add("prepare", cmd_prepare, "Turn text into a tokenizer and token shards (a data directory).",
@@ -352,7 +353,7 @@ def make_parser() -> argparse.ArgumentParser:
              "  lmlab train --config configs/small-stdlib-docs.yaml --train.dtype=float32\n"
              "  lmlab train --resume runs/gpt-20260101-120000     (continue exactly where it stopped)")
     sp.add_argument("--config", help="YAML file with model/data/train sections")
-    sp.add_argument("--model", help="model preset: tiny, mini, small, gpt2-124m, gpt2-medium")
+    sp.add_argument("--model", help="model preset: " + ", ".join(PRESETS))
     sp.add_argument("--data", help="prepared data directory (same as --data.dir)")
     sp.add_argument("--out", help="run directory to create (same as --train.out_dir)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")

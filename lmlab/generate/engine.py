@@ -38,6 +38,7 @@ def generate_ids(model: nn.Module, prompt: list[int], cfg: SamplingConfig, *, eo
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     model.eval()
+    use_cache = use_cache and hasattr(model, "make_kv_cache")  # e.g. the NPLM has no cache
     ids = list(prompt)
     cache = None
     for _ in range(cfg.max_new_tokens):

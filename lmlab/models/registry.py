@@ -16,8 +16,9 @@ from lmlab.models.bart import BART, BartConfig
 from lmlab.models.bert import BERT, BertConfig
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.models.llama import Llama, LlamaConfig
+from lmlab.models.nplm import NPLM, NPLMConfig
 
-FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "llama": Llama, "bert": BERT, "bart": BART}
+FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "llama": Llama, "bert": BERT, "bart": BART, "nplm": NPLM}
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -33,6 +34,8 @@ PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": LlamaConfig(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536,
                                 vocab_size=49152, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
                                 block_size=8192),
+    # Bengio et al. 2003 (n = 5, m = 30-100 features, h = 50-100 hidden units, direct connections)
+    "nplm": NPLMConfig(context=4, n_embd=64, hidden=256, block_size=64),
 }
 
 
