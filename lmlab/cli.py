@@ -24,6 +24,8 @@ getting started:
   lmlab eval runs/<run> --split test            loss, perplexity and bits per byte
   lmlab generate runs/<run> "The json module" --temperature 0.8 --top_k 50
   lmlab info runs/<run>                         what a run, checkpoint or data directory holds
+  lmlab ngram build text.txt --order 5 --out m.arpa   a Kneser-Ney n-gram model (as KenLM's lmplz)
+  lmlab lineage                                 unigram -> KN 3/5-gram -> NPLM -> GPT perplexity ladder
 
 Every subcommand has its own --help.
 """
@@ -434,6 +436,12 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="", help="run directory (default: runs/quickstart-<time>)")
     sp.add_argument("--data", default="data/stdlib-docs", help="data directory to use or create")
     sp.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
+
+    from lmlab.lineage import add_parser as add_lineage
+    from lmlab.ngram_cli import add_parser as add_ngram
+
+    add_ngram(add)
+    add_lineage(add)
     return p
 
 
