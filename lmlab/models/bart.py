@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models.base import LMOutput, ModelConfig
+from lmlab.models.base import LMOutput, ModelConfig, count_params, init_normal
 from lmlab.nn.attention import padding_mask
 from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
@@ -79,22 +79,12 @@ class BART(nn.Module):
                                         for _ in range(c.n_dec_layer))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.register_buffer("final_logits_bias", torch.zeros(1, c.vocab_size))
-        self.apply(self._init_weights)
+        init_normal(self, self.config.init_std)
         self.lm_head.weight = self.wte.weight
 
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            nn.init.zeros_(m.weight[m.padding_idx])
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(m.weight.numel() for m in (self.wte, self.enc_wpe, self.dec_wpe))
-        return n
+        return count_params(self, non_embedding, (self.wte, self.enc_wpe, self.dec_wpe))
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """The decoder's self-attention cache (cross-attention keys/values come from `cross_kv`)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from lmlab.errors import LmlabError
 
@@ -45,3 +46,26 @@ class ModelConfig:
         if family not in ModelConfig.registry:
             raise LmlabError(f"unknown model family '{family}'. Known: {', '.join(ModelConfig.registry)}")
         return ModelConfig.registry[family]
+
+
+def init_normal(model: nn.Module, std: float) -> None:
+    """N(0, std) weights, zero biases and zeroed padding rows: GPT-2's, BERT's and BART's init."""
+
+    def init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+
+    model.apply(init)
+
+
+def count_params(model: nn.Module, non_embedding: bool, tables: tuple[nn.Module | None, ...]) -> int:
+    """Parameters, counting tied weights once; `non_embedding` leaves out the embedding `tables`
+    (Kaplan et al. 2020's N; an untied output layer stays counted)."""
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= sum(t.weight.numel() for t in tables if t is not None)
+    return n

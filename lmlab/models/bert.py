@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models.base import LMOutput, ModelConfig
+from lmlab.models.base import LMOutput, ModelConfig, count_params, init_normal
 from lmlab.nn.attention import padding_mask
 from lmlab.nn.block import Block
 from lmlab.nn.mlp import ACTIVATIONS
@@ -62,23 +62,12 @@ class BERT(nn.Module):
         self.head_act = ACTIVATIONS[c.activation]
         self.head_norm = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=True)
-        self.apply(self._init_weights)
+        init_normal(self, self.config.init_std)
         self.lm_head.weight = self.wte.weight
 
-    def _init_weights(self, m: nn.Module) -> None:
-        # BERT's init: N(0, 0.02) weights, zero biases, LayerNorm (1, 0)
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            nn.init.zeros_(m.weight[m.padding_idx])
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(m.weight.numel() for m in (self.wte, self.wpe, self.wtt) if m is not None)
-        return n
+        return count_params(self, non_embedding, (self.wte, self.wpe, self.wtt))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models.base import LMOutput, ModelConfig
+from lmlab.models.base import LMOutput, ModelConfig, count_params, init_normal
 from lmlab.nn.attention import padding_mask
 from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
@@ -48,16 +48,10 @@ class DecoderLM(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         # GPT-2's init: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)
-        self.apply(self._init_weights)
+        init_normal(self, c.init_std)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layer))
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
     # -- family hooks ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -70,12 +64,7 @@ class DecoderLM(nn.Module):
 
     # -- shared -------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters, counting tied weights once; `non_embedding` leaves out the token and position
-        tables (Kaplan et al. 2020's N; an untied output layer stays counted)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(m.weight.numel() for m in (self.wte, self.wpe) if m is not None)
-        return n
+        return count_params(self, non_embedding, (self.wte, self.wpe))
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         attn, p = self.blocks[0].attn, self.wte.weight

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models.base import LMOutput, ModelConfig
+from lmlab.models.base import LMOutput, ModelConfig, count_params, init_normal
 
 
 @dataclass(kw_only=True)
@@ -45,15 +45,10 @@ class NPLM(nn.Module):
         self.out = nn.Linear(c.hidden, c.vocab_size)                    # U, b
         self.direct = nn.Linear(features, c.vocab_size, bias=False) if c.direct else None  # W
         self.drop = nn.Dropout(c.dropout)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=c.init_std)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_normal(self, c.init_std)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if non_embedding else n
+        return count_params(self, non_embedding, (self.wte,))
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **_) -> LMOutput:
         B, T = input_ids.shape
