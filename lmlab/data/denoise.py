@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmlab.data.stream import CorruptedWindows
+
 MASK_RATIO = 0.3        # Lewis et al. 2020: 30% of the tokens masked (their best setting)
 POISSON_LAMBDA = 3.0    # span lengths ~ Poisson(3)
 
@@ -83,22 +85,10 @@ def corrupt(tokens: torch.Tensor, cfg: DenoiseConfig, rng: np.random.Generator) 
     return x, y
 
 
-class DenoisingWindows:
+class DenoisingWindows(CorruptedWindows):
     """Wraps a window sampler: (corrupted window, original window) batches."""
 
-    def __init__(self, windows, cfg: DenoiseConfig, seed: int = 0):
-        self.windows, self.cfg, self.seed = windows, cfg, seed
-        self.step = 0
+    kind, stream = "denoise", 2  # stream: a random stream apart from the windows'
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, _ = self.windows.next_batch()
-        rng = np.random.default_rng([self.seed, self.step, 2])  # 2: a stream apart from the windows'
-        self.step += 1
+    def corrupt(self, x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return corrupt(x, self.cfg, rng)
-
-    def state_dict(self) -> dict:
-        return {"kind": "denoise", "seed": self.seed, "step": self.step, "windows": self.windows.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
-        self.windows.load_state_dict(state["windows"])

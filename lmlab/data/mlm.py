@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmlab.data.stream import CorruptedWindows
+
 MASK_PROB = 0.15        # Devlin et al. 2019: 15% of the tokens are chosen for prediction
 REPLACE_MASK = 0.8      # ... of which 80% become <mask>,
 REPLACE_RANDOM = 0.1    # 10% a random token, and the remaining 10% stay unchanged
@@ -52,22 +54,10 @@ def mask_tokens(tokens: torch.Tensor, cfg: MaskingConfig,
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
-class MaskedWindows:
+class MaskedWindows(CorruptedWindows):
     """Wraps a window sampler: its inputs, masked; the next-token targets are dropped."""
 
-    def __init__(self, windows, cfg: MaskingConfig, seed: int = 0):
-        self.windows, self.cfg, self.seed = windows, cfg, seed
-        self.step = 0
+    kind, stream = "mlm", 1  # stream: a random stream apart from the windows'
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, _ = self.windows.next_batch()
-        rng = np.random.default_rng([self.seed, self.step, 1])  # 1: a stream apart from the windows'
-        self.step += 1
+    def corrupt(self, x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return mask_tokens(x, self.cfg, rng)
-
-    def state_dict(self) -> dict:
-        return {"kind": "mlm", "seed": self.seed, "step": self.step, "windows": self.windows.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
-        self.windows.load_state_dict(state["windows"])

@@ -14,13 +14,19 @@ from lmlab.data.stream import SAMPLERS, TokenSplit
 from lmlab.errors import LmlabError
 
 
-def _mlm(windows, data: TokenSplit, seed: int):
-    from lmlab.data.mlm import MaskedWindows, MaskingConfig
+def _tokenizer_with_mask(data: TokenSplit):
     from lmlab.tokenizers import load_tokenizer
 
     tok = load_tokenizer(data.dir)
     if tok.token_to_id(tok.specials.mask) is None:
         raise LmlabError(f"the tokenizer of {data.dir} has no mask token '{tok.specials.mask}'")
+    return tok
+
+
+def _mlm(windows, data: TokenSplit, seed: int):
+    from lmlab.data.mlm import MaskedWindows, MaskingConfig
+
+    tok = _tokenizer_with_mask(data)
     cfg = MaskingConfig(mask_id=tok.mask_id, vocab_size=data.meta["vocab_size"],
                         special_ids=tuple(sorted(tok.special_ids)))
     return MaskedWindows(windows, cfg, seed=seed)
@@ -28,11 +34,8 @@ def _mlm(windows, data: TokenSplit, seed: int):
 
 def _denoise(windows, data: TokenSplit, seed: int):
     from lmlab.data.denoise import DenoiseConfig, DenoisingWindows
-    from lmlab.tokenizers import load_tokenizer
 
-    tok = load_tokenizer(data.dir)
-    if tok.token_to_id(tok.specials.mask) is None:
-        raise LmlabError(f"the tokenizer of {data.dir} has no mask token '{tok.specials.mask}'")
+    tok = _tokenizer_with_mask(data)
     cfg = DenoiseConfig(mask_id=tok.mask_id, pad_id=tok.pad_id, eos_id=tok.eos_id,
                         special_ids=tuple(sorted(tok.special_ids)))
     return DenoisingWindows(windows, cfg, seed=seed)

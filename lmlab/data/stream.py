@@ -117,4 +117,34 @@ class SequentialWindows:
         self.position, self.epoch = int(state["position"]), int(state["epoch"])
 
 
+class CorruptedWindows:
+    """Wraps a window sampler and corrupts each batch for a denoising objective (MLM, infilling).
+
+    Subclasses set `kind`, a random `stream` id apart from the windows' own, and `corrupt(x, rng)`
+    returning (inputs, targets). Batch i depends on (seed, i) only, so resuming is exact."""
+
+    kind = "corrupted"
+    stream = 0
+
+    def __init__(self, windows, cfg, seed: int = 0):
+        self.windows, self.cfg, self.seed = windows, cfg, seed
+        self.step = 0
+
+    def corrupt(self, x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, _ = self.windows.next_batch()
+        rng = np.random.default_rng([self.seed, self.step, self.stream])
+        self.step += 1
+        return self.corrupt(x, rng)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed, "step": self.step, "windows": self.windows.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+        self.windows.load_state_dict(state["windows"])
+
+
 SAMPLERS = {"random": RandomWindows, "sequential": SequentialWindows}
