@@ -285,6 +285,8 @@ def cmd_scaling(args: argparse.Namespace, rest: list[str]) -> int:
         sweep(cfg)
         print(f"results in {cfg.out}/results.md; fit them with `lmlab scaling fit {cfg.out}`")
         return 0
+    if args.action == "longer":
+        return _train_longer(args, rest)
     if rest:
         raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
     if args.action == "fit":
@@ -294,7 +296,11 @@ def cmd_scaling(args: argparse.Namespace, rest: list[str]) -> int:
         out = Path(args.path) / "fit.json" if Path(args.path).is_dir() else Path(args.path).with_name("fit.json")
         report.write_fit(fit, out)
         print(report.summary(fit))
-        print(f"wrote {out}")
+        from lmlab.scaling.fit import ChinchillaLaw
+        from lmlab.scaling.plots import write_sweep_plots
+
+        plots = write_sweep_plots(report.load_results(args.path), ChinchillaLaw(**fit["chinchilla"]), out.parent)
+        print(f"wrote {out}" + "".join(f", {p}" for p in plots))
         return 0
     if not args.path or args.n is None or args.d is None:
         raise LmlabError("usage: lmlab scaling predict FIT.json --n PARAMS --d TOKENS")
@@ -304,6 +310,46 @@ def cmd_scaling(args: argparse.Namespace, rest: list[str]) -> int:
     p = report.predict(json.loads(path.read_text()), args.n, args.d)
     print(f"predicted final validation loss for N={args.n:.3g}, D={args.d:.3g} (C={p['C']:.3g}): "
           f"{p['loss']:.4f}, 90% interval [{p['interval_90'][0]:.4f}, {p['interval_90'][1]:.4f}]")
+    return 0
+
+
+def _train_longer(args: argparse.Namespace, rest: list[str]) -> int:
+    """`lmlab scaling longer FIT.json --n N`: one run per multiple of the compute-optimal budget."""
+    from lmlab.config import apply_overrides
+    from lmlab.scaling.fit import ChinchillaLaw
+    from lmlab.scaling.plots import train_longer as plot_longer
+    from lmlab.scaling.sweep import SweepConfig, train_longer
+
+    if not args.path or args.n is None:
+        raise LmlabError("usage: lmlab scaling longer FIT.json --n PARAMS [--multiples 1,2,4,8,16]")
+    path = Path(args.path)
+    if not path.is_file():
+        raise LmlabError(f"fit file not found: {path}")
+    law = ChinchillaLaw(**json.loads(path.read_text())["chinchilla"])
+    try:
+        multiples = [float(m) for m in args.multiples.split(",")]
+    except ValueError:
+        raise LmlabError(f"--multiples must be numbers separated by commas, not '{args.multiples}'") from None
+    d_opt = float(law.optimal_tokens(args.n))
+    cfg = apply_overrides(SweepConfig(out="runs/scaling-longer"), _overrides(rest))
+    print(f"N={args.n:.3g}: compute-optimal D = {d_opt:.3g} tokens by the fit; budgets x{args.multiples}")
+    rows = train_longer(cfg, args.n, [m * d_opt for m in multiples])
+    for r, m in zip(rows, multiples):
+        r["multiple"] = m
+        r["predicted_loss"] = float(law.loss(r["N"], r["D"]))
+    from lmlab.io.atomic import atomic_write_text
+
+    out = Path(cfg.out)
+    atomic_write_text(out / "longer.json", json.dumps(rows, indent=2))
+    lines = ["| x D* | D | val loss | law's prediction | error |", "|---|---|---|---|---|"]
+    lines += [f"| {r['multiple']:g} | {r['D']:,} | {r['val_loss']:.4f} | {r['predicted_loss']:.4f} | "
+              f"{(r['predicted_loss'] - r['val_loss']) / r['val_loss']:+.2%} |" for r in rows]
+    atomic_write_text(out / "longer.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        print(f"wrote {out}/longer.md, {plot_longer(rows, law, out / 'train_longer.png')}")
+    except ImportError:
+        print(f"wrote {out}/longer.md (matplotlib missing: no plot)")
     return 0
 
 
@@ -418,17 +464,20 @@ def make_parser() -> argparse.ArgumentParser:
     sp = add("scaling", cmd_scaling, "Scaling laws: sweep model sizes x token budgets, fit the laws, predict a run.",
              "actions:\n  sweep    train the grid (resumable: finished runs are skipped, interrupted ones resumed)\n"
              "  fit      fit L(N, D) (Chinchilla Approach 3), L(N), L(D), L(C), IsoFLOP optima; bootstrap\n"
-             "  predict  predicted loss with a 90% interval for a run not yet trained\n\n"
+             "  predict  predicted loss with a 90% interval for a run not yet trained\n"
+             "  longer   train longer: fixed --n, one run per multiple of its compute-optimal D\n\n"
              "sweep options (defaults shown):\n" + "\n".join(describe(SweepConfig)) +
              "\n\nexamples:\n  lmlab prepare stdlib-code --out data/stdlib-code --vocab_size 2048\n"
              "  lmlab scaling sweep --sizes=1e5,3e5,1e6 --tokens=2e6,4e6,8e6,16e6\n"
              "  lmlab scaling fit runs/scaling\n"
              "  lmlab scaling predict runs/scaling/fit.json --n 2e6 --d 3.2e7")
-    sp.add_argument("action", choices=["sweep", "fit", "predict"])
+    sp.add_argument("action", choices=["sweep", "fit", "predict", "longer"])
     sp.add_argument("path", nargs="?", help="fit: the sweep directory; predict: its fit.json")
     sp.add_argument("--n", type=float, help="predict: non-embedding parameters")
     sp.add_argument("--d", type=float, help="predict: training tokens")
     sp.add_argument("--bootstrap", type=int, default=100, help="fit: bootstrap resamples for intervals")
+    sp.add_argument("--multiples", default="1,2,4,8,16",
+                    help="longer: token budgets as multiples of the fit's compute-optimal D for --n")
 
     sp = add("quickstart", cmd_quickstart,
              "The main job: prepare the built-in corpus, train a small GPT (a few minutes on a CPU), "

@@ -54,3 +54,58 @@ def test_fit_and_predict_cli_on_synthetic_sweep(tmp_path, capsys):
     out = capsys.readouterr().out
     predicted = float(out.split(": ")[1].split(",")[0])
     assert predicted == pytest.approx(float(law.loss(2e6, 2e7)), rel=0.005)
+
+
+def test_train_longer_runs_each_budget_and_plots(char_data, tmp_path, capsys):
+    from lmlab.cli import main
+    from lmlab.scaling.fit import ChinchillaLaw
+
+    law = ChinchillaLaw(E=1.0, A=50.0, B=50.0, alpha=0.3, beta=0.3)
+    (tmp_path / "fit.json").write_text(json.dumps({"chinchilla": law.as_dict()}))
+    n = 2e4
+    d_opt = float(law.optimal_tokens(n))
+    # N is compute-optimal for C = 6 N D*: the closed form gives back the same N
+    assert float(law.compute_optimal(6 * n * d_opt)[0]) == pytest.approx(n, rel=1e-9)
+    scale = 4096 / d_opt  # keep the runs tiny: multiples chosen so budgets are 4k and 8k tokens
+    out = tmp_path / "longer"
+    assert main(["scaling", "longer", str(tmp_path / "fit.json"), "--n", str(n), "--multiples",
+                 f"{scale},{2 * scale}", f"--data={char_data}", f"--out={out}", "--block_size=32",
+                 "--batch_size=8", "--dtype=float32", "--eval_tokens=2000"]) == 0
+    rows = json.loads((out / "longer.json").read_text())
+    assert [round(r["D"], -3) for r in rows] == [4000, 8000]
+    assert rows[1]["val_loss"] < rows[0]["val_loss"]  # training longer lowers the loss
+    assert rows[0]["predicted_loss"] == pytest.approx(float(law.loss(rows[0]["N"], rows[0]["D"])))
+    pytest.importorskip("matplotlib")
+    assert (out / "train_longer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_writes_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from lmlab.cli import main
+    from lmlab.scaling.fit import ChinchillaLaw
+
+    law = ChinchillaLaw(E=1.5, A=200.0, B=600.0, alpha=0.3, beta=0.35)
+    runs = [{"name": f"r{i}", "N": n, "D": d, "val_loss": float(law.loss(n, d))}
+            for i, (n, d) in enumerate((n, d) for n in np.geomspace(1e5, 8e5, 4) for d in np.geomspace(1e6, 4e6, 3))]
+    (tmp_path / "results.json").write_text(json.dumps(runs))
+    assert main(["scaling", "fit", str(tmp_path), "--bootstrap", "3"]) == 0
+    for name in ("loss_vs_compute.png", "isoflop.png", "loss_vs_tokens.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_run_is_not_recorded_as_a_result(char_data, tmp_path):
+    from lmlab.scaling.sweep import run_one
+
+    cfg = SweepConfig(data=str(char_data), out=str(tmp_path / "s"), block_size=32, batch_size=8,
+                      dtype="float32", eval_tokens=2000)
+    run = run_config(cfg, 2e4, 4096)
+    run.train.stop_at_step = 3  # what Ctrl-C does mid-run: a checkpoint, then the loop ends early
+    with pytest.raises(LmlabError, match="resume"):
+        run_one(cfg, run, log=lambda *a: None)
+    run_dir = tmp_path / "s" / run.train.out_dir.split("/")[-1]
+    assert not (run_dir / "result.json").exists()
+    run.train.stop_at_step = 0
+    r = run_one(cfg, run, log=lambda *a: None)
+    assert r["resumed"] and r["steps"] == run.train.max_steps and r["D"] == 4096

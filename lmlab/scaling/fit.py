@@ -50,6 +50,13 @@ class ChinchillaLaw:
         N = G * (C / 6.0) ** (b / (a + b))
         return N, (C / 6.0) / N
 
+    def optimal_tokens(self, N):
+        """The D for which N is the compute-optimal size (inverse of N*(C) above)."""
+        a, b = self.alpha, self.beta
+        G = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
+        N = np.asarray(N, dtype=float)
+        return (N / G) ** ((a + b) / b) / N
+
     def as_dict(self) -> dict:
         return asdict(self)
 

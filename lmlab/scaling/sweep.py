@@ -33,8 +33,10 @@ MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data co
 class SweepConfig:
     data: str = "data/stdlib-code"
     out: str = "runs/scaling"
+    # The default grid trains in about an hour on 2 CPU cores; its held-out check is N=1.6e6, D=4e6 (4x the
+    # compute of the largest run), see docs/scaling/.
     sizes: list[float] = field(default_factory=lambda: [1e5, 2e5, 4e5, 8e5])   # target non-embedding N
-    tokens: list[float] = field(default_factory=lambda: [2e6, 4e6, 8e6])       # token budgets D
+    tokens: list[float] = field(default_factory=lambda: [5e5, 1e6, 2e6])       # token budgets D
     block_size: int = 128
     batch_size: int = 16
     aspect: float = 32.0        # n_embd / n_layer the shape search aims for
@@ -71,7 +73,7 @@ def run_config(cfg: SweepConfig, n_target: float, d_target: float) -> RunConfig:
     steps = max(1, round(d_target / (cfg.batch_size * cfg.block_size)))
     n_actual = 12 * n_layer * n_embd**2
     lr = lr_for(n_actual)
-    name = f"N{n_target:.0e}-D{d_target:.0e}".replace("+", "")
+    name = f"N{n_target:.2g}-D{d_target:.2g}".replace("+", "")
     return RunConfig(
         model=GPTConfig(n_layer=n_layer, n_head=n_embd // cfg.head_dim, n_embd=n_embd, block_size=cfg.block_size),
         data=DataConfig(dir=cfg.data),
@@ -90,6 +92,9 @@ def run_one(cfg: SweepConfig, run: RunConfig, log=print) -> dict:
     trainer = Trainer(run, run_dir, log=log)
     resumed = trainer.resume() is not None
     trainer.fit()
+    if trainer.step < run.train.max_steps:  # stopped by Ctrl-C / SIGTERM: resumable, not a result
+        raise LmlabError(f"{run_dir.name} stopped at step {trainer.step} of {run.train.max_steps} "
+                         "(checkpoint written); rerun the same command to resume")
     val = evaluate_split(trainer.model, TokenSplit(run.data.dir, "val"), block_size=run.model.block_size,
                          batch_size=16, max_tokens=cfg.eval_tokens,
                          autocast_dtype=torch.bfloat16 if run.train.dtype == "bfloat16" else None)
@@ -123,6 +128,24 @@ def sweep(cfg: SweepConfig, log=print) -> list[dict]:
             results.append(r)
     write_table(results, Path(cfg.out))
     return results
+
+
+def train_longer(cfg: SweepConfig, n_target: float, budgets: list[float], log=print) -> list[dict]:
+    """Fixed N, growing D: each budget is its own run with its own cosine schedule, since losses read
+    off the middle of one long cosine run are biased upwards (Hoffmann et al. 2022, Appendix A)."""
+    train_tokens = TokenSplit(cfg.data, "train").n_tokens
+    rows = []
+    for d in budgets:
+        if d > MAX_EPOCHS * train_tokens:
+            raise LmlabError(f"a budget of {d:.3g} tokens is over {MAX_EPOCHS:g} epochs of {cfg.data} "
+                             f"({train_tokens:,} training tokens); choose a smaller N or fewer multiples")
+        run = run_config(cfg, n_target, d)
+        log(f"run {Path(run.train.out_dir).name}: {run.train.max_steps} steps")
+        r = run_one(cfg, run, log=lambda *a: None)
+        log(f"  N={r['N']:,} D={r['D']:,} val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
+        rows.append(r)
+    write_table(rows, Path(cfg.out))
+    return rows
 
 
 def write_table(results: list[dict], out: Path) -> None:
