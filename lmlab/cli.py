@@ -187,8 +187,14 @@ def cmd_chat(args: argparse.Namespace, rest: list[str]) -> int:
 
     if rest:
         raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
-    model, tok = _load_lm(args.model)
-    session, cfg = ChatSession(model, tok, system=args.system), _sampling(args)
+    if args.model == "eliza":  # the 1966 rung: a keyword script, no weights (lmlab/models/eliza.py)
+        from lmlab.models.eliza import ElizaSession
+
+        session, cfg = ElizaSession(seed=args.seed), None
+        print(session.greeting)
+    else:
+        model, tok = _load_lm(args.model)
+        session, cfg = ChatSession(model, tok, system=args.system), _sampling(args)
     while True:
         try:
             user = input("> ")
@@ -445,7 +451,7 @@ def make_parser() -> argparse.ArgumentParser:
     sp = add("chat", cmd_chat, "Chat with a model whose tokenizer has a chat template (e.g. a GGUF file).",
              "Type a message per line; an empty line or end of input ends the chat.\n\n"
              "example:\n  lmlab chat --model SmolLM2-135M-Instruct.Q4_1.gguf --temperature 0")
-    sp.add_argument("--model", required=True, help=".gguf file, or run/checkpoint directory")
+    sp.add_argument("--model", required=True, help=".gguf file, run/checkpoint directory, or eliza")
     sp.add_argument("--system", default=None, help="system message (default: the template's own)")
     sp.add_argument("--max_new_tokens", type=int, default=256)
     sp.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
@@ -491,6 +497,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_ngram(add)
     add_lineage(add)
+    from lmlab.word2vec_cli import add_parser as add_word2vec
+
+    add_word2vec(add)
     return p
 
 
