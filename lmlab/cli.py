@@ -245,7 +245,19 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 
     if rest:
         raise LmlabError(f"unexpected arguments: {' '.join(rest)}")
+    if args.model_path:  # `lmlab generate --model RUN "text"`: the first positional is the text
+        if args.prompt:
+            raise LmlabError(f"unexpected argument '{args.prompt}' (the model is given by --model)")
+        args.checkpoint, args.prompt = args.model_path, args.checkpoint or ""
+    if not args.checkpoint:
+        raise LmlabError("give the model: lmlab generate RUN_DIR \"text\" (or --model RUN_DIR)")
     model, tok = _load_lm(args.checkpoint)
+    if hasattr(model, "cross_kv"):  # an encoder-decoder: the text is its source
+        return _generate_seq2seq(args, model, tok)
+    if args.mode == "nar":
+        raise LmlabError("--mode nar needs a conditional masked LM (e.g. trained with --model cmlm-tiny)")
+    if args.temperature is None:
+        args.temperature = 0.8
     if getattr(model, "objective", "causal") != "causal":
         raise LmlabError(f"generate continues text with a causal LM; '{model.config.family}' is not one"
                          + (" (try lmlab fill-mask)" if model.objective == "mlm" else ""))
@@ -257,6 +269,37 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _generate_seq2seq(args: argparse.Namespace, model, tok) -> int:
+    """Encoder-decoders: BART left to right (greedy, beam search, sampling), a CMLM by mask-predict."""
+    from lmlab.generate.nar import MaskPredictConfig, nar_generate_text
+    from lmlab.generate.seq2seq import Seq2SeqConfig, generate_text
+
+    if not args.prompt.strip():
+        raise LmlabError("give the source text: lmlab generate RUN_DIR \"text\"")
+    is_cmlm = hasattr(model, "length_logits")
+    mode = args.mode or ("nar" if is_cmlm else "ar")
+    if mode == "nar" and not is_cmlm:
+        raise LmlabError(f"--mode nar needs a conditional masked LM (cmlm), not '{model.config.family}'")
+    if mode == "ar" and is_cmlm:
+        raise LmlabError("a conditional masked LM decodes non-autoregressively: use --mode nar")
+    if mode == "nar":
+        cfg = MaskPredictConfig(iterations=args.iterations, length_beam=args.length_beam)
+        if cfg.iterations < 1 or cfg.length_beam < 1:
+            raise LmlabError("--iterations and --length_beam must be at least 1")
+        print(nar_generate_text(model, tok, [args.prompt], cfg)[0])
+        return 0
+    if args.num_beams < 1:
+        raise LmlabError("--num_beams must be at least 1")
+    temperature = args.temperature if args.temperature is not None else 0.0  # greedy unless asked
+    if args.num_beams > 1 and temperature > 0:
+        raise LmlabError("beam search is deterministic: drop --temperature or use --num_beams 1")
+    cfg = Seq2SeqConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                        length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+                        temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(generate_text(model, tok, [args.prompt], cfg)[0])
     return 0
 
 
@@ -431,16 +474,29 @@ def make_parser() -> argparse.ArgumentParser:
 
     sp = add("generate", cmd_generate, "Continue a prompt with a trained model, streaming the text.",
              "examples:\n  lmlab generate runs/<run> \"The json module\" --temperature 0   (greedy)\n"
-             "  lmlab generate runs/<run> \"def \" --top_p 0.9 --seed 1 --stop \"\\n\\n\"")
-    sp.add_argument("checkpoint", help="run directory (latest checkpoint), checkpoint directory or .gguf file")
-    sp.add_argument("prompt", nargs="?", default="", help="text to continue (default: start a new document)")
+             "  lmlab generate runs/<run> \"def \" --top_p 0.9 --seed 1 --stop \"\\n\\n\"\n"
+             "  lmlab generate --model runs/<bart-run> \"alfa bravo\" --num_beams 4       (encoder-decoder)\n"
+             "  lmlab generate --model runs/<cmlm-run> --mode nar --iterations 4 \"alfa bravo\"  (mask-predict)")
+    sp.add_argument("checkpoint", nargs="?",
+                    help="run directory (latest checkpoint), checkpoint directory or .gguf file")
+    sp.add_argument("prompt", nargs="?", default="",
+                    help="text to continue (default: start a new document); an encoder-decoder's source text")
+    sp.add_argument("--model", dest="model_path", help="the model (instead of the first argument)")
     sp.add_argument("--max_new_tokens", type=int, default=200)
-    sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    sp.add_argument("--temperature", type=float, default=None,
+                    help="0 for greedy decoding (default: 0.8; 0 for encoder-decoders)")
     sp.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     sp.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     sp.add_argument("--no_cache", action="store_true", help="recompute the context each step (slow)")
+    sp.add_argument("--mode", choices=["ar", "nar"], default=None,
+                    help="encoder-decoders: ar = left to right (BART), nar = mask-predict (a CMLM's default)")
+    sp.add_argument("--num_beams", type=int, default=1, help="ar: beam search with this many beams")
+    sp.add_argument("--length_penalty", type=float, default=1.0, help="ar beam search: score / length ** this")
+    sp.add_argument("--early_stopping", action="store_true", help="ar beam search: stop once num_beams finished")
+    sp.add_argument("--iterations", type=int, default=10, help="nar: mask-predict iterations T")
+    sp.add_argument("--length_beam", type=int, default=1, help="nar: candidate target lengths decoded")
 
     sp = add("fill-mask", cmd_fill_mask, "Print the most likely fillers of each <mask> (masked LMs such as BERT).",
              "example:\n  lmlab fill-mask runs/<bert-run> \"The json <mask>odule\" --top_k 5")
@@ -500,6 +556,9 @@ def make_parser() -> argparse.ArgumentParser:
     from lmlab.word2vec_cli import add_parser as add_word2vec
 
     add_word2vec(add)
+    from lmlab.eval.fewshot_cli import add_parser as add_fewshot
+
+    add_fewshot(add)
     return p
 
 

@@ -44,13 +44,37 @@ def _denoise(windows, data: TokenSplit, seed: int):
 # objective -> (window sampler, data, seed) -> batch sampler
 OBJECTIVES: dict[str, Callable] = {"causal": lambda windows, data, seed: windows, "mlm": _mlm, "denoise": _denoise}
 
+# objective -> whether its (source, target) pair batches are masked (lmlab/data/seq2seq.py): an
+# encoder-decoder pre-trained by denoising fine-tunes on plain pairs, a conditional masked LM on masked ones
+PAIR_OBJECTIVES: dict[str, bool] = {"denoise": False, "cmlm": True}
 
-def make_sampler(kind: str, data: TokenSplit, model: nn.Module, block_size: int, batch_size: int, seed: int):
+
+def _pairs(path: str, data: TokenSplit, model: nn.Module, block_size: int, batch_size: int, seed: int):
+    from lmlab.data.seq2seq import PairBatches, PairConfig, encode_pairs, read_pairs, split_pairs
+
+    objective = getattr(model, "objective", "causal")
+    if objective not in PAIR_OBJECTIVES:
+        raise LmlabError(f"data.seq2seq needs an encoder-decoder (e.g. --model bart-tiny), "
+                         f"not '{model.config.family}'")
+    tok = _tokenizer_with_mask(data)
+    cfg = PairConfig(pad_id=tok.pad_id, eos_id=tok.eos_id, mask_id=tok.mask_id, block_size=block_size,
+                     masked=PAIR_OBJECTIVES[objective])
+    pairs = encode_pairs(tok, split_pairs(read_pairs(path), data.split), cfg)
+    return PairBatches(pairs, cfg, batch_size, seed=seed)
+
+
+def make_sampler(kind: str, data: TokenSplit, model: nn.Module, block_size: int, batch_size: int, seed: int,
+                 pairs: str = ""):
     """The resumable training-batch sampler for `model`: `kind` windows (random | sequential),
-    turned into the batches of the model's objective."""
+    turned into the batches of the model's objective; or, given a `pairs` JSONL file (data.seq2seq),
+    batches of its (source, target) pairs, tokenized with the data directory's tokenizer."""
+    if pairs:
+        return _pairs(pairs, data, model, block_size, batch_size, seed)
     if kind not in SAMPLERS:
         raise LmlabError(f"unknown data.sampler '{kind}' ({' | '.join(SAMPLERS)})")
     objective = getattr(model, "objective", "causal")
+    if objective == "cmlm":
+        raise LmlabError("a conditional masked LM trains on (source, target) pairs: set data.seq2seq=PAIRS.jsonl")
     if objective not in OBJECTIVES:
         raise LmlabError(f"no batch sampler for the objective '{objective}' ({' | '.join(OBJECTIVES)})")
     return OBJECTIVES[objective](SAMPLERS[kind](data, block_size, batch_size, seed=seed), data, seed)

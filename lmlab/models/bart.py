@@ -56,6 +56,7 @@ def shift_right(targets: torch.Tensor, start_id: int, pad_id: int) -> torch.Tens
 class BART(nn.Module):
     config_class = BartConfig
     objective = "denoise"  # picks the training-batch collator (lmlab/data/objectives.py)
+    causal_decoder = True  # False: a bidirectional decoder (the conditional masked LM, models/cmlm.py)
 
     def __init__(self, config: BartConfig):
         super().__init__()
@@ -75,8 +76,8 @@ class BART(nn.Module):
         opts = {"mlp_hidden": c.mlp_hidden, "activation": c.activation, "norm_eps": c.norm_eps,
                 "dropout": c.dropout, "post_norm": True}
         self.enc_blocks = nn.ModuleList(Block(c.n_embd, c.n_head, causal=False, **opts) for _ in range(c.n_layer))
-        self.dec_blocks = nn.ModuleList(Block(c.n_embd, c.n_head, causal=True, cross_attention=True, **opts)
-                                        for _ in range(c.n_dec_layer))
+        self.dec_blocks = nn.ModuleList(Block(c.n_embd, c.n_head, causal=self.causal_decoder, cross_attention=True,
+                                              **opts) for _ in range(c.n_dec_layer))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.register_buffer("final_logits_bias", torch.zeros(1, c.vocab_size))
         init_normal(self, self.config.init_std)
@@ -114,16 +115,20 @@ class BART(nn.Module):
         return [block.cross.cross_kv(memory) for block in self.dec_blocks]
 
     def decode(self, decoder_input_ids: torch.Tensor, cross_kv: list[tuple[torch.Tensor, torch.Tensor]], *,
-               attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+               decoder_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `decoder_input_ids` (continuing the cache, if given); `attention_mask` is the
-        encoder's padding mask."""
+        encoder's padding mask, `decoder_mask` the decoder inputs' own (for a bidirectional decoder)."""
         past = kv_cache.pos if kv_cache is not None else 0
         x = self._embed(decoder_input_ids, self.dec_wpe, self.dec_norm_emb, start=past)
-        cross_mask = None
+        cross_mask = self_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             cross_mask = attention_mask.to(torch.bool)[:, None, None, :]
+        if decoder_mask is not None and not bool(decoder_mask.all()):
+            self_mask = padding_mask(decoder_mask.to(torch.bool), decoder_input_ids.shape[1])
         for i, block in enumerate(self.dec_blocks):
-            x = block(x, layer_idx=i, kv_cache=kv_cache, cross_kv=cross_kv[i], cross_mask=cross_mask)
+            x = block(x, layer_idx=i, kv_cache=kv_cache, attn_mask=self_mask, cross_kv=cross_kv[i],
+                      cross_mask=cross_mask)
         if kv_cache is not None:
             kv_cache.advance(decoder_input_ids.shape[1])
         return self.lm_head(x) + self.final_logits_bias
@@ -146,23 +151,9 @@ class BART(nn.Module):
         return LMOutput(logits=logits, loss=loss)
 
 
-@torch.no_grad()
 def greedy_generate(model: BART, input_ids: torch.Tensor, *, max_new_tokens: int,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy decoding ([B, 1 + n]: the start token, then the tokens); a row that produced </s> is
-    filled with <pad> from then on, as `transformers.generate` does."""
-    c = model.config
-    model.eval()
-    B = input_ids.shape[0]
-    cross = model.cross_kv(model.encode(input_ids, attention_mask))  # once per input
-    cache = model.make_kv_cache(B, min(c.block_size, max_new_tokens + 1))
-    out = torch.full((B, 1), c.decoder_start_id, dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        logits = model.decode(out[:, -1:], cross, attention_mask=attention_mask, kv_cache=cache)
-        nxt = logits[:, -1].argmax(-1).masked_fill(done, c.pad_id)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        done |= nxt == c.eos_id
-        if bool(done.all()):
-            break
-    return out
+    """Greedy decoding ([B, 1 + n]: the start token, then the tokens); see lmlab/generate/seq2seq.py."""
+    from lmlab.generate.seq2seq import Seq2SeqConfig, generate
+
+    return generate(model, input_ids, Seq2SeqConfig(max_new_tokens=max_new_tokens), attention_mask=attention_mask)

@@ -14,11 +14,13 @@ from lmlab.errors import LmlabError
 from lmlab.models.base import ModelConfig
 from lmlab.models.bart import BART, BartConfig
 from lmlab.models.bert import BERT, BertConfig
+from lmlab.models.cmlm import CMLM, CMLMConfig
 from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.models.llama import Llama, LlamaConfig
 from lmlab.models.nplm import NPLM, NPLMConfig
 
-FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "llama": Llama, "bert": BERT, "bart": BART, "nplm": NPLM}
+FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "llama": Llama, "bert": BERT, "bart": BART, "nplm": NPLM,
+                                       "cmlm": CMLM}
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -30,6 +32,7 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-mini": LlamaConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=352, block_size=128),
     "bert-tiny": BertConfig(n_layer=2, n_head=2, n_embd=64, mlp_hidden=256, block_size=64),
     "bart-tiny": BartConfig(n_layer=2, n_dec_layer=2, n_head=2, n_embd=64, mlp_hidden=256, block_size=64),
+    "cmlm-tiny": CMLMConfig(n_layer=2, n_dec_layer=2, n_head=2, n_embd=64, mlp_hidden=256, block_size=64),
     # SmolLM2-135M's published shape (HuggingFaceTB/SmolLM2-135M config.json): 134,515,008 parameters
     "smollm2-135m": LlamaConfig(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536,
                                 vocab_size=49152, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,

@@ -42,6 +42,15 @@ class KVCache:
         self.key_mask[:, self.pos:end] = new
         return self.key_mask[:, :end]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i takes the cached history of row `index[i]` ([B] long, repeats allowed): beam search
+        moves each beam's history to the beams that continue it. Only the filled positions are copied."""
+        n = self.pos
+        self.k[:, :, :, :n] = self.k[:, index, :, :n]
+        self.v[:, :, :, :n] = self.v[:, index, :, :n]
+        if self.key_mask is not None:
+            self.key_mask[:, :n] = self.key_mask[index, :n]
+
     def advance(self, n: int) -> None:
         self.pos += n
 

@@ -12,6 +12,7 @@ from lmlab.models.gpt import GPTConfig
 class DataConfig:
     dir: str = "data/stdlib-docs"   # a directory made by `lmlab prepare`
     sampler: str = "random"         # random | sequential windows for training
+    seq2seq: str = ""               # JSONL of {"source", "target"} pairs to train an encoder-decoder on
 
 
 @dataclass(kw_only=True)

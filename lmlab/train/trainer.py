@@ -91,7 +91,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
                                         betas=(t.beta1, t.beta2), eps=t.eps)
         self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
-                                    t.batch_size, seed=t.seed)
+                                    t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq)
         self.step = 0
         self.tokens_seen = 0
         # Applied from outside the model; the checkpoint always saves the plain module.
@@ -136,17 +136,24 @@ class Trainer:
         """Mean validation loss over a fixed set of windows (the same ones at every evaluation)."""
         t = self.cfg.train
         sampler = make_sampler("random", self.val_data, self.model, self.cfg.model.block_size, t.batch_size,
-                               seed=t.seed + 1)
+                               seed=t.seed + 1, pairs=self.cfg.data.seq2seq)
         self.model.eval()
         losses = []
         for _ in range(t.eval_iters):
-            x, y = sampler.next_batch()
+            batch = sampler.next_batch()
             with autocast(self.device, t.dtype):
-                losses.append(self.forward(x.to(self.device), y.to(self.device)).loss.item())
+                losses.append(self._run(batch).loss.item())
         self.model.train()
         return float(np.mean(losses))
 
     # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self, batch):
+        """The model on a batch: (inputs, targets) windows, or a dict of keyword arguments (seq2seq pairs)."""
+        if isinstance(batch, dict):
+            return self.forward(**{k: v.to(self.device) for k, v in batch.items()})
+        x, y = batch
+        return self.forward(x.to(self.device), y.to(self.device))
 
     def _log_metrics(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -181,9 +188,9 @@ class Trainer:
                     group["lr"] = lr
                 loss_sum = 0.0
                 for _ in range(t.grad_accum):
-                    x, y = self.sampler.next_batch()
+                    batch = self.sampler.next_batch()
                     with autocast(self.device, t.dtype):
-                        out = self.forward(x.to(self.device), y.to(self.device))
+                        out = self._run(batch)
                         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
                     (loss / t.grad_accum).backward()
                     loss_sum += out.loss.item()
