@@ -11,6 +11,7 @@ def test_shapes_hit_the_target_size():
         n_layer, d = shape_for(n)
         assert 0.6 < 12 * n_layer * d * d / n < 1.6 and d % 32 == 0
     assert lr_for(1e6) < lr_for(1e5)  # larger models train with smaller steps
+    assert shape_for(8e5, n_layer=2) == (2, 192) and shape_for(1.6e6, n_layer=2) == (2, 256)  # width only
 
 
 def test_sweep_runs_resumes_and_tabulates(char_data, tmp_path):

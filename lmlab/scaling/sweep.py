@@ -7,9 +7,11 @@ LR(N) = lr_scale x (0.003239 - 0.0001395 ln N), with a cosine schedule to 10% ov
 length and warmup over the first 5% of steps. Kaplan's constants were fitted to runs of 2.5e5 steps;
 our CPU-sized runs take ~1e3 steps, where 3x their rate trains best (stdlib-code, D=1e6, val loss:
 N=1e5 batch 16: x1 4.31, x3 4.15; N=2e5 batch 16: x1 4.36, x3 4.26, x6 4.48; N=1e5 batch 8: x3 3.90,
-x6 4.36). Wide, shallow shapes (aspect 64) and small batches (8 x 128 tokens, ~1e3 optimizer steps)
-let larger models pull ahead within these small budgets (N=3.9e5: 3.66 against 3.90 for N=1e5); with
-4-layer shapes and 16 x 128 batches a 2e5 model lost to a 1e5 one at every budget.
+x6 4.36). Depth is fixed at 2 and width scaled to N by default: within these budgets deeper shapes
+lagged (D=1e6: L3 d160, N=9.2e5, 3.92 against L2 d192, N=8.9e5, 3.56 and L2 d128, N=3.9e5, 3.66), and
+small batches (8 x 128 tokens, ~1e3 optimizer steps) let larger models pull ahead (with 4-layer shapes
+and 16 x 128 batches a 2e5 model lost to a 1e5 one at every budget). Kaplan et al. 2020 (Fig. 5) find
+loss nearly independent of shape at fixed N once n_layer >= 2.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data co
 class SweepConfig:
     data: str = "data/stdlib-code"
     out: str = "runs/scaling"
-    # The default grid trains in about an hour on 2 CPU cores; its held-out check is N=1.6e6, D=4.2e6 (4.1x the
-    # compute of the largest run, N=9.2e5 D=2e6), see docs/scaling/.
+    # The default grid trains in about an hour on 2 CPU cores; its held-out check is N=1.6e6 (L2 d256)
+    # on D=4.6e6 tokens, 4.1x the compute of the largest run (L2 d192 on 2e6 tokens); see docs/scaling/.
     sizes: list[float] = field(default_factory=lambda: [1e5, 2e5, 4e5, 8e5])   # target non-embedding N
     tokens: list[float] = field(default_factory=lambda: [5e5, 1e6, 2e6])       # token budgets D
     block_size: int = 128
     batch_size: int = 8
-    aspect: float = 64.0        # n_embd / n_layer the shape search aims for
+    n_layer: int = 2            # fixed depth, width scaled to N; 0 = search shapes with n_embd / n_layer near aspect
+    aspect: float = 64.0
     lr_scale: float = 3.0       # x Kaplan et al.'s LR(N), see above
     head_dim: int = 32
     dtype: str = "bfloat16"
@@ -55,8 +58,11 @@ def lr_for(n_params: float, scale: float = 1.0) -> float:
     return scale * (0.003239 - 0.0001395 * math.log(n_params))
 
 
-def shape_for(n_target: float, *, aspect: float = 32.0, head_dim: int = 32) -> tuple[int, int]:
-    """(n_layer, n_embd) whose 12 L d^2 is closest to n_target (in log space), d / L near `aspect`."""
+def shape_for(n_target: float, *, aspect: float = 32.0, head_dim: int = 32, n_layer: int = 0) -> tuple[int, int]:
+    """(n_layer, n_embd) whose 12 L d^2 is closest to n_target (in log space), d / L near `aspect`;
+    with n_layer given, only the width is chosen."""
+    if n_layer > 0:
+        return n_layer, max(1, round(math.sqrt(n_target / (12 * n_layer)) / head_dim)) * head_dim
     best, best_score = (1, head_dim), math.inf
     for n_layer in range(1, 25):
         d = round(math.sqrt(n_target / (12 * n_layer)) / head_dim) * head_dim
@@ -74,7 +80,7 @@ def flops_per_token(n_params: int, n_layer: int, block_size: int, n_embd: int) -
 
 
 def run_config(cfg: SweepConfig, n_target: float, d_target: float) -> RunConfig:
-    n_layer, n_embd = shape_for(n_target, aspect=cfg.aspect, head_dim=cfg.head_dim)
+    n_layer, n_embd = shape_for(n_target, aspect=cfg.aspect, head_dim=cfg.head_dim, n_layer=cfg.n_layer)
     steps = max(1, round(d_target / (cfg.batch_size * cfg.block_size)))
     n_actual = 12 * n_layer * n_embd**2
     lr = lr_for(n_actual, cfg.lr_scale)
