@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.io.atomic import atomic_open
-from lmlab.scaling.fit import ChinchillaLaw
+from lmlab.scaling.fit import ISOFLOP_TOLERANCE, ChinchillaLaw
 
 
 def _pyplot():
@@ -24,6 +24,10 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:  # label decades only: minor-tick labels on short log axes overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
@@ -57,7 +61,8 @@ def loss_vs_compute(runs: list[dict], law: ChinchillaLaw, path: Path) -> Path:
     return _save(fig, path)
 
 
-def isoflop_profiles(runs: list[dict], law: ChinchillaLaw, path: Path, *, rel_tol: float = 0.05) -> Path:
+def isoflop_profiles(runs: list[dict], law: ChinchillaLaw, path: Path, *,
+                     rel_tol: float = ISOFLOP_TOLERANCE) -> Path:
     """Runs grouped by compute budget (within rel_tol), loss against N; the law's curve at each budget."""
     plt = _pyplot()
     N, D, L = _columns(runs)
