@@ -10,6 +10,11 @@ tasks, 200 seeded items per task and k.
     python benchmarks/fewshot_results.py --gpt runs/<gpt-run> [--ngram m.arpa] [--nplm runs/<nplm-run>]
 
 `--items 5 --tasks arithmetic_2d+,days --out /tmp/fs` is a quick check of the whole pipeline.
+
+Each finished (model, task, k) cell is written to OUT/cells/ as it completes; running the same command
+again skips those cells (and loads no model whose cells are all done), so an interrupted run continues
+where it stopped and results.{json,md} are rebuilt from all cells. benchmarks/fewshot_speed.py times
+three cells and estimates the full run (about an hour for SmolLM2 on one busy CPU thread).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.eval.fewshot import evaluate
+from lmlab.eval.fewshot import CellCache, evaluate_model
 from lmlab.eval.fewshot_report import write_results
 from lmlab.eval.lm import load_lm
 from lmlab.eval.tasks import GROUPS, expand, load_task
@@ -52,7 +57,8 @@ def main() -> None:
     # answers of SmolLM2 (capitals: same picks, log-likelihoods off by up to 0.5), so float32 by default
     p.add_argument("--gguf_bf16", action="store_true", help="run the GGUF model under bf16 autocast")
     # on the shared 2-core dev machine one thread ran SmolLM2 3-5x faster than two (8 items, 5-shot:
-    # 2D+ 7.7 s vs 41.7 s, capitals 11.1 s vs 35.1 s); 0 keeps torch's default
+    # 2D+ 7.7 s vs 41.7 s, capitals 11.1 s vs 35.1 s; measured again after the speed-ups, 20 items:
+    # 2D+ 8.5 s vs 43.3 s, capitals 5.6 s vs 17.0 s); 0 keeps torch's default
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--words_file", default=None)
@@ -73,19 +79,24 @@ def main() -> None:
     missing = [path for _, path, _, _ in models if not Path(path).exists()]
     if missing:  # fail before hours of evaluation, not after
         raise SystemExit(f"not found: {', '.join(missing)}")
+    # finished cells are kept in OUT/cells: an interrupted run, started again, continues where it stopped
+    cache = CellCache(Path(a.out) / "cells", {"items": a.items, "seed": a.seed, "gguf_bf16": a.gguf_bf16,
+                                             "words_file": a.words_file})
     rows, t_start = [], time.perf_counter()
     for name, path, dtype, words_only in models:
-        t0 = time.perf_counter()
-        lm = load_lm(path, batch_size=a.batch_size, dtype=dtype, device=a.device)
-        lm.name = name
         chosen = [t for t in tasks if t.name in WORD_TASKS] if words_only else tasks
-        print(f"{name}: loaded in {time.perf_counter() - t0:.1f}s, {len(chosen)} tasks")
-        for r in evaluate(lm, chosen, shots, a.seed):
-            rows.append({"model": name, "path": str(path), "params": lm.params,
-                         "dtype": str(dtype).removeprefix("torch.") if dtype else "float32", **r.summary()})
+        print(f"{name}: {len(chosen)} tasks")
+        dtype_name = str(dtype).removeprefix("torch.") if dtype else "float32"
+
+        def load(path=path, dtype=dtype):
+            return load_lm(path, batch_size=a.batch_size, dtype=dtype, device=a.device)
+
+        rows += evaluate_model(load, name, str(path), chosen, shots, a.seed, cache=cache,
+                               extra={"dtype": dtype_name})
     config = {"tasks": [t.name for t in tasks], "shots": shots, "items": a.items, "seed": a.seed,
               "threads": torch.get_num_threads(), "device": a.device,
-              "seconds": round(time.perf_counter() - t_start, 1), "args": vars(a)}
+              "seconds": round(time.perf_counter() - t_start, 1),  # this invocation; cells done before excluded
+              "cell_seconds": round(sum(r["seconds"] for r in rows), 1), "args": vars(a)}
     for path in write_results(a.out, rows, config):
         print(f"wrote {path}")
 

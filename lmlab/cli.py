@@ -163,16 +163,21 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _load_lm(path: str):
-    """(model, tokenizer) from a GGUF file (lmlab/io/gguf.py) or a run/checkpoint directory."""
+def _load_lm(path: str, precision: str | None = None):
+    """(model, tokenizer) from a GGUF file (lmlab/io/gguf.py) or a run/checkpoint directory, converted
+    to `precision` (lmlab/nn/quant.py; default: the fast one for GGUF files, as stored otherwise)."""
+    from lmlab.nn.quant import DEFAULT_PRECISION, quantize_
+
     if str(path).endswith(".gguf"):
         from lmlab.io.gguf import load_gguf
 
-        return load_gguf(path)
-    from lmlab.train.checkpoint import load_checkpoint
+        model, tok = load_gguf(path)
+        precision = precision or DEFAULT_PRECISION
+    else:
+        from lmlab.train.checkpoint import load_checkpoint
 
-    model, _, tok, _ = load_checkpoint(path)
-    return model, tok
+        model, _, tok, _ = load_checkpoint(path)
+    return (quantize_(model, precision) if precision else model), tok
 
 
 def _sampling(args: argparse.Namespace):
@@ -193,7 +198,7 @@ def cmd_chat(args: argparse.Namespace, rest: list[str]) -> int:
         session, cfg = ElizaSession(seed=args.seed), None
         print(session.greeting)
     else:
-        model, tok = _load_lm(args.model)
+        model, tok = _load_lm(args.model, args.precision)
         session, cfg = ChatSession(model, tok, system=args.system), _sampling(args)
     while True:
         try:
@@ -219,7 +224,7 @@ def _eval_text_file(args: argparse.Namespace) -> int:
     path = Path(args.data or "")
     if not path.is_file():
         raise LmlabError("--model needs --data FILE.txt, a UTF-8 text file to score")
-    model, tok = _load_lm(args.model)
+    model, tok = _load_lm(args.model, "fp32")  # scoring: the reference precision
     text = path.read_text(encoding="utf-8")
     ids = np.array(tok.encode(text), dtype=np.int64)
     n_bytes = len(text.encode("utf-8"))
@@ -251,7 +256,7 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         args.checkpoint, args.prompt = args.model_path, args.checkpoint or ""
     if not args.checkpoint:
         raise LmlabError("give the model: lmlab generate RUN_DIR \"text\" (or --model RUN_DIR)")
-    model, tok = _load_lm(args.checkpoint)
+    model, tok = _load_lm(args.checkpoint, args.precision)
     if hasattr(model, "cross_kv"):  # an encoder-decoder: the text is its source
         return _generate_seq2seq(args, model, tok)
     if args.mode == "nar":
@@ -264,8 +269,10 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed,
                          stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop or []])
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(model, tok, args.prompt, cfg, use_cache=not args.no_cache):
+    pieces = stream_text(model, tok, args.prompt, cfg, use_cache=not args.no_cache)
+    first = next(pieces, "")  # a bad prompt (e.g. longer than the context) fails before any output
+    sys.stdout.write(args.prompt + first)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -301,6 +308,13 @@ def _generate_seq2seq(args: argparse.Namespace, model, tok) -> int:
                         temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(generate_text(model, tok, [args.prompt], cfg)[0])
     return 0
+
+
+def _add_precision(sp: argparse.ArgumentParser) -> None:
+    from lmlab.nn.quant import DEFAULT_PRECISION, PRECISIONS
+
+    sp.add_argument("--precision", choices=PRECISIONS, default=None,
+                    help=f"weights for inference (default: {DEFAULT_PRECISION} for a .gguf file, as stored otherwise)")
 
 
 def cmd_fill_mask(args: argparse.Namespace, rest: list[str]) -> int:
@@ -490,6 +504,7 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     sp.add_argument("--no_cache", action="store_true", help="recompute the context each step (slow)")
+    _add_precision(sp)
     sp.add_argument("--mode", choices=["ar", "nar"], default=None,
                     help="encoder-decoders: ar = left to right (BART), nar = mask-predict (a CMLM's default)")
     sp.add_argument("--num_beams", type=int, default=1, help="ar: beam search with this many beams")
@@ -509,6 +524,7 @@ def make_parser() -> argparse.ArgumentParser:
              "example:\n  lmlab chat --model SmolLM2-135M-Instruct.Q4_1.gguf --temperature 0")
     sp.add_argument("--model", required=True, help=".gguf file, run/checkpoint directory, or eliza")
     sp.add_argument("--system", default=None, help="system message (default: the template's own)")
+    _add_precision(sp)
     sp.add_argument("--max_new_tokens", type=int, default=256)
     sp.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     sp.add_argument("--top_k", type=int, default=0)

@@ -23,10 +23,11 @@ def run_fewshot(models: list[str], tasks: list[str], shots: list[int], *, items:
                 out: str | Path = "runs/fewshot", batch_size: int = 16, bf16: bool = False,
                 words_file: str | None = None, device: str = "cpu", names: list[str] | None = None,
                 log=print) -> list[dict]:
-    """Evaluate every model on every task at every k; write results.json, results.md and plots to `out`."""
+    """Evaluate every model on every task at every k; write results.json, results.md and plots to `out`.
+    Finished cells are kept in `out/cells/`: a rerun with the same settings skips them."""
     import torch
 
-    from lmlab.eval.fewshot import evaluate
+    from lmlab.eval.fewshot import CellCache, evaluate_model
     from lmlab.eval.fewshot_report import write_results
     from lmlab.eval.lm import load_lm
     from lmlab.eval.tasks import expand, load_task
@@ -34,15 +35,16 @@ def run_fewshot(models: list[str], tasks: list[str], shots: list[int], *, items:
     if items < 1:
         raise LmlabError("--items must be at least 1")
     task_list = [load_task(t, items, seed, words_file=words_file) for t in expand(tasks)]
+    key = {"items": items, "seed": seed, "bf16": bf16, "words_file": words_file}  # what decides the numbers
+    cache = CellCache(Path(out) / "cells", key)
     rows: list[dict] = []
     for i, path in enumerate(models):
-        t0 = time.perf_counter()
-        lm = load_lm(path, batch_size=batch_size, dtype=torch.bfloat16 if bf16 else None, device=device)
-        name = names[i] if names and i < len(names) else lm.name
-        lm.name = name
-        log(f"loaded {path} as {name} ({time.perf_counter() - t0:.1f}s)")
-        for r in evaluate(lm, task_list, shots, seed, log=log):
-            rows.append({"model": name, "path": str(path), "params": lm.params, **r.summary()})
+        name = names[i] if names and i < len(names) else Path(path).name  # load_lm's default name
+
+        def load(path=path):
+            return load_lm(path, batch_size=batch_size, dtype=torch.bfloat16 if bf16 else None, device=device)
+
+        rows += evaluate_model(load, name, str(path), task_list, shots, seed, cache=cache, log=log)
     config = {"models": [str(m) for m in models], "tasks": [t.name for t in task_list], "shots": shots,
               "items": items, "seed": seed, "bf16": bf16}
     for p in write_results(out, rows, config, log=log):
@@ -82,7 +84,8 @@ def add_parser(add) -> None:
     sp.add_argument("--shots", default="0,1,5", help="comma-separated k (default 0,1,5)")
     sp.add_argument("--items", type=int, default=200, help="test items per task and k (default 200)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the task generators and demo sampler")
-    sp.add_argument("--out", default="", help="output directory (default runs/fewshot-<time>)")
+    sp.add_argument("--out", default="", help="output directory (default runs/fewshot-<time>); finished cells are "
+                    "kept in OUT/cells, so the same command with the same --out continues an interrupted run")
     sp.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
     sp.add_argument("--bf16", action="store_true", help="run neural models under bfloat16 autocast")
     sp.add_argument("--words_file", default=None, help="questions-words.txt (default: gensim's copy)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lmlab.errors import LmlabError
 from lmlab.generate.sampling import sample
 from lmlab.tokenizers import Tokenizer
 
@@ -34,25 +35,32 @@ def generate_ids(model: nn.Module, prompt: list[int], cfg: SamplingConfig, *, eo
     if not prompt:
         raise ValueError("the prompt must hold at least one token (e.g. the tokenizer's </s>)")
     block = model.config.block_size
+    has_cache = hasattr(model, "make_kv_cache")  # a Transformer decoder; e.g. the NPLM has no cache
+    if has_cache and len(prompt) > block:
+        raise LmlabError(f"the prompt has {len(prompt)} tokens, more than the model's context of {block} "
+                         "tokens; shorten it")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     model.eval()
-    use_cache = use_cache and hasattr(model, "make_kv_cache")  # e.g. the NPLM has no cache
+    use_cache = use_cache and has_cache
+    # the cache holds what this call can reach, not the whole context (8192 positions for SmolLM2)
+    capacity = min(block, len(prompt) + cfg.max_new_tokens)
     ids = list(prompt)
     cache = None
     for _ in range(cfg.max_new_tokens):
-        if use_cache and (cache is None or cache.pos >= block):
+        if use_cache and (cache is None or cache.pos >= capacity):
             # (re)fill: first the prompt, or, once the window is full, the last half of it
-            context = ids[-block:] if cache is None else ids[-(block // 2):]
-            cache = model.make_kv_cache(1, block)
-            logits = model(torch.tensor([context], device=device), kv_cache=cache).logits
+            context = ids if cache is None else ids[-(block // 2):]
+            cache = model.make_kv_cache(1, capacity)
+            logits = model(torch.tensor([context], device=device), kv_cache=cache, logits_to_keep=1).logits
         elif use_cache:
-            logits = model(torch.tensor([[ids[-1]]], device=device), kv_cache=cache).logits
+            logits = model(nxt_t.view(1, 1), kv_cache=cache).logits
         else:
             logits = model(torch.tensor([ids[-block:]], device=device)).logits
-        nxt = int(sample(logits[:, -1, :], temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         generator=gen)[0])
+        nxt_t = sample(logits[:, -1, :], temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                       generator=gen)
+        nxt = int(nxt_t[0])  # the one host sync of a step
         ids.append(nxt)
         yield nxt
         if eos_id is not None and nxt == eos_id:

@@ -67,7 +67,8 @@ class DecoderLM(nn.Module):
         return count_params(self, non_embedding, (self.wte, self.wpe))
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        attn, p = self.blocks[0].attn, self.wte.weight
+        # the final norm's dtype is the residual stream's (lmlab/nn/quant.py may have swapped wte out)
+        attn, p = self.blocks[0].attn, self.norm_f.weight
         return KVCache(len(self.blocks), batch_size, attn.n_kv_head, max_len or self.config.block_size,
                        attn.head_dim, dtype=dtype or p.dtype, device=p.device)
 
@@ -91,7 +92,9 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> LMOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+        """`logits_to_keep` > 0 computes the logits of the last that many positions only (generation
+        needs the last one: the output layer is a sixth of a 135M model's prefill FLOPs)."""
         B, T = input_ids.shape
         past = kv_cache.pos if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -115,7 +118,7 @@ class DecoderLM(nn.Module):
             loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                         chunk_size=self.config.loss_chunk_size)
             return LMOutput(logits=None, loss=loss)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

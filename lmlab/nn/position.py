@@ -51,11 +51,20 @@ class RotaryEmbedding:
 
     def rotary(self, position_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The `rotary` hook for `Attention`: rotates a [B, H, T, head_dim] query or key tensor (in its
-        own dtype, so under autocast q and k stay in the low-precision dtype)."""
+        own dtype, so under autocast q and k stay in the low-precision dtype).
+
+        Called once per layer, so it is kept to three kernels: since both halves of `sin` are equal,
+        rotate_half(x) * sin == roll(x, d/2) * [-sin | sin], and the tables are converted to x's dtype
+        once per forward, not once per layer."""
         cos, sin = self.cos_sin(position_ids)
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def apply(x: torch.Tensor) -> torch.Tensor:
-            c, s = cos.to(x.dtype), sin.to(x.dtype)
-            return x * c + rotate_half(x) * s
+            if x.dtype not in tables:
+                tables[x.dtype] = (cos.to(x.dtype), sin.to(x.dtype))
+            c, s = tables[x.dtype]
+            return torch.addcmul(x * c, x.roll(half, dims=-1), s)
 
         return apply
