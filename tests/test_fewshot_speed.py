@@ -10,28 +10,9 @@ import lmlab.eval.fewshot as fewshot
 import lmlab.eval.lm as lm_module
 from lmlab.eval.fewshot_cli import run_fewshot
 from lmlab.eval.lm import GenArgs, TorchLM
-from lmlab.models.gpt import GPT, GPTConfig
-from lmlab.models.llama import Llama, LlamaConfig
-from lmlab.tokenizers import train_tokenizer
 
-TOK = train_tokenizer("char", [string.printable])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _model(family: str):
-    torch.manual_seed(0)
-    V = TOK.vocab_size
-    if family == "gpt":
-        return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=V))
-    return Llama(LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64, block_size=128,
-                             vocab_size=V))
+# the tiny models, the character tokenizer and the one-thread fixture of the harness tests
+from test_fewshot import TOK, _model, one_thread  # noqa: E402,F401
 
 
 def _choice_requests():
