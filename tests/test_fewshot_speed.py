@@ -1,7 +1,6 @@
 """Few-shot evaluation made fast and resumable: restricted logits, shared contexts, the cell cache."""
 
 import json
-import string
 
 import pytest
 import torch
