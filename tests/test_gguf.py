@@ -154,7 +154,9 @@ def test_cli_generate_streams_a_gguf_model(tiny, capsys):
     from lmlab.cli import main
 
     path, hf, hf_tok = tiny
-    assert main(["generate", str(path), "the theater", "--temperature", "0", "--max_new_tokens", "12"]) == 0
+    # the fp32 reference path (the default int4 path is judged against it in tests/test_quant.py)
+    assert main(["generate", str(path), "the theater", "--temperature", "0", "--max_new_tokens", "12",
+                 "--precision", "fp32"]) == 0
     want = _hf_greedy(hf, hf_tok, hf_tok("the theater", add_special_tokens=False).input_ids, 12)
     assert capsys.readouterr().out == "the theater" + want + "\n"
 
@@ -166,7 +168,8 @@ def test_cli_chat_applies_the_template(tiny, capsys, monkeypatch):
 
     path, hf, hf_tok = tiny
     monkeypatch.setattr("sys.stdin", io.StringIO("in the rain\nthe sea\n\n"))
-    assert main(["chat", "--model", str(path), "--temperature", "0", "--max_new_tokens", "10"]) == 0
+    assert main(["chat", "--model", str(path), "--temperature", "0", "--max_new_tokens", "10",
+                 "--precision", "fp32"]) == 0
     msgs, want = [], ""
     for user in ("in the rain", "the sea"):
         msgs.append({"role": "user", "content": user})
