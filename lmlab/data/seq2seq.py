@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlab.data.sources import jsonl_records
 from lmlab.errors import LmlabError
 
 FIELDS = ("source", "target")
@@ -36,22 +37,15 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     if not p.is_file():
         raise LmlabError(f"pairs file not found: {p}")
     pairs = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise LmlabError(f"{p}:{lineno}: expected an object with fields {' and '.join(FIELDS)}")
-            for name in FIELDS:
-                if name not in record:
-                    raise LmlabError(f"{p}:{lineno}: no field '{name}' (each line needs 'source' and 'target')")
-                if not isinstance(record[name], str) or not record[name].strip():
-                    raise LmlabError(f"{p}:{lineno}: field '{name}' must be a non-empty string")
-            pairs.append((record["source"], record["target"]))
+    for lineno, record in jsonl_records(p):
+        if not isinstance(record, dict):
+            raise LmlabError(f"{p}:{lineno}: expected an object with fields {' and '.join(FIELDS)}")
+        for name in FIELDS:
+            if name not in record:
+                raise LmlabError(f"{p}:{lineno}: no field '{name}' (each line needs 'source' and 'target')")
+            if not isinstance(record[name], str) or not record[name].strip():
+                raise LmlabError(f"{p}:{lineno}: field '{name}' must be a non-empty string")
+        pairs.append((record["source"], record["target"]))
     if not pairs:
         raise LmlabError(f"{p} holds no pairs")
     return pairs

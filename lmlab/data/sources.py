@@ -27,6 +27,7 @@ import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.io.atomic import atomic_write_text
@@ -82,15 +83,19 @@ def _paragraphs(text: str) -> Iterator[str]:
         yield "\n".join(buf)
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    text = read_text_file(path)
-    for lineno, line in enumerate(text.splitlines(), 1):
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a UTF-8 JSONL file; bad JSON names its line."""
+    for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise LmlabError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    for lineno, record in jsonl_records(path):
         if not isinstance(record, dict) or field not in record:
             raise LmlabError(f"{path}:{lineno}: no field '{field}' (choose it with --jsonl_field)")
         value = record[field]
