@@ -35,6 +35,8 @@ class RungConfig:
     batch_size: int = 16
     lr: float = 3e-3
     block_size: int = 64
+    dropout: float = 0.0
+    weight_decay: float = 0.1
 
 
 # Defaults: about 1.5 minutes each on two CPU cores. The NPLM's two output layers over ~10k words
@@ -67,8 +69,11 @@ class LineageConfig:
     gpt_embd: int = 128
     nplm: NPLMRung = field(default_factory=NPLMRung)
     gpt: GPTRung = field(default_factory=GPTRung)
+    nplm_direct: bool = True      # Bengio et al.'s direct input-to-output connections
     seed: int = 1337
     threads: int = 0              # torch CPU threads (0: torch's default)
+    device: str = "auto"          # auto | cpu | cuda for the neural rungs
+    dtype: str = "float32"        # float32 | bfloat16 (autocast) for their training; scoring is fp32
 
 
 def quick(cfg: LineageConfig) -> LineageConfig:
@@ -151,6 +156,7 @@ class Rung:
     seconds: float
     params: int = 0
     note: str = ""
+    val_loss: float | None = None  # mean nats per validation token (neural rungs: for choosing a recipe)
 
     @property
     def perplexity(self) -> float:
@@ -159,6 +165,7 @@ class Rung:
     def as_dict(self) -> dict:
         return {"model": self.name, "perplexity": self.perplexity, "loss": self.loss,
                 "bits_per_byte": self.loss * self.tokens / (math.log(2) * self.bytes) if self.bytes else None,
+                "val_perplexity": math.exp(self.val_loss) if self.val_loss is not None else None,
                 "tokens": self.tokens, "params": self.params, "seconds": round(self.seconds, 2),
                 "note": self.note}
 
@@ -207,33 +214,38 @@ def neural_rung(name: str, model_cfg, rung: RungConfig, data_dir: Path, run_dir:
     t0 = time.perf_counter()
     model_cfg.block_size = rung.block_size
     run = RunConfig(model=model_cfg, data=DataConfig(dir=str(data_dir)),
-                    train=TrainConfig(out_dir=str(run_dir), seed=cfg.seed, threads=cfg.threads,
-                                      batch_size=rung.batch_size, max_steps=rung.steps, lr=rung.lr,
-                                      min_lr=rung.lr / 10, warmup_steps=min(50, rung.steps // 10),
-                                      weight_decay=0.1, eval_interval=max(rung.steps, 1), eval_iters=5,
+                    train=TrainConfig(out_dir=str(run_dir), seed=cfg.seed, threads=cfg.threads, device=cfg.device,
+                                      dtype=cfg.dtype, batch_size=rung.batch_size, max_steps=rung.steps,
+                                      lr=rung.lr, min_lr=rung.lr / 10, warmup_steps=min(200, rung.steps // 10),
+                                      weight_decay=rung.weight_decay, eval_interval=max(rung.steps, 1), eval_iters=5,
                                       ckpt_interval=0, keep_checkpoints=1, log_interval=max(rung.steps // 5, 1),
                                       progress=False))
     trainer = Trainer(run, run_dir, log=lambda *a: None)
     trainer.fit()
-    test = TokenSplit(data_dir, "test")
-    # windows overlap by half, so every scored token sees at least block_size / 2 tokens of context
-    res = evaluate_split(trainer.model, test, block_size=rung.block_size, stride=max(rung.block_size // 2, 1),
-                         batch_size=32, device=trainer.device)
+    trainer.model.eval()  # dropout off for scoring
+
+    def score(split: str):
+        # windows overlap by half, so every scored token sees at least block_size / 2 tokens of context
+        return evaluate_split(trainer.model, TokenSplit(data_dir, split), block_size=rung.block_size,
+                              stride=max(rung.block_size // 2, 1), batch_size=32, device=trainer.device)
+
+    res, val = score("test"), score("val")
     return Rung(name, res.loss, res.tokens, res.bytes, time.perf_counter() - t0,
-                trainer.model.num_params(non_embedding=False), f"{rung.steps} steps")
+                trainer.model.num_params(non_embedding=False), f"{rung.steps} steps", val_loss=val.loss)
 
 
 # ------------------------------------------------------------------------------------------ report
 
 
 def table(rungs: list[Rung]) -> str:
-    head = ("| model | test perplexity | bits/byte | parameters (n-grams) | seconds | note |\n"
-            "|---|---:|---:|---:|---:|---|\n")
+    head = ("| model | test perplexity | bits/byte | valid perplexity | parameters (n-grams) | seconds | note |\n"
+            "|---|---:|---:|---:|---:|---:|---|\n")
     rows = []
     for r in rungs:
         d = r.as_dict()
         bpb = f"{d['bits_per_byte']:.3f}" if d["bits_per_byte"] is not None else ""
-        rows.append(f"| {r.name} | {r.perplexity:.2f} | {bpb} | {r.params:,} | {r.seconds:.1f} | {r.note} |")
+        val = f"{d['val_perplexity']:.2f}" if d["val_perplexity"] is not None else ""
+        rows.append(f"| {r.name} | {r.perplexity:.2f} | {bpb} | {val} | {r.params:,} | {r.seconds:.1f} | {r.note} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -287,10 +299,11 @@ def lineage(cfg: LineageConfig, log=print) -> list[Rung]:
         done(kn_rung(data_dir, n))
     eos = meta["tokenizer"]["eos_id"]
     done(neural_rung("NPLM", NPLMConfig(vocab_size=vocab, context=cfg.nplm_context, n_embd=cfg.nplm_embd,
-                                        hidden=cfg.nplm_hidden, pad_id=eos),
+                                        hidden=cfg.nplm_hidden, direct=cfg.nplm_direct,
+                                        dropout=cfg.nplm.dropout, pad_id=eos),
                      cfg.nplm, data_dir, out / "nplm", cfg, log))
     done(neural_rung("GPT", GPTConfig(vocab_size=vocab, n_layer=cfg.gpt_layers, n_head=cfg.gpt_heads,
-                                      n_embd=cfg.gpt_embd, dropout=0.0),
+                                      n_embd=cfg.gpt_embd, dropout=cfg.gpt.dropout),
                      cfg.gpt, data_dir, out / "gpt", cfg, log))
 
     title = f"{cfg.corpus}: vocabulary {vocab:,}, {meta['splits']['test']['n_tokens']:,} test tokens"
@@ -312,13 +325,15 @@ def lineage(cfg: LineageConfig, log=print) -> list[Rung]:
 
 
 def cmd_lineage(args, rest: list[str]) -> int:
-    from lmlab.config import apply_overrides
+    from lmlab.cli import _overrides
+    from lmlab.config import apply_overrides, from_dict, load_yaml
 
-    cfg = LineageConfig(corpus=args.corpus, out=args.out or f"runs/lineage-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = from_dict(LineageConfig, load_yaml(args.config)) if args.config else LineageConfig()
+    if args.corpus:
+        cfg.corpus = args.corpus
+    cfg.out = args.out or f"runs/lineage-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.quick:
         cfg = quick(cfg)
-    from lmlab.cli import _overrides
-
     cfg = apply_overrides(cfg, _overrides(rest))  # --gpt.steps=1000 style overrides of LineageConfig
     lineage(cfg)
     return 0
@@ -334,8 +349,11 @@ def add_parser(add) -> None:
              + "\n".join(describe(LineageConfig)) +
              "\n\nexamples:\n  lmlab lineage                                   the built-in stdlib-docs corpus\n"
              "  lmlab lineage --corpus ../shared/data/ptb --out /tmp/ptb-lineage\n"
+             "  lmlab lineage --config recipes/lineage-ptb.yaml --corpus ../shared/data/ptb   the PTB recipe\n"
              "  lmlab lineage --quick --out runs/lineage-quick      tiny neural rungs (CI)")
-    sp.add_argument("--corpus", default="stdlib-docs",
-                    help="a folder with train/valid/test .txt files, or a source for lmlab prepare")
+    sp.add_argument("--corpus", default="",
+                    help="a folder with train/valid/test .txt files, or a source for lmlab prepare "
+                         "(default: the recipe's, else stdlib-docs)")
+    sp.add_argument("--config", default="", help="a YAML recipe of the options below (recipes/lineage-ptb.yaml)")
     sp.add_argument("--out", default="", help="output folder (default: runs/lineage-<time>)")
     sp.add_argument("--quick", action="store_true", help="tiny neural rungs: well under a minute")

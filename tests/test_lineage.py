@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,8 @@ def test_lineage_quick(corpus, tmp_path, capsys):
     assert list(ppl) == ["unigram", "KN 3-gram", "KN 5-gram", "NPLM", "GPT"]
     assert all(math.isfinite(p) and p > 1 for p in ppl.values())
     assert ppl["KN 3-gram"] < ppl["unigram"] and ppl["KN 5-gram"] < ppl["unigram"]
+    val = {r["model"]: r["val_perplexity"] for r in result["rungs"]}
+    assert all(math.isfinite(val[m]) and val[m] > 1 for m in ("NPLM", "GPT"))  # neural rungs: chosen on valid
     assert "| KN 5-gram |" in (out / "lineage.md").read_text() and "KN 5-gram" in printed
     # the KN-3 rung equals what the kenlm module gives for the same text (every word of the training
     # file is in the vocabulary; test OOVs are <unk>, </s> counted)
@@ -84,3 +87,17 @@ def test_lineage_quick(corpus, tmp_path, capsys):
     assert kenlm_perplexity(arpa2, corpus / "tiny.test.txt")[0] == pytest.approx(ppl["KN 3-gram"], rel=1e-5)
     assert result["tokens"]["test"] == sum(len(ln.split()) + 1 for ln in
                                            (corpus / "tiny.test.txt").read_text().splitlines())
+
+
+def test_lineage_recipe_file(corpus, tmp_path, capsys):
+    # the committed PTB recipe parses; a recipe with an unknown key is one clear error before any work
+    from lmlab.config import from_dict, load_yaml
+    from lmlab.lineage import LineageConfig
+
+    cfg = from_dict(LineageConfig, load_yaml(Path(__file__).parents[1] / "recipes" / "lineage-ptb.yaml"))
+    assert cfg.nplm.dropout > 0 and cfg.gpt.dropout > 0 and cfg.orders == (3, 5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nplm:\n  stepz: 3\n")
+    assert main(["lineage", "--config", str(bad), "--corpus", str(corpus), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown config key 'nplm.stepz'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -107,7 +107,7 @@ def run_one(cfg: SweepConfig, run: RunConfig, log=print) -> dict:
         raise LmlabError(f"{run_dir.name} stopped at step {trainer.step} of {run.train.max_steps} "
                          "(checkpoint written); rerun the same command to resume")
     val = evaluate_split(trainer.model, TokenSplit(run.data.dir, "val"), block_size=run.model.block_size,
-                         batch_size=16, max_tokens=cfg.eval_tokens,
+                         batch_size=16, max_tokens=cfg.eval_tokens, device=trainer.device,
                          autocast_dtype=torch.bfloat16 if run.train.dtype == "bfloat16" else None)
     m = run.model
     n = trainer.model.num_params()
