@@ -113,8 +113,10 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
     order = np.argsort(_grid_values(thetas, logN, logD, logL, delta), kind="stable")
     best, best_value = None, math.inf
     for theta in thetas[order[:starts]]:
-        res = minimize(_chinchilla_objective, theta, args=(logN, logD, logL, delta),
-                       jac=True, method="L-BFGS-B")
+        # tight tolerances: the Huber objective is ~1e-5 near the optimum, where L-BFGS-B's default
+        # relative ftol stops early on a nearly flat valley and extrapolations drift by percents
+        res = minimize(_chinchilla_objective, theta, args=(logN, logD, logL, delta), jac=True,
+                       method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000})
         if np.all(np.isfinite(res.x)) and res.fun < best_value:
             best, best_value = res.x, res.fun
     a, b, e, alpha, beta = best

@@ -46,11 +46,39 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
                           "budgets": iso.budgets, "n_opt": iso.n_opt}
     except ValueError as e:
         out["isoflop"] = {"skipped": str(e)}
+    out["residuals"] = [{"name": r.get("name", ""), "N": r["N"], "D": r["D"], "val_loss": r["val_loss"],
+                         "fitted": float(law.loss(r["N"], r["D"]))} for r in runs]
+    out["max_abs_residual"] = max(abs(r["fitted"] - r["val_loss"]) / r["val_loss"] for r in out["residuals"])
+    out["backtest"] = backtest(runs)
     budgets = np.geomspace(C.min(), C.max() * 100, 5)
     n_opt, d_opt = law.compute_optimal(budgets)
     out["compute_optimal"] = [{"C": float(c), "N": float(n), "D": float(d), "tokens_per_param": float(d / n)}
                               for c, n, d in zip(budgets, n_opt, d_opt)]
     return out
+
+
+def backtest(runs: list[dict]) -> list[dict]:
+    """Can this sweep predict a run it did not see? Refit without the largest N, without the largest D,
+    and without both, and score the left-out runs. Leaving out the corner (largest N and D) is a 2x N,
+    2x D extrapolation on a doubling grid, i.e. the held-out test at 4x compute, for free. A sweep that
+    fails it here will not predict its held-out run either. A refit needs three distinct values of N
+    and of D (with two, E and B / D^beta trade off freely), so a 4 x 3 grid only backtests N."""
+    N = np.array([r["N"] for r in runs], dtype=float)
+    D = np.array([r["D"] for r in runs], dtype=float)
+    L = np.array([r["val_loss"] for r in runs], dtype=float)
+    rows = []
+    for name, held in (("largest N", N == N.max()), ("largest D", D == D.max()),
+                       ("largest N and D", (N == N.max()) & (D == D.max()))):
+        train = ~held if name != "largest N and D" else (N < N.max()) & (D < D.max())
+        if train.sum() < 5 or not held.any() or min(len(set(N[train])), len(set(D[train]))) < 3:
+            continue
+        law = fit_chinchilla(N[train], D[train], L[train])
+        for i in np.flatnonzero(held):
+            pred = float(law.loss(N[i], D[i]))
+            rows.append({"left_out": name, "fitted_runs": int(train.sum()), "name": runs[i].get("name", ""),
+                         "N": float(N[i]), "D": float(D[i]), "val_loss": float(L[i]), "predicted": pred,
+                         "error": (pred - L[i]) / L[i]})
+    return rows
 
 
 def predict(fit: dict, n: float, d: float) -> dict:
@@ -77,4 +105,12 @@ def summary(fit: dict) -> str:
     lines.append("compute-optimal allocation (C = 6ND):")
     for row in fit["compute_optimal"]:
         lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, {row['tokens_per_param']:.1f} tokens/param")
+    if "max_abs_residual" in fit:
+        lines.append(f"largest in-sample residual: {fit['max_abs_residual']:.2%} of the loss")
+    if fit.get("backtest"):
+        lines.append("backtest (refit without the left-out runs, then predict them):")
+        for r in fit["backtest"]:
+            run = r["name"] or f"N={r['N']:.3g} D={r['D']:.3g}"
+            lines.append(f"  without {r['left_out']:<16} {run}: measured {r['val_loss']:.4f}, "
+                         f"predicted {r['predicted']:.4f} ({r['error']:+.2%})")
     return "\n".join(lines)
