@@ -222,6 +222,8 @@ def neural_rung(name: str, model_cfg, rung: RungConfig, data_dir: Path, run_dir:
                                       progress=False))
     trainer = Trainer(run, run_dir, log=lambda *a: None)
     trainer.fit()
+    if trainer.step < rung.steps:  # Ctrl-C / SIGTERM: a half-trained rung is not a result
+        raise LmlabError(f"{name} stopped at step {trainer.step} of {rung.steps}; the ladder is incomplete")
     trainer.model.eval()  # dropout off for scoring
 
     def score(split: str):
