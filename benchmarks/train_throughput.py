@@ -5,14 +5,21 @@ tokens/s and model FLOPs utilisation (6 * N * tokens/s over this machine's measu
 with N counted without and with embeddings), for fp32 and bf16 autocast, eager (and compiled with
 --compile). Also a short real-data run in fp32 and bf16 to compare their loss curves.
 
-    python benchmarks/train_throughput.py                # everything (~10 min on 2 cores)
+Each side trains alone, in rounds that take turns (transformers, lmlab, lmlab, transformers), and
+tokens/s comes from its median step time: load that comes and goes on a shared machine hits both.
+(Stepping the two models alternately instead made transformers ~20% faster in bf16: its large
+temporaries then reuse memory the other model's step has just freed, which it never has alone.)
+
+    python benchmarks/train_throughput.py                # everything (~30 min on 2 cores)
     python benchmarks/train_throughput.py --quick        # the small config only
+    python benchmarks/train_throughput.py --part curves  # rerun one part, keep the other from the results file
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +31,7 @@ from common import machine, matmul_peak, write_results  # noqa: E402
 
 from lmlab.models.gpt import GPT, GPTConfig  # noqa: E402
 from lmlab.train.optim import make_optimizer  # noqa: E402
+from lmlab.train.trainer import autocast  # noqa: E402
 
 CONFIGS = {
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192, batch_size=8),
@@ -53,11 +61,12 @@ def n_params(model: torch.nn.Module, c: dict) -> tuple[int, int]:
 
 
 def step_fn(model, kind: str, dtype: str):
+    """One training step as `lmlab train` takes it: autocast, backward, clipping, fused AdamW."""
     opt = make_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    dev = torch.device("cpu")
 
     def step(x, y):
-        with ctx():
+        with autocast(dev, "bfloat16" if dtype == "bf16" else "float32"):
             if kind == "hf":
                 loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside
             else:
@@ -71,22 +80,25 @@ def step_fn(model, kind: str, dtype: str):
     return step
 
 
-def measure(kind: str, c: dict, dtype: str, compiled: bool, warmup: int, steps: int) -> float:
-    torch.manual_seed(0)
-    model = (build_hf if kind == "hf" else build_lmlab)(c)
-    model.train()
-    if compiled:
-        model = torch.compile(model)
-    step = step_fn(model, kind, dtype)
-    g = torch.Generator().manual_seed(0)
+def measure(c: dict, dtype: str, compiled: bool, warmup: int, steps: int, rounds: int = 2) -> dict[str, float]:
+    """tokens/s of each side from its median step time over `rounds` runs, the sides taking turns."""
     T, B = c["block_size"], c["batch_size"]
+    g = torch.Generator().manual_seed(0)
     data = torch.randint(0, c["vocab_size"], (warmup + steps, B, T + 1), generator=g)
-    for i in range(warmup):
-        step(data[i, :, :-1], data[i, :, 1:])
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(data[i, :, :-1], data[i, :, 1:])
-    return steps * B * T / (time.perf_counter() - t0)
+    times = {"hf": [], "lmlab": []}
+    for r in range(rounds):
+        for kind in (list(times) if r % 2 == 0 else list(times)[::-1]):
+            torch.manual_seed(0)
+            model = (build_hf if kind == "hf" else build_lmlab)(c)
+            model.train()
+            step = step_fn(torch.compile(model) if compiled else model, kind, dtype)
+            for i in range(warmup + steps):
+                t0 = time.perf_counter()
+                step(data[i, :, :-1], data[i, :, 1:])
+                if i >= warmup:
+                    times[kind].append(time.perf_counter() - t0)
+            del model, step
+    return {kind: B * T / statistics.median(t) for kind, t in times.items()}
 
 
 def loss_curves(steps: int) -> dict:
@@ -116,64 +128,88 @@ def loss_curves(steps: int) -> dict:
     return out
 
 
+def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks: dict) -> list[dict]:
+    rows = []
+    for name in names:
+        c = CONFIGS[name]
+        n_steps = steps or (6 if quick else (12 if name == "small" else 6))
+        n_nonemb, n_all = n_params(build_lmlab(c), c)
+        for dtype in ("fp32", "bf16"):
+            row = {"config": name, "dtype": dtype, **c, "n_params_non_embedding": n_nonemb, "n_params": n_all}
+            for mode, compiled in [("eager", False)] + ([("compiled", True)] if compile_ else []):
+                tps = measure(c, dtype, compiled, warmup=2, steps=n_steps)
+                for kind in ("hf", "lmlab"):
+                    row[f"{kind}_{mode}_tok_s"] = tps[kind]
+                    row[f"{kind}_{mode}_mfu"] = 6 * n_nonemb * tps[kind] / peaks[dtype]
+                    row[f"{kind}_{mode}_mfu_with_emb"] = 6 * n_all * tps[kind] / peaks[dtype]
+                    print(f"{name:>10} {dtype} {mode:>8} {kind:>6}: {tps[kind]:8.0f} tok/s  "
+                          f"MFU {row[f'{kind}_{mode}_mfu']:.1%} ({row[f'{kind}_{mode}_mfu_with_emb']:.1%} with emb)",
+                          flush=True)
+                row[f"ratio_{mode}"] = row[f"lmlab_{mode}_tok_s"] / row[f"hf_{mode}_tok_s"]
+            rows.append(row)
+    return rows
+
+
+def markdown(data: dict) -> str:
+    peaks, rows, curves = data["peaks"], data["rows"], data["loss_curves"]
+    compiled = any("ratio_compiled" in r for r in rows)
+    md = ["# Training throughput: lmlab GPT vs transformers GPT2LMHeadModel", "",
+          f"Machine: {data['machine']['cpus']} CPUs, {data['machine']['torch_threads']} torch threads, torch "
+          f"{data['machine']['torch']}; measured matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
+          f"{peaks['bf16'] / 1e9:.0f} GFLOP/s. Dropout off, AdamW step and grad clipping included, same random "
+          "batches, each side alone in rounds taking turns (tokens/s from the median step); bf16 = the trainer's "
+          "autocast (`--train.dtype=bfloat16`) on both sides. MFU = 6·N·tokens/s over the peak of the dtype "
+          "(N without embeddings; with embeddings in brackets).", "",
+          "| config | dtype | transformers tok/s (MFU) | lmlab tok/s (MFU) | lmlab / transformers |"
+          + (" compiled: transformers | compiled: lmlab | ratio |" if compiled else ""),
+          "|---|---|---|---|---|" + ("---|---|---|" if compiled else "")]
+    for r in rows:
+        line = (f"| {r['config']} (L{r['n_layer']} d{r['n_embd']} T{r['block_size']} V{r['vocab_size']} "
+                f"B{r['batch_size']}) | {r['dtype']} | {r['hf_eager_tok_s']:,.0f} ({r['hf_eager_mfu']:.0%}, "
+                f"{r['hf_eager_mfu_with_emb']:.0%}) | {r['lmlab_eager_tok_s']:,.0f} ({r['lmlab_eager_mfu']:.0%}, "
+                f"{r['lmlab_eager_mfu_with_emb']:.0%}) | **{r['ratio_eager']:.2f}x** |")
+        if compiled:
+            line += (f" {r['hf_compiled_tok_s']:,.0f} | {r['lmlab_compiled_tok_s']:,.0f} | "
+                     f"{r['ratio_compiled']:.2f}x |" if "ratio_compiled" in r else " | | |")
+        md.append(line)
+    if curves:
+        md += ["", f"Loss curves ({curves.get('steps', 300)} steps, quickstart model on stdlib-docs, "
+               f"{curves.get('threads', data['machine']['torch_threads'])} threads): final val loss fp32 "
+               f"{curves['float32']['val_loss']:.4f}, bf16 {curves['bfloat16']['val_loss']:.4f} "
+               f"(relative difference {curves['val_loss_rel_diff']:.2%}); wall time fp32 "
+               f"{curves['float32']['seconds']:.0f} s, bf16 {curves['bfloat16']['seconds']:.0f} s."]
+    return "\n".join(md) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small config only, fewer steps")
     ap.add_argument("--compile", action="store_true", help="add torch.compile columns")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--curve_steps", type=int, default=300)
+    ap.add_argument("--part", choices=("all", "throughput", "curves"), default="all",
+                    help="rerun one part; the other is kept from the existing results file")
     args = ap.parse_args()
 
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
-    rows = []
-    names = ["small"] if args.quick else list(CONFIGS)
-    for name in names:
-        c = CONFIGS[name]
-        steps = args.steps or (6 if args.quick else (12 if name == "small" else 6))
-        n_nonemb, n_all = n_params(build_lmlab(c), c)
-        for dtype in ("fp32", "bf16"):
-            row = {"config": name, "dtype": dtype, **c, "n_params_non_embedding": n_nonemb, "n_params": n_all}
-            modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
-            for mode, compiled in modes:
-                for kind in ("hf", "lmlab"):
-                    tps = measure(kind, c, dtype, compiled, warmup=2, steps=steps)
-                    row[f"{kind}_{mode}_tok_s"] = tps
-                    row[f"{kind}_{mode}_mfu"] = 6 * n_nonemb * tps / peaks[dtype]
-                    row[f"{kind}_{mode}_mfu_with_emb"] = 6 * n_all * tps / peaks[dtype]
-                    print(f"{name:>10} {dtype} {mode:>8} {kind:>6}: {tps:8.0f} tok/s  "
-                          f"MFU {row[f'{kind}_{mode}_mfu']:.1%} ({row[f'{kind}_{mode}_mfu_with_emb']:.1%} with emb)",
-                          flush=True)
-                row[f"ratio_{mode}"] = row[f"lmlab_{mode}_tok_s"] / row[f"hf_{mode}_tok_s"]
-            rows.append(row)
-    curves = loss_curves(args.curve_steps) if not args.quick else None
-
-    md = ["# Training throughput: lmlab GPT vs transformers GPT2LMHeadModel", "",
-          f"Machine: {machine()['cpus']} CPUs, torch {torch.__version__}; measured matmul peak "
-          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s. "
-          "Dropout off, AdamW step and grad clipping included, same random batches; MFU = 6·N·tokens/s "
-          "over the peak of the dtype (N without embeddings; with embeddings in brackets).", "",
-          "| config | dtype | transformers tok/s (MFU) | lmlab tok/s (MFU) | lmlab / transformers |"
-          + (" compiled: transformers | compiled: lmlab | ratio |" if args.compile else ""),
-          "|---|---|---|---|---|" + ("---|---|---|" if args.compile else "")]
-    for r in rows:
-        line = (f"| {r['config']} (L{r['n_layer']} d{r['n_embd']} T{r['block_size']} V{r['vocab_size']} "
-                f"B{r['batch_size']}) | {r['dtype']} | {r['hf_eager_tok_s']:,.0f} ({r['hf_eager_mfu']:.0%}, "
-                f"{r['hf_eager_mfu_with_emb']:.0%}) | {r['lmlab_eager_tok_s']:,.0f} ({r['lmlab_eager_mfu']:.0%}, "
-                f"{r['lmlab_eager_mfu_with_emb']:.0%}) | **{r['ratio_eager']:.2f}x** |")
-        if args.compile:
-            line += (f" {r['hf_compiled_tok_s']:,.0f} | {r['lmlab_compiled_tok_s']:,.0f} | "
-                     f"{r['ratio_compiled']:.2f}x |")
-        md.append(line)
-    if curves:
-        md += ["", f"Loss curves ({args.curve_steps} steps, quickstart model on stdlib-docs): final val loss fp32 "
-               f"{curves['float32']['val_loss']:.4f}, bf16 {curves['bfloat16']['val_loss']:.4f} "
-               f"(relative difference {curves['val_loss_rel_diff']:.2%}); wall time fp32 "
-               f"{curves['float32']['seconds']:.0f} s, bf16 {curves['bfloat16']['seconds']:.0f} s."]
-    j, m = write_results("train_throughput" + ("_quick" if args.quick else ""),
-                         {"machine": machine(), "peaks": peaks, "rows": rows, "loss_curves": curves},
-                         "\n".join(md) + "\n")
-    print("\n".join(md))
+    name = "train_throughput" + ("_quick" if args.quick else "")
+    data = {"machine": machine(), "peaks": None, "rows": [], "loss_curves": None}
+    if args.part != "all":
+        old = Path(__file__).parent / "results" / f"{name}.json"
+        if old.is_file():
+            data.update({k: v for k, v in json.loads(old.read_text()).items() if k in data})
+    if args.part in ("all", "throughput"):
+        data["machine"] = machine()
+        data["peaks"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        print(f"matmul peak: fp32 {data['peaks']['fp32'] / 1e9:.0f} GFLOP/s, "
+              f"bf16 {data['peaks']['bf16'] / 1e9:.0f} GFLOP/s")
+        data["rows"] = throughput(["small"] if args.quick else list(CONFIGS), args.steps, args.quick,
+                                  args.compile, data["peaks"])
+    if args.part in ("all", "curves") and not args.quick:
+        data["loss_curves"] = {**loss_curves(args.curve_steps), "steps": args.curve_steps,
+                               "threads": torch.get_num_threads()}
+    md = markdown(data)
+    j, m = write_results(name, data, md)
+    print(md)
     print(f"wrote {j} and {m}")
 
 

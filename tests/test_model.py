@@ -85,3 +85,26 @@ def test_model_loss_paths_agree_and_bf16_is_close():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = m(x, x).loss
     assert low.dtype == torch.float32 and abs(low.item() - plain.item()) < 0.05
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_float64():
+    """More chunks than the bf16 partial sums cover, so the float32 total is added to several times."""
+    from lmlab.nn import loss as loss_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(600, 32, requires_grad=True)
+    w = (0.3 * torch.randn(300, 32)).requires_grad_()
+    t = torch.randint(0, 300, (600,))
+    t[::5] = -100
+    chunk = 16
+    assert 600 / chunk > 2 * loss_mod._LOW_PRECISION_CHUNKS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss_mod.linear_cross_entropy(x, w, t, chunk_size=chunk)
+    low.backward()
+    assert low.dtype == x.grad.dtype == w.grad.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x64 @ w64.t(), t, ignore_index=-100)
+    ref.backward()
+    assert abs(low.item() - ref.item()) < 1e-2 * ref.item()
+    for g, r in ((x.grad, x64.grad), (w.grad, w64.grad)):
+        assert ((g.double() - r).norm() / r.norm()).item() < 1e-2

@@ -16,26 +16,43 @@ from __future__ import annotations
 import torch
 
 
+# Under bf16/fp16 the weight gradient is summed in the compute dtype over this many chunks (`addmm`
+# accumulates each product in float32 and rounds once per chunk, as an autocast Linear's weight gradient
+# is rounded once), then added into the float32 total: a float32 add per chunk, with its float32 copy of
+# the [V, C] partial, cost more than the soft-max.
+_LOW_PRECISION_CHUNKS = 8
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
                 ignore_index: int, compute_dtype: torch.dtype) -> torch.Tensor:
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
+        n, V = x.shape[0], weight.shape[0]
         xs, w = x.to(compute_dtype), weight.to(compute_dtype)
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1).to(torch.float32)
         safe_targets = targets.clamp(min=0)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = None
-        for s in range(0, x.shape[0], chunk_size):
-            e = min(s + chunk_size, x.shape[0])
+        grad_w = torch.zeros(V, x.shape[1], dtype=torch.float32, device=x.device) if need_w else None
+        low = compute_dtype != torch.float32
+        partial = torch.empty(V, x.shape[1], dtype=compute_dtype, device=x.device) if need_w and low else None
+        # One logits and one probabilities buffer serve every chunk: fresh chunk-sized tensors would
+        # each be new pages for the allocator to fault in.
+        c = min(chunk_size, n)
+        logits_buf = torch.empty(c, V, dtype=compute_dtype, device=x.device)
+        probs_buf = torch.empty_like(logits_buf)
+        for i, s in enumerate(range(0, n, c)):
+            e = min(s + c, n)
             tgt, v = safe_targets[s:e], valid[s:e]
             rows = torch.arange(e - s, device=x.device)
             # Soft-max straight from the compute-dtype logits (it accumulates in float32 inside),
             # so no float32 copy of the chunk is made; the loss is -log p(target) in float32.
-            probs = torch.softmax(xs[s:e] @ w.t(), dim=-1)
+            logits, probs = logits_buf[:e - s], probs_buf[:e - s]
+            torch.mm(xs[s:e], w.t(), out=logits)
+            torch.softmax(logits, dim=-1, out=probs)
             p_target = probs[rows, tgt].float().clamp_min(torch.finfo(torch.float32).tiny)
             loss -= (p_target.log() * v).sum()
             if need_x or need_w:
@@ -46,9 +63,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_weight = v.to(torch.float32)[:, None]
                 if need_x:
                     grad_x[s:e] = ((g @ w).float() * (row_weight / n_valid)).to(x.dtype)
-                if need_w:  # accumulate in float32 without a float32 temporary
-                    part = g.t() @ (xs[s:e] * row_weight.to(compute_dtype))
-                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
+                if need_w:
+                    xw = xs[s:e] * row_weight.to(compute_dtype)
+                    if not low:
+                        grad_w.addmm_(g.t(), xw)
+                    else:
+                        k = i % _LOW_PRECISION_CHUNKS
+                        torch.addmm(partial, g.t(), xw, beta=1 if k else 0, out=partial)
+                        if k == _LOW_PRECISION_CHUNKS - 1 or e == n:
+                            grad_w.add_(partial)
         if grad_w is not None:
             grad_w.div_(n_valid)
         ctx.save_for_backward(grad_x if need_x else None, grad_w if need_w else None)
