@@ -79,7 +79,7 @@ def run_lmlab(precision: str, ids: list[int], logits: Path) -> dict:
 
     from lmlab.generate.engine import SamplingConfig, generate_ids
     from lmlab.io.gguf import load_gguf
-    from lmlab.nn.quant import quantize_
+    from lmlab.nn.quant import DEFAULT_PRECISION, quantize_
 
     t0 = time.perf_counter()
     model, _ = load_gguf(gguf_path())
@@ -93,7 +93,28 @@ def run_lmlab(precision: str, ids: list[int], logits: Path) -> dict:
         t_prefill = best_of(prefill)
         decode = decode_rate(generate_ids(model, ids, SamplingConfig(max_new_tokens=NEW, temperature=0)))
         np.save(logits, model(x).logits[0].float().numpy())
+        if precision == DEFAULT_PRECISION:
+            np.save(decoding_logits(logits), decoding_path(model, x).numpy())
     return {"prefill": PROMPT / t_prefill, "decode": decode, "load_s": load_s}
+
+
+def decoding_logits(logits: Path) -> Path:
+    return logits.with_name(logits.stem + ".decoding.npy")
+
+
+def decoding_path(model, x):
+    """The logits generation computes: the prompt fed one token at a time through the KV cache, by
+    `generate_ids`'s step (the lean one of lmlab/generate/fast_decode.py where it applies)."""
+    import torch
+
+    from lmlab.generate.fast_decode import FastDecoder
+
+    cache = model.make_kv_cache(1, x.shape[1])
+    out = [model(x[:, :1], kv_cache=cache).logits[0]]
+    fast = FastDecoder.build(model, cache)
+    for i in range(1, x.shape[1]):
+        out.append(fast.step(x[:, i]) if fast is not None else model(x[:, i:i + 1], kv_cache=cache).logits[0])
+    return torch.cat(out).float()
 
 
 def run_transformers(ids: list[int], logits: Path) -> dict:
@@ -185,9 +206,11 @@ def markdown(data: dict) -> str:
                      f"{r['decode'] / ref['transformers']['decode']:.2f} |")
     if data["agreement"]:
         lines += ["", f"Agreement over the {PROMPT} prompt positions (top-1: same most likely token; KL(ref || engine) "
-                  "in nats):", "", "| engine | reference | top-1 | mean KL |", "|---|---|---|---|"]
+                  "in nats). An engine's logits come from one forward over the prompt (prefill); \"(decoding)\": "
+                  "fed one token at a time through the KV cache, as generation computes them.", "",
+                  "| engine | reference | top-1 | mean KL |", "|---|---|---|---|"]
         for a in data["agreement"]:
-            lines.append(f"| {a['engine']} | {a['reference']} | {a['top1']:.4f} | {a['kl']:.5f} |")
+            lines.append(f"| {a['engine']} | {a['reference']} | {a['top1']:.4f} | {a['kl']:.2g} |")
     lines += ["", f"Machine: {data['machine']}", ""]
     return "\n".join(lines)
 
@@ -232,10 +255,12 @@ def main() -> None:
                 rows[engine] = {"error": f"timed out after {args.timeout}s"}
             if lg.is_file():
                 logits[engine] = torch.from_numpy(np.load(lg))
+            if decoding_logits(lg).is_file():
+                logits[f"{engine} (decoding)"] = torch.from_numpy(np.load(decoding_logits(lg)))
             print(f"  {rows[engine]}", flush=True)
     agreement = []
     for ref in ("lmlab-fp32", "llama.cpp"):
-        for engine in (e for e in engines if e.startswith("lmlab-") and e != ref):
+        for engine in (e for e in logits if e.startswith("lmlab-") and e != ref):
             if ref in logits and engine in logits:
                 a = logit_agreement(logits[ref], logits[engine])
                 agreement.append({"engine": engine, "reference": ref, "top1": a.top1, "kl": a.kl})

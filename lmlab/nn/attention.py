@@ -23,6 +23,9 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class Attention(nn.Module):
+    # the self-attention kernel; inference conversions may swap in another per module (lmlab/nn/quant.py)
+    sdpa = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, bias: bool = True,
                  dropout: float = 0.0, causal: bool = True):
         super().__init__()
@@ -93,8 +96,8 @@ class Attention(nn.Module):
         if is_causal and not gqa and dropout_p == 0.0 and _matmul_attention_wins(q, k):
             y = causal_matmul_attention(q, k, v)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=dropout_p, **({"enable_gqa": True} if gqa else {}))
+            y = self.sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                          **({"enable_gqa": True} if gqa else {}))
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.proj(y)
 

@@ -3,21 +3,25 @@
 - `fp32`: as trained or imported (the reference).
 - `bf16`: weights in bfloat16, matmuls in bf16 (CPUs with AVX512-BF16/AMX run them several times
   faster than fp32).
-- `int8`: weight-only int8, one scale per output channel (absmax / 127); PyTorch's
-  `_weight_int8pack_mm` kernel dequantizes on the fly.
-- `int4`: weight-only 4-bit, asymmetric, one scale and offset per group of 32 inputs (the block size
-  of GGUF's Q4_0/Q4_1, so a Q4_1 weight gets its own 4-bit code back), with PyTorch's CPU kernel
-  `_weight_int4pack_mm_for_cpu`.
+- `int8`: weight-only 8-bit, one scale per group of 32 inputs (GGUF's Q8_0, whose weights come back
+  exactly).
+- `int4`: weight-only 4-bit, asymmetric, one scale and offset per group of 32 inputs (GGUF's Q4_1,
+  whose weights come back exactly).
 
-In every low precision the output layer keeps fp16 weights (shared with a tied embedding) and its
-largest logits are recomputed in fp32 (`ExactTopLogits`); the other linears cast their input to
-bf16 and their output back, so the residual stream, norms, attention and KV cache stay fp32. On
-SmolLM2-135M (benchmarks/llm_inference.py) a model run wholly in bf16 flips the top-1 token at ~3%
-of positions against fp32 (mean KL 1.3e-3): most of it is the bf16 rounding of the logits
-themselves and of the residual stream, not of the matmul inputs.
+int8 and int4 keep their weights in GGUF's block layouts. Decoding a token reads every weight once,
+so on a CPU it is bound by memory bandwidth and 4-bit blocks are fastest: a few rows go through our
+kernels (lmlab/nn/quant_kernels.py), which multiply fp32 activations by the weights exactly as stored,
+so each decoding step computes a GGUF model's own weights in the fp32 reference's arithmetic up to
+summation order. Prefill is bound by compute: many rows at once go through a dense bf16 matmul on weights
+dequantized on the fly (`prefill_dtype`; fp32 is exact but ~2x slower). On SmolLM2-135M
+(benchmarks/llm_inference.py) int4 agrees with fp32 on every top-1 token over 256 positions both ways:
+prefill (bf16, mean KL 3e-4 nats) and token by token through the KV cache (KL 1e-11).
 
-Decoding a token reads every weight once, so on a CPU it is bound by memory bandwidth and fewer
-bytes per weight is faster; prefill is bound by compute, where bf16 matmuls win.
+In every low precision the output layer (shared with a tied embedding) keeps 8-bit blocks, its
+logits exact in fp32. Without the kernels (numba missing, or LMLAB_NO_KERNELS=1) int4 falls back to PyTorch's
+`_weight_int4pack_mm_for_cpu` and int8 to `_weight_int8pack_mm` (per-channel scales), both with bf16
+activations, and the output layer to fp16 weights whose largest logits are recomputed in fp32
+(`ExactTopLogits`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
+from lmlab.nn import quant_kernels as kernels
+from lmlab.nn.attention import Attention
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 DEFAULT_PRECISION = "int4"  # the fastest decode here; Q4_1 weights map onto its grid (benchmarks/llm_inference.py)
 INT4_GROUP = 32  # inputs per scale/offset; GGUF Q4_0/Q4_1 block size (ggml-common.h QK4_0)
+# Up to this many rows per call (decoding, small batches) the block kernels run; more rows (prefill)
+# make the matmul compute-bound, where a dense matmul on weights dequantized on the fly is faster.
+KERNEL_ROWS = 4
 
 
 def _flat_matmul(op, x: torch.Tensor, dtype: torch.dtype, *args) -> torch.Tensor:
@@ -100,40 +109,153 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W in 4 bits: w = q * scale + min per group of `group` inputs, q in 0..15.
+def _blocks(w: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"in_features={k} is not a multiple of the group size {group}")
+    return w.detach().float().view(n, k // group, group)
 
-    PyTorch's tinygemm layout stores (scale, zero) with w = (q - 8) * scale + zero, so zero = min + 8 scale.
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """GGUF stores block scales and offsets in fp16; so do we (a Q4_1 block's d, m come back exactly)."""
+    fmax = torch.finfo(torch.float16).max
+    return x.clamp(-fmax, fmax).half()
+
+
+def _codes(num: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """round(num / step) clamped to [lo, hi]; 0 where the step is 0 (a constant block)."""
+    q = torch.round(num / torch.where(step > 0, step, 1.0)[..., None]).clamp(lo, hi)
+    return torch.where(step[..., None] > 0, q, 0.0)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W in 4 bits: w = d q + m per group of 32 inputs, q in 0..15 (GGUF's Q4_1).
+
+    Stored as Q4_1 blocks (lmlab/nn/quant_kernels.py): `qs` [n, k/2] (byte j of a group holds q_j and
+    q_{j+16}) and `dm` [n, k/32, 2] (d, m in fp16). A few rows (decoding) go through the exact kernel
+    with fp32 activations; many rows (prefill) through a dense matmul in `dtype` (bf16: ~2x faster
+    than fp32, which is exact) on weights dequantized on the fly. Without the kernels, PyTorch's
+    tinygemm layout (w = (q - 8) d + zero, zero = m + 8 d) with bf16 scales and activations serves
+    every call.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
                  group: int = INT4_GROUP):
         super().__init__()
-        n, k = weight.shape
-        if k % group:
-            raise ValueError(f"int4: in_features={k} is not a multiple of the group size {group}")
-        w = weight.detach().float().view(n, k // group, group)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        # q on the float32 grid: a Q4_1 weight (x = d q + m) gets its own q back. Storing scale and
-        # zero in bf16 then moves each weight by at most ~3% of a step, where snapping to a grid
-        # rounded to bf16 first would move some by half a step.
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        # [k / group, n, 2]: the kernel's scales-and-zeros layout
-        sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_zeros", sz.to(dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
-        self.group, self.in_features, self.out_features = group, k, n
+        if group != kernels.BLOCK:
+            raise ValueError(f"int4: groups of {kernels.BLOCK} inputs only, got {group}")
+        w = _blocks(weight, group)
+        n, g, _ = w.shape
+        # m = min and d = (max - min) / 15 in fp16, as Q4_1 stores them, and the codes on that stored
+        # grid: a Q4_1 weight (w = d q + m) gets its own d, m and q back
+        lo = _fp16(w.amin(dim=-1))
+        d = _fp16((w.amax(dim=-1) - lo.float()) / 15)
+        q = _codes(w - lo.float()[..., None], d.float(), 0, 15).to(torch.uint8)
+        self.register_buffer("qs", (q[..., :16] | (q[..., 16:] << 4)).view(n, g * 16))
+        self.register_buffer("dm", torch.stack([d, lo], dim=-1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("packed", None)
+        self.register_buffer("scales_zeros", None)
+        if not kernels.available():
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, -1).int(), 1)
+            d32, lo32 = d.float(), lo.float()  # [k / group, n, 2]: the kernel's scales-and-zeros layout
+            self.scales_zeros = torch.stack([d32, lo32 + 8 * d32], dim=-1).transpose(0, 1).contiguous().bfloat16()
+        self.dtype, self.group, self.in_features, self.out_features = dtype, group, g * group, n
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the exact kernel multiplies by, in float32 ([n, k])."""
+        n, g, _ = self.dm.shape
+        b = self.qs.view(n, g, 16)
+        q = torch.cat([b & 15, b >> 4], dim=-1).float()
+        dm = self.dm.float()
+        return torch.addcmul(dm[..., 1:], dm[..., :1], q).view(n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _flat_matmul(torch.ops.aten._weight_int4pack_mm_for_cpu, x, self.scales_zeros.dtype, self.qweight,
-                         self.group, self.scales_zeros)
-        return y if self.bias is None else y + self.bias
+        if self.packed is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).bfloat16(), self.packed,
+                                                           self.group, self.scales_zeros)
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        elif x.numel() <= KERNEL_ROWS * self.in_features:  # decoding: the exact kernel, fp32 in and out
+            y = kernels.q4_1_matmul(x.float().contiguous(), self.qs, self.dm).to(x.dtype)
+        else:
+            y = F.linear(x.to(self.dtype), kernels.q4_1_dequantize(self.qs, self.dm, self.dtype)).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, exact_kernel={self.packed is None}")
+
+
+class Q8Linear(nn.Module):
+    """y = x W^T (+ b) with W in 8 bits: w = d q per group of 32 inputs, |q| <= 127 (GGUF's Q8_0, whose
+    weights come back exactly: d = absmax / 127 in fp16). Needs the kernels
+    (lmlab/nn/quant_kernels.py): a few rows go through the exact kernel, many through dense `dtype`
+    weights made `chunk` rows at a time (fp32: exact; bf16 would round logits near 27 by up to 0.06)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 chunk: int = 8192):
+        super().__init__()
+        w = _blocks(weight, kernels.BLOCK)
+        n, g, _ = w.shape
+        d = _fp16(w.abs().amax(dim=-1) / 127)
+        self.register_buffer("qs", _codes(w, d.float(), -127, 127).to(torch.int8).view(n, -1))
+        self.register_buffer("d", d)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.dtype, self.chunk, self.in_features, self.out_features = dtype, chunk, g * kernels.BLOCK, n
+
+    def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        qs, d = (self.qs, self.d) if rows is None else (self.qs[rows], self.d[rows])
+        return (qs.float().view(*d.shape, kernels.BLOCK) * d.float()[..., None]).view(*qs.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= KERNEL_ROWS * self.in_features:
+            y = kernels.q8_0_matmul(x.float().contiguous(), self.qs, self.d)
+        else:
+            x2 = x.reshape(-1, self.in_features).to(self.dtype)
+            y = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype)
+            for i in range(0, self.out_features, self.chunk):
+                w = kernels.q8_0_dequantize(self.qs[i:i + self.chunk], self.d[i:i + self.chunk], self.dtype)
+                torch.mm(x2, w.T, out=y[:, i:i + self.chunk])
+            y = y.view(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Q8Embedding(nn.Module):
+    """An embedding table in Q8_0 blocks (shared with a tied `Q8Linear` output layer), looked up exactly
+    in float32."""
+
+    def __init__(self, table: Q8Linear):
+        super().__init__()
+        self.register_buffer("qs", table.qs)
+        self.register_buffer("d", table.d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qs[ids].float().view(*ids.shape, -1, kernels.BLOCK) * self.d[ids].float()[..., None]
+        return rows.view(*ids.shape, self.qs.shape[1])
+
+
+class FastRMSNorm(nn.Module):
+    """`nn.RMSNorm` for float32 inference through the kernels: one call instead of PyTorch's ~6 ops,
+    which at one row per call (decoding) cost ~30 us each, 60 times per token on SmolLM2-135M."""
+
+    def __init__(self, norm: nn.RMSNorm):
+        super().__init__()
+        dim = norm.normalized_shape[-1]
+        if len(norm.normalized_shape) != 1:
+            raise ValueError("FastRMSNorm normalises over the last dimension only")
+        w = norm.weight if norm.weight is not None else torch.ones(dim)
+        # a parameter, as in nn.RMSNorm: callers find a model's device from its parameters
+        self.weight = nn.Parameter(w.detach().float().contiguous(), requires_grad=False)
+        self.eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+        return kernels.rms_norm(x.contiguous(), self.weight, self.eps)
 
 
 class ExactTopLogits(nn.Module):
@@ -164,34 +286,53 @@ def _swap(model: nn.Module, kind: type[nn.Module], make) -> None:
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head") -> nn.Module:
+def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
+              prefill_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Convert `model` in place to `precision` (one of PRECISIONS) for inference, and return it.
-    `head` names the output layer (fp16 with exact top logits in every low precision). Not
-    reversible; training a converted model is not supported."""
+    `head` names the output layer (exact 8-bit blocks, or fp16 with exact top logits, in every low
+    precision); `prefill_dtype` is that of int8/int4's dense matmuls over many rows (torch.float32:
+    exact). Not reversible; training a converted model is not supported."""
     if precision not in PRECISIONS:
         raise LmlabError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if precision == "fp32":
         return model.float()
     model.float()  # what stays (norms, biases elsewhere) computes in fp32
-    halves: dict[int, HalfLinear] = {}  # id(fp32 weight) -> output layer, to share with a tied embedding
+    blocks = kernels.available()
+    heads: dict[int, nn.Module] = {}  # id(fp32 weight) -> output layer, to share with a tied embedding
+
+    def fits(m: nn.Module) -> bool:
+        return m.weight.shape[1] % kernels.BLOCK == 0
 
     def linear(name: str, m: nn.Linear) -> nn.Module:
-        if name == head:  # fp16: 3 more significant bits than bf16, and its gemv runs ~2x faster here
-            halves[id(m.weight)] = HalfLinear(m.weight, m.bias, dtype=torch.float16)
-            return ExactTopLogits(halves[id(m.weight)])
+        if name == head:
+            if blocks and fits(m):  # a GGUF Q8_0 table comes back exactly; logits in fp32
+                heads[id(m.weight)] = Q8Linear(m.weight, m.bias)
+                return heads[id(m.weight)]
+            # fp16: 3 more significant bits than bf16, and its gemv runs ~2x faster here
+            heads[id(m.weight)] = HalfLinear(m.weight, m.bias, dtype=torch.float16)
+            return ExactTopLogits(heads[id(m.weight)])
         if precision == "bf16":
             return HalfLinear(m.weight, m.bias)
-        if precision == "int4" and m.in_features % INT4_GROUP == 0:
-            return Int4Linear(m.weight, m.bias)
-        return Int8Linear(m.weight, m.bias)
+        if precision == "int4" and fits(m):
+            return Int4Linear(m.weight, m.bias, dtype=prefill_dtype)
+        return Q8Linear(m.weight, m.bias, dtype=prefill_dtype) if blocks and fits(m) else Int8Linear(m.weight, m.bias)
 
     def embedding(name: str, m: nn.Embedding) -> nn.Module:
-        if id(m.weight) not in halves:
-            return HalfEmbedding(m.weight)
-        out = HalfEmbedding(m.weight[:0])  # tied to the output layer: one fp16 table for both
-        out.table = halves[id(m.weight)].weight
+        tied = heads.get(id(m.weight))
+        if isinstance(tied, Q8Linear):
+            return Q8Embedding(tied)
+        if blocks and fits(m):
+            return Q8Embedding(Q8Linear(m.weight))
+        out = HalfEmbedding(m.weight[:0] if tied is not None else m.weight)
+        if tied is not None:  # tied to the output layer: one fp16 table for both
+            out.table = tied.weight
         return out
 
     _swap(model, nn.Linear, linear)
     _swap(model, nn.Embedding, embedding)
+    if blocks:  # decoding's small ops: one kernel call each
+        _swap(model, nn.RMSNorm, lambda name, m: FastRMSNorm(m) if len(m.normalized_shape) == 1 else m)
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.sdpa = kernels.sdpa
     return model.eval()

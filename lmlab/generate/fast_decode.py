@@ -1,0 +1,118 @@
+"""A lean decoding step for Llama-style decoders quantized onto lmlab's block kernels.
+
+`model(token, kv_cache=cache)` runs ~45 small PyTorch ops and module calls per layer. For one token
+of a 135M model each costs a few microseconds, and together (~6 ms a token on SmolLM2-135M) they
+weighed as much as reading the weights. `FastDecoder` does the same arithmetic as `DecoderLM.forward`
+for one new token -- pre-RMSNorm blocks, half-split RoPE, grouped-query attention over the KV cache,
+SwiGLU, residuals -- as one numba call per layer (`quant_kernels._decode_layer`) on preallocated
+buffers, with the kernels of lmlab/nn/quant_kernels.py on block-major copies of the quantized weights
+(made in `__init__`). It applies only where every piece matches
+(`FastDecoder.build` returns None otherwise), and it is tested against the model's own forward
+(tests/test_fast_decode.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmlab.nn import quant_kernels as kernels
+from lmlab.nn.block import Block
+from lmlab.nn.kv_cache import KVCache
+from lmlab.nn.mlp import ACTIVATIONS
+from lmlab.nn.position import RotaryEmbedding
+from lmlab.nn.quant import FastRMSNorm, Int4Linear, Q8Linear
+
+
+def _kernel_linear(m: nn.Module) -> bool:
+    return ((isinstance(m, Int4Linear) and m.packed is None) or isinstance(m, Q8Linear)) and m.bias is None
+
+
+def _fits(model: nn.Module, cache: KVCache) -> bool:
+    blocks = getattr(model, "blocks", None)
+    if not (kernels.available() and isinstance(getattr(model, "rope", None), RotaryEmbedding)
+            and getattr(model, "wpe", 1) is None and isinstance(getattr(model, "norm_f", None), FastRMSNorm)
+            and blocks and cache.k.dtype == torch.float32 and cache.k.shape[1] == 1 and cache.key_mask is None
+            and cache.k.is_contiguous() and cache.k.device.type == "cpu"):
+        return False
+    hd = blocks[0].attn.head_dim
+    if hd % 16 or hd > 256 or model.rope.head_dim != hd:
+        return False
+    for b in blocks:
+        a, m = b.attn, b.mlp
+        if not (type(b) is Block and not b.post_norm and not hasattr(b, "cross") and a.causal
+                and isinstance(b.norm1, FastRMSNorm) and isinstance(b.norm2, FastRMSNorm)
+                and m.gated and m.act is ACTIVATIONS["silu"] and a.head_dim == hd
+                and all(_kernel_linear(x) for x in (a.qkv, a.proj, m.up, m.down))):
+            return False
+    return True
+
+
+def _packed(m: nn.Module, make):
+    """The block-major copy of a quantized linear's weights, made once and kept on the module (quantized
+    modules are inference-only: their weights do not change), keyed by the weights' version."""
+    key = (m.qs.data_ptr(), m.qs._version)
+    hit = m.__dict__.get("_decode_pack")
+    if hit is None or hit[0] != key:
+        hit = m.__dict__["_decode_pack"] = (key, make())
+    return hit[1]
+
+
+class FastDecoder:
+    """`step(token)` -> logits [1, vocab] of the next position, appending to `cache` like `model(...)`."""
+
+    def __init__(self, model: nn.Module, cache: KVCache):
+        self.model, self.cache = model, cache
+        b0 = model.blocks[0]
+        self.nh, self.nkv, self.hd = b0.attn.n_head, b0.attn.n_kv_head, b0.attn.head_dim
+        self.hidden = b0.mlp.down.in_features
+        n_embd = b0.attn.proj.out_features
+        f = torch.float32
+        self.x, self.h, self.o = (torch.empty(1, n_embd, dtype=f) for _ in range(3))
+        self.qkv = torch.empty(1, (self.nh + 2 * self.nkv) * self.hd, dtype=f)
+        self.att = torch.empty(1, self.nh * self.hd, dtype=f)
+        self.gu = torch.empty(1, 2 * self.hidden, dtype=f)
+        self.act = torch.empty(1, self.hidden, dtype=f)
+        self.scratch = torch.empty(cache.max_len, dtype=f)
+        # numpy views (zero-copy) of the buffers, weights and cache, as the numba layer step takes them
+        bufs = tuple(t.numpy() for t in (self.x, self.h, self.o, self.qkv, self.att, self.gu, self.act, self.scratch))
+        self.layers = []
+        for i, blk in enumerate(model.blocks):
+            lin = []
+            for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.up, blk.mlp.down):
+                lin += _packed(m, lambda m=m: kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d))
+            self.layers.append((*bufs, blk.norm1.weight.detach().numpy(), blk.norm2.weight.detach().numpy(),
+                                np.float32(blk.norm1.eps), np.float32(blk.norm2.eps), *lin))
+        self.kc, self.vc = cache.k[:, 0].numpy(), cache.v[:, 0].numpy()  # [layers, nkv, max_len, hd]
+        head = model.lm_head
+        # a Q8_0 output layer (the default) through the decoding kernel too; otherwise the module
+        self.head = _packed(head, lambda: kernels.repack_q8_0(head.qs, head.d)) \
+            if isinstance(head, Q8Linear) and head.bias is None else None
+        self.keep = model  # the weights stay alive while their views are used
+
+    @classmethod
+    def build(cls, model: nn.Module, cache: KVCache) -> FastDecoder | None:
+        """The fast step for `model` and `cache`, or None where it does not apply (then use `model`)."""
+        return cls(model, cache) if _fits(model, cache) else None
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        pos = c.pos
+        if pos >= c.max_len:
+            raise ValueError(f"KV cache full: {pos + 1} positions > max_len {c.max_len}")
+        self.x.copy_(self.model.wte(token.view(1, 1)).view(1, -1))
+        cos, sin = self.model.rope.cos_sin(torch.tensor([[pos]]))
+        cos, sin = cos.reshape(-1).contiguous().numpy(), sin.reshape(-1).contiguous().numpy()
+        scale = np.float32(self.hd ** -0.5)
+        for i, args in enumerate(self.layers):
+            kernels._decode_layer(*args, cos, sin, self.kc[i], self.vc[i], pos, self.nh, self.nkv, scale)
+        c.advance(1)
+        norm_f = self.model.norm_f
+        h = kernels.rms_norm(self.x, norm_f.weight, norm_f.eps)
+        if self.head is None:
+            return self.model.lm_head(h.view(1, 1, -1))[:, -1]
+        logits = torch.empty(1, self.head[0].shape[2])
+        kernels._q8_0_mv_t(self.head[0], self.head[1], h[0].numpy(), logits[0].numpy())
+        return logits

@@ -1,0 +1,448 @@
+"""Exact CPU kernels for GGUF's block formats, in numba: fp32 activations times weights kept as Q4_1 or
+Q8_0 blocks (ggml-common.h `block_q4_1`, `block_q8_0`; 32 inputs per block, fp16 scales).
+
+Why our own: PyTorch's 4-bit kernel (`_weight_int4pack_mm_for_cpu`) is fast only with bf16
+activations and bf16 scales. On SmolLM2-135M that rounding moves logits by ~0.04 (rms), enough to swap
+near-tied top tokens at ~1.2% of positions; these kernels compute with the weights exactly as stored
+(w = d q + m, d and m read from fp16 exactly) and fp32 activations, so they differ from the fp32
+reference only in the order and grouping of fp32 sums.
+
+Q4_1: for block b of a row, dot(x_b, d q + m) = d dot(x_b, q) + m sum(x_b), with sum(x_b) computed once
+per input row and shared by every output row; byte j of a block holds q_j (low nibble) and q_{j+16}
+(high nibble), split exactly in float arithmetic (hi = floor(byte / 16), lo = byte - 16 hi). Q8_0:
+d dot(x_b, q). fp32 accumulation throughout; single-threaded (numba releases the GIL, `nogil=True`).
+Decoding (lmlab/generate/fast_decode.py) uses copies of the weights repacked block-major and row-minor
+(`repack_q4_1`, `repack_q8_0`; the same bytes, reordered): its innermost loop runs over output rows, so
+LLVM vectorises it without a horizontal sum per block. This keeps a second copy of the quantized
+weights for the decoder's lifetime.
+
+Decoding's small per-layer steps are here too, one call each instead of several PyTorch ops (a few
+microseconds apiece, which at one token per step add up to as much as reading the weights): RMSNorm,
+RoPE with the KV-cache write, and attention of one query over the cache (`sdpa`).
+
+The kernels are compiled by numba on first use and cached on disk (`cache=True`). `available()` is
+False when numba does not import or `LMLAB_NO_KERNELS=1` is set; lmlab/nn/quant.py then uses PyTorch's
+kernels instead.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency
+    numba = None
+
+BLOCK = 32  # inputs per block in Q4_1 and Q8_0 (ggml-common.h QK4_1, QK8_0)
+
+# 2^(e - 25) for an fp16 exponent field e: a finite fp16 with exponent field e >= 1 and mantissa field
+# m is (1024 + m) 2^(e - 25), and a subnormal (e = 0) is m 2^(1 - 25); both products are exact in fp32
+_POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
+
+
+def _njit(*args, **kwargs):
+    return numba.njit(*args, cache=True, nogil=True, **kwargs)
+
+
+if numba is not None:
+    @_njit(fastmath=True, inline="always")
+    def _half(h):
+        """The float32 value of the fp16 bit pattern h (finite values; exact)."""
+        e = (h >> 10) & 31
+        mant = h & 1023
+        if e != 0:
+            mant += 1024
+        v = np.float32(mant) * _POW2[e]
+        return -v if h & 0x8000 else v
+
+    # Reductions need reassociation to vectorise (fastmath); nothing here relies on inf/nan semantics.
+    _FM = {"reassoc", "contract", "nsz"}
+
+    # The matmuls keep every inner loop a flat loop over a row: LLVM fully unrolls a constant 16- or
+    # 32-step loop before its loop vectoriser runs, and the straight-line code left is not vectorised.
+    # So a block's scale is spread over its inputs first (`e`, slice stores), and the row's dot product
+    # is one loop.
+
+    @_njit(fastmath=_FM)
+    def _q4_1_mm(qs, dm, x, y):
+        """y [M, n] = x [M, k] W^T; qs [n, k/2] uint8, dm [n, 2 k/32] float32 (d, m per block, from fp16)."""
+        M, k = x.shape
+        n = qs.shape[0]
+        nb, h = k // 32, k // 2
+        # input u of a row's byte stream pairs with x_lo[u] (low nibble) and x_hi[u] (high nibble)
+        xl = np.empty((M, h), dtype=np.float32)
+        xh = np.empty((M, h), dtype=np.float32)
+        sx = np.empty((M, nb), dtype=np.float32)
+        for r in range(M):
+            for b in range(nb):
+                xl[r, 16 * b:16 * b + 16] = x[r, 32 * b:32 * b + 16]
+                xh[r, 16 * b:16 * b + 16] = x[r, 32 * b + 16:32 * b + 32]
+                sx[r, b] = np.sum(x[r, 32 * b:32 * b + 32])
+        e = np.empty(h, dtype=np.float32)
+        for i in range(n):
+            row = qs[i]
+            dmi = dm[i]
+            for b in range(nb):
+                e[16 * b:16 * b + 16] = dmi[2 * b]
+            for r in range(M):
+                xlr = xl[r]
+                xhr = xh[r]
+                macc = np.float32(0.0)
+                for b in range(nb):  # the offsets: m sum(x_b) per block
+                    macc += dmi[2 * b + 1] * sx[r, b]
+                acc = np.float32(0.0)
+                for u in range(h):
+                    f = np.float32(row[u])
+                    hi = np.floor(f * np.float32(0.0625))  # the nibbles, exactly, without integer ops
+                    lo = f - np.float32(16.0) * hi
+                    acc += e[u] * (xlr[u] * lo + xhr[u] * hi)
+                y[r, i] = acc + macc
+
+    @_njit(fastmath=_FM)
+    def _q8_0_mm(qs, d, x, y):
+        """y [M, n] = x [M, k] W^T; qs [n, k] int8, d [n, k/32] float32 (from fp16)."""
+        M, k = x.shape
+        n = qs.shape[0]
+        nb = k // 32
+        e = np.empty(k, dtype=np.float32)
+        for i in range(n):
+            row = qs[i]
+            di = d[i]
+            for b in range(nb):
+                e[32 * b:32 * b + 32] = di[b]
+            for r in range(M):
+                xr = x[r]
+                acc = np.float32(0.0)
+                for j in range(k):
+                    acc += xr[j] * (e[j] * np.float32(row[j]))
+                y[r, i] = acc
+
+    # Decoding (one input row) on weights repacked block-major and row-minor (`repack_q4_1`, `repack_q8_0`):
+    # byte j of block b of all rows is contiguous, so the innermost loop runs over output rows with x_j
+    # broadcast, each row's scale is applied once per block, and no loop needs a horizontal reduction.
+    # Rows go in tiles whose partial sums T stay in L1.
+    _TILE = 2048
+
+    @_njit(fastmath=_FM)
+    def _q4_1_mv_t(qt, d, m, x, y):
+        """y [n] = W x [k]; qt [k/32, 16, n] uint8 (repacked Q4_1 bytes), d, m [k/32, n] float32."""
+        nb, _, n = qt.shape
+        T = np.empty(_TILE, dtype=np.float32)
+        for r0 in range(0, n, _TILE):
+            L = min(n - r0, _TILE)
+            for r in range(L):
+                y[r0 + r] = 0.0
+            for b in range(nb):
+                for r in range(L):
+                    T[r] = 0.0
+                for j in range(16):
+                    xl = x[32 * b + j]
+                    xh = x[32 * b + 16 + j]
+                    q = qt[b, j, r0:r0 + L]
+                    for r in range(L):
+                        f = np.float32(q[r])
+                        hi = np.floor(f * np.float32(0.0625))  # the nibbles, exactly, without integer ops
+                        T[r] += xl * (f - np.float32(16.0) * hi) + xh * hi
+                sxb = np.sum(x[32 * b:32 * b + 32])
+                db = d[b, r0:r0 + L]
+                mb = m[b, r0:r0 + L]
+                for r in range(L):
+                    y[r0 + r] += db[r] * T[r] + mb[r] * sxb
+
+    @_njit(fastmath=_FM)
+    def _q8_0_mv_t(qt, d, x, y):
+        """y [n] = W x [k]; qt [k/32, 32, n] int8 (repacked Q8_0), d [k/32, n] float32."""
+        nb, _, n = qt.shape
+        T = np.empty(_TILE, dtype=np.float32)
+        for r0 in range(0, n, _TILE):
+            L = min(n - r0, _TILE)
+            for r in range(L):
+                y[r0 + r] = 0.0
+            for b in range(nb):
+                for r in range(L):
+                    T[r] = 0.0
+                for j in range(0, 32, 4):  # four inputs per pass over T
+                    c = 32 * b + j
+                    x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
+                    q0 = qt[b, j, r0:r0 + L]
+                    q1 = qt[b, j + 1, r0:r0 + L]
+                    q2 = qt[b, j + 2, r0:r0 + L]
+                    q3 = qt[b, j + 3, r0:r0 + L]
+                    for r in range(L):
+                        T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
+                            + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
+                db = d[b, r0:r0 + L]
+                for r in range(L):
+                    y[r0 + r] += db[r] * T[r]
+
+    @_njit(fastmath=_FM)
+    def _q4_1_dequant(qs, dm, out):
+        """out [n, k] = d q + m (one rounding: d q is exact); dm [n, 2 k/32] fp16 bit patterns."""
+        n, k = out.shape
+        nb, h = k // 32, k // 2
+        ed = np.empty(h, dtype=np.float32)
+        em = np.empty(h, dtype=np.float32)
+        wl = np.empty(h, dtype=np.float32)
+        wh = np.empty(h, dtype=np.float32)
+        for i in range(n):
+            row = qs[i]
+            for b in range(nb):
+                ed[16 * b:16 * b + 16] = _half(dm[i, 2 * b])
+                em[16 * b:16 * b + 16] = _half(dm[i, 2 * b + 1])
+            for u in range(h):
+                f = np.float32(row[u])
+                hi = np.floor(f * np.float32(0.0625))
+                wl[u] = ed[u] * (f - np.float32(16.0) * hi) + em[u]
+                wh[u] = ed[u] * hi + em[u]
+            for b in range(nb):
+                out[i, 32 * b:32 * b + 16] = wl[16 * b:16 * b + 16]
+                out[i, 32 * b + 16:32 * b + 32] = wh[16 * b:16 * b + 16]
+
+    @_njit(fastmath=_FM)
+    def _q8_0_dequant(qs, d, out):
+        n, k = out.shape
+        e = np.empty(k, dtype=np.float32)
+        for i in range(n):
+            row = qs[i]
+            o = out[i]
+            for b in range(k // 32):
+                e[32 * b:32 * b + 32] = _half(d[i, b])
+            for j in range(k):
+                o[j] = e[j] * np.float32(row[j])
+
+    @_njit(fastmath=_FM)
+    def _rms_norm(x, w, y, eps):
+        """RMSNorm (Zhang & Sennrich 2019) of the rows of x [M, k]: y = x / sqrt(mean(x^2) + eps) * w."""
+        M, k = x.shape
+        for r in range(M):
+            s = np.float32(0.0)
+            for j in range(k):
+                s += x[r, j] * x[r, j]
+            inv = np.float32(1.0) / np.sqrt(s / np.float32(k) + eps)
+            for j in range(k):
+                y[r, j] = x[r, j] * inv * w[j]
+
+    @_njit(fastmath=_FM)
+    def _attend(q, k, v, S, y, sc, scale):
+        """One query per head over the first S positions of a key/value cache, grouped-query (head h reads
+        key/value head h // (nh // nkv)): q [nh, hd], k and v [nkv, >= S, hd] (any strides), y [nh, hd] =
+        softmax(scale q k^T) v; sc: scratch of at least S floats."""
+        nh, hd = q.shape
+        g = nh // k.shape[0]
+        for h in range(nh):
+            kh = h // g
+            mx = np.float32(-np.inf)
+            for s in range(S):
+                a = np.float32(0.0)
+                for c in range(hd):
+                    a += q[h, c] * k[kh, s, c]
+                a *= scale
+                sc[s] = a
+                mx = max(mx, a)
+            tot = np.float32(0.0)
+            for s in range(S):
+                e = np.exp(sc[s] - mx)
+                sc[s] = e
+                tot += e
+            for c in range(hd):
+                y[h, c] = 0.0
+            for s in range(S):
+                p = sc[s]
+                for c in range(hd):
+                    y[h, c] += p * v[kh, s, c]
+            inv = np.float32(1.0) / tot
+            for c in range(hd):
+                y[h, c] *= inv
+
+    @_njit(fastmath=_FM)
+    def _attention(q, k, v, y, sc, scale):
+        """`_attend` for each batch row: q [B, nh, hd], k and v [B, nkv, S, hd], y [B, nh, hd]."""
+        for b in range(q.shape[0]):
+            _attend(q[b], k[b], v[b], k.shape[2], y[b], sc, scale)
+
+    @_njit(fastmath=_FM)
+    def _rope_store(heads, cos, sin, nq, nkv, kdst, vdst):
+        """One decoding position of a fused q/k/v projection, heads [nq + 2 nkv, hd]: rotate the query
+        heads in place and the key heads into kdst [nkv, hd], copy the value heads to vdst [nkv, hd].
+        RoPE, half-split layout: out = x cos + roll(x, hd/2) sin, sin's first half negated
+        (lmlab/nn/position.py)."""
+        hd = heads.shape[1]
+        half = hd // 2
+        for h in range(nq + nkv):
+            for j in range(half):
+                a = heads[h, j]
+                b = heads[h, j + half]
+                ra = a * cos[j] - b * sin[j]
+                rb = b * cos[j + half] + a * sin[j + half]
+                if h < nq:
+                    heads[h, j] = ra
+                    heads[h, j + half] = rb
+                else:
+                    kdst[h - nq, j] = ra
+                    kdst[h - nq, j + half] = rb
+        for h in range(nkv):
+            for j in range(hd):
+                vdst[h, j] = heads[nq + nkv + h, j]
+
+    @_njit(fastmath=_FM)
+    def _linear(kind, qt, s1, s2, x, y):
+        if kind == 0:
+            _q4_1_mv_t(qt, s1, s2, x[0], y[0])
+        else:
+            _q8_0_mv_t(qt.view(np.int8), s1, x[0], y[0])
+
+    @_njit(fastmath=_FM)
+    def _decode_layer(x, h, o, qkv, att, gu, act, scratch, n1, n2, eps1, eps2,
+                      k_qkv, qs_qkv, s1_qkv, s2_qkv, k_o, qs_o, s1_o, s2_o, k_up, qs_up, s1_up, s2_up,
+                      k_down, qs_down, s1_down, s2_down,
+                      cos, sin, kc, vc, pos, nh, nkv, scale):
+        """One pre-RMSNorm Llama block for one token, in place on x [1, n_embd]: attention (fused qkv,
+        RoPE, the cache kc / vc [nkv, max_len, hd] written at pos) and a SwiGLU MLP (fused gate/up)."""
+        hd = kc.shape[2]
+        _rms_norm(x, n1, h, eps1)
+        _linear(k_qkv, qs_qkv, s1_qkv, s2_qkv, h, qkv)
+        heads = qkv.reshape((nh + 2 * nkv, hd))
+        _rope_store(heads, cos, sin, nh, nkv, kc[:, pos], vc[:, pos])
+        _attend(heads[:nh], kc, vc, pos + 1, att.reshape((nh, hd)), scratch, scale)
+        _linear(k_o, qs_o, s1_o, s2_o, att, o)
+        for j in range(x.shape[1]):
+            x[0, j] += o[0, j]
+        _rms_norm(x, n2, h, eps2)
+        _linear(k_up, qs_up, s1_up, s2_up, h, gu)
+        hidden = act.shape[1]
+        for j in range(hidden):
+            a = gu[0, j]
+            act[0, j] = a / (np.float32(1.0) + np.exp(-a)) * gu[0, hidden + j]
+        _linear(k_down, qs_down, s1_down, s2_down, act, o)
+        for j in range(x.shape[1]):
+            x[0, j] += o[0, j]
+
+
+def available() -> bool:
+    """Whether the kernels run here (numba imports and `LMLAB_NO_KERNELS` is not set)."""
+    return not os.environ.get("LMLAB_NO_KERNELS") and numba is not None
+
+
+def _u16(t: torch.Tensor, cols: int) -> np.ndarray:
+    """fp16 scales as their bit patterns, [rows, cols]."""
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1, cols)
+
+
+_SCALES: dict[int, tuple] = {}  # id(fp16 scale tensor) -> (weakref to it, its version, float32 copy)
+
+
+def _f32(t: torch.Tensor, cols: int) -> np.ndarray:
+    """fp16 scales as float32 [rows, cols] (exact), converted once per tensor and kept while it lives."""
+    hit = _SCALES.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    out = t.detach().float().contiguous().numpy().reshape(-1, cols)
+    try:
+        ref = weakref.ref(t, lambda _, key=id(t): _SCALES.pop(key, None))
+    except TypeError:
+        return out
+    _SCALES[id(t)] = (ref, t._version, out)
+    return out
+
+
+def repack_q4_1(qs: torch.Tensor, dm: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 blocks (`qs` [n, k/2] uint8, `dm` [n, k/32, 2] fp16) block-major for `_q4_1_mv_t`: the same
+    bytes as qt [k/32, 16, n], and d, m as float32 [k/32, n] (exact)."""
+    n, nb = dm.shape[0], dm.shape[1]
+    qt = qs.reshape(n, nb, 16).permute(1, 2, 0).contiguous().numpy()
+    dm32 = dm.float()
+    return qt, dm32[..., 0].T.contiguous().numpy(), dm32[..., 1].T.contiguous().numpy()
+
+
+def repack_q8_0(qs: torch.Tensor, d: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks (`qs` [n, k] int8, `d` [n, k/32] fp16) block-major for `_q8_0_mv_t`: qt [k/32, 32, n] int8
+    and d float32 [k/32, n]."""
+    n, nb = d.shape
+    return qs.reshape(n, nb, 32).permute(1, 2, 0).contiguous().numpy(), d.float().T.contiguous().numpy()
+
+
+def linear_args(qs: torch.Tensor, scales: torch.Tensor) -> tuple:
+    """(kind, qt, s1, s2) as `_decode_layer` takes a linear: Q4_1 (`qs` uint8) is kind 0 with (d, m), Q8_0
+    (int8) kind 1 with d (s2 unused); weights repacked (a copy) by `repack_q4_1` / `repack_q8_0`."""
+    if qs.dtype == torch.uint8:
+        return (0, *repack_q4_1(qs, scales))
+    qt, d = repack_q8_0(qs, scales)
+    return 1, qt.view(np.uint8), d, d
+
+
+def q4_1_matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, W = d q + m in Q4_1 blocks (`qs` [n, k/2]
+    uint8, `dm` [n, k/32, 2] float16)."""
+    n, k = qs.shape[0], qs.shape[1] * 2
+    y = x.new_empty(*x.shape[:-1], n)
+    _q4_1_mm(qs.contiguous().numpy(), _f32(dm, k // 16), x.contiguous().view(-1, k).numpy(), y.view(-1, n).numpy())
+    return y
+
+
+def q8_0_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, W = d q in Q8_0 blocks (`qs` [n, k]
+    int8, `d` [n, k/32] float16)."""
+    n, k = qs.shape
+    y = x.new_empty(*x.shape[:-1], n)
+    _q8_0_mm(qs.contiguous().numpy(), _f32(d, k // 32), x.contiguous().view(-1, k).numpy(), y.view(-1, n).numpy())
+    return y
+
+
+def q4_1_dequantize(qs: torch.Tensor, dm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [n, k] weight of Q4_1 blocks, in float32 or bfloat16 (rounded to nearest even)."""
+    n, k = qs.shape[0], qs.shape[1] * 2
+    out = torch.empty(n, k, dtype=torch.float32)
+    _q4_1_dequant(qs.contiguous().numpy(), _u16(dm, k // 16), out.numpy())
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def q8_0_dequantize(qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [n, k] weight of Q8_0 blocks, in float32 or bfloat16 (rounded to nearest even)."""
+    n, k = qs.shape
+    out = torch.empty(n, k, dtype=torch.float32)
+    _q8_0_dequant(qs.contiguous().numpy(), _u16(d, k // 32), out.numpy())
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of a contiguous float32 x, with a float32 weight."""
+    k = x.shape[-1]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _rms_norm(x.view(-1, k).numpy(), weight.contiguous().numpy(), y.view(-1, k).numpy(), np.float32(eps))
+    return y
+
+
+def rope_store(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
+               kdst: torch.Tensor, vdst: torch.Tensor) -> None:
+    """One decoding position of a fused q/k/v projection, `heads` [nq + 2 nkv, hd] (contiguous): rotate the
+    query heads in place and the key heads into `kdst` [nkv, hd], copy the value heads to `vdst` [nkv, hd]
+    (views of the cache, any strides). `cos`, `sin`: [hd] for the position (lmlab/nn/position.py)."""
+    _rope_store(heads.numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), nq, nkv, kdst.numpy(),
+                vdst.numpy())
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+         enable_gqa: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, with the decoding case (one float32 query per head, no mask, no
+    dropout; q [B, nh, 1, hd], k and v [B, nkv, S, hd]) in one kernel call: PyTorch's fused CPU kernel
+    spends ~60-150 us there, several ms per token over 30 layers."""
+    B, nh, T, hd = q.shape
+    if T != 1 or attn_mask is not None or dropout_p or is_causal or q.dtype != torch.float32 \
+            or k.dtype != torch.float32 or v.dtype != torch.float32 or q.device.type != "cpu" \
+            or k.shape[0] != B or k.shape != v.shape or nh % k.shape[1] or q.requires_grad:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    S = k.shape[2]
+    y = q.new_empty(B, nh, 1, hd)
+    sc = np.empty(S, dtype=np.float32)
+    _attention(q[:, :, 0].numpy(), k.detach().numpy(), v.detach().numpy(), y[:, :, 0].numpy(), sc,
+               np.float32(hd ** -0.5 if scale is None else scale))
+    return y

