@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lmlab.cli import main
@@ -51,3 +52,21 @@ def test_trains_with_the_common_trainer_and_generates(char_data, tmp_path, capsy
     assert main(["generate", str(run), "The ", "--max_new_tokens", "10", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("The ")
     assert main(["eval", str(run), "--split", "val"]) == 0
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_chunked_training_loss_equals_the_plain_one(direct):
+    """The training loss through the chunked output layer (bias and direct connections folded into one
+    weight) equals cross-entropy of the materialised logits, gradients included."""
+    torch.manual_seed(0)
+    cfg = NPLMConfig(vocab_size=50, context=3, n_embd=8, hidden=16, direct=direct, loss_chunk_size=7)
+    model = NPLM(cfg)
+    x, y = torch.randint(0, 50, (3, 11)), torch.randint(0, 50, (3, 11))
+    chunked = model(x, y).loss
+    grads = torch.autograd.grad(chunked, list(model.parameters()))
+    cfg.loss_chunk_size = 0
+    plain = model(x, y).loss
+    assert model(x, y).logits is not None
+    for g, p in zip(grads, torch.autograd.grad(plain, list(model.parameters()))):
+        torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)

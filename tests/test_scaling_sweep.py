@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.scaling.sweep import SweepConfig, lr_for, run_config, shape_for, sweep
+from lmlab.scaling.sweep import SweepConfig, lr_for, planned_compute, run_config, shape_for, sweep
 
 
 def test_shapes_hit_the_target_size():
@@ -29,6 +29,11 @@ def test_sweep_runs_resumes_and_tabulates(char_data, tmp_path):
     stamp = (tmp_path / "sweep" / run.train.out_dir.split("/")[-1] / "result.json").read_text()
     assert sweep(cfg, log=lambda *a: None) == results
     assert (tmp_path / "sweep" / run.train.out_dir.split("/")[-1] / "result.json").read_text() == stamp
+    # a compute cap drops the grid points above it (here: every run on the larger budget)
+    cfg.max_compute = 1.5 * max(planned_compute(cfg, n, 4096) for n in cfg.sizes)
+    capped = sweep(cfg, log=lambda *a: None)
+    assert len(capped) == 2 and all(r["D"] == 4096 for r in capped)
+    assert len(json.loads((tmp_path / "sweep" / "results.json").read_text())) == 2
 
 
 def test_sweep_refuses_too_many_epochs(char_data, tmp_path):

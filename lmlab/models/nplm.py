@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.base import LMOutput, ModelConfig, count_params, init_normal
+from lmlab.nn.loss import linear_cross_entropy
 
 
 @dataclass(kw_only=True)
@@ -27,6 +28,7 @@ class NPLMConfig(ModelConfig):
     dropout: float = 0.0
     init_std: float = 0.02
     pad_id: int = 3           # the context before a stream's first token (lmlab's </s>)
+    loss_chunk_size: int = 512  # positions per chunk of the training loss; 0 = plain logits + cross-entropy
 
 
 class NPLM(nn.Module):
@@ -57,7 +59,17 @@ class NPLM(nn.Module):
         padded = F.pad(input_ids, (n1 - 1, 0), value=self.config.pad_id)
         windows = padded.unfold(1, n1, 1)                               # [B, T, n1]
         x = self.drop(self.wte(windows).flatten(2))                     # [B, T, n1 * m]
-        logits = self.out(self.drop(torch.tanh(self.hidden(x))))
+        h = self.drop(torch.tanh(self.hidden(x)))
+        if targets is not None and self.config.loss_chunk_size > 0:
+            # training: y = [U W b] [h; x; 1], so the chunked output-layer loss (lmlab/nn/loss.py) applies
+            # and the [B*T, V] logits are never materialised
+            feats = [h] + ([x] if self.direct is not None else []) + [h.new_ones(B, T, 1)]
+            weight = [self.out.weight] + ([self.direct.weight] if self.direct is not None else []) \
+                + [self.out.bias[:, None]]
+            loss = linear_cross_entropy(torch.cat(feats, -1).reshape(B * T, -1), torch.cat(weight, 1),
+                                        targets.reshape(-1), chunk_size=self.config.loss_chunk_size)
+            return LMOutput(logits=None, loss=loss)
+        logits = self.out(h)
         if self.direct is not None:
             logits = logits + self.direct(x)
         loss = None

@@ -86,6 +86,11 @@ DEFAULT_GRID = {  # Hoffmann et al. 2022, Appendix D.2 (a = log A, b = log B, e 
 }
 
 
+# a, b, e (logs of A, B, E), alpha, beta: exponents stay non-negative and the scales finite, so that a
+# degenerate resample (a bootstrap draw of few distinct runs) cannot run off to exp(a) = inf
+THETA_BOUNDS = [(-50.0, 200.0), (-50.0, 200.0), (-20.0, 5.0), (0.0, 5.0), (0.0, 5.0)]
+
+
 def _grid_values(thetas: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray,
                  delta: float) -> np.ndarray:
     """The objective at every grid point at once ([K, 5] -> [K])."""
@@ -116,7 +121,8 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
         # tight tolerances: the Huber objective is ~1e-5 near the optimum, where L-BFGS-B's default
         # relative ftol stops early on a nearly flat valley and extrapolations drift by percents
         res = minimize(_chinchilla_objective, theta, args=(logN, logD, logL, delta), jac=True,
-                       method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000})
+                       method="L-BFGS-B", bounds=THETA_BOUNDS,
+                       options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000})
         if np.all(np.isfinite(res.x)) and res.fun < best_value:
             best, best_value = res.x, res.fun
     a, b, e, alpha, beta = best

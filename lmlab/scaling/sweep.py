@@ -52,6 +52,10 @@ class SweepConfig:
     dtype: str = "bfloat16"
     seed: int = 1337
     eval_tokens: int = 200_000  # validation tokens scored for each run's final loss
+    # Skip grid points whose 6 N D (N = 12 n_layer n_embd^2 of the chosen shape) is above this (0: no cap).
+    # A capped grid gives small models long budgets without paying for the largest model on them, and
+    # keeps the largest fitted compute a known fraction of the held-out run's.
+    max_compute: float = 0.0
 
 
 def lr_for(n_params: float, scale: float = 1.0) -> float:
@@ -77,6 +81,11 @@ def shape_for(n_target: float, *, aspect: float = 32.0, head_dim: int = 32, n_la
 def flops_per_token(n_params: int, n_layer: int, block_size: int, n_embd: int) -> float:
     """Training FLOPs per token: 6N plus attention, 3 x (2 n_layer n_ctx d_attn) (Kaplan et al. Table 1)."""
     return 6 * n_params + 6 * n_layer * block_size * n_embd
+
+
+def planned_compute(cfg: SweepConfig, n_target: float, d_target: float) -> float:
+    n_layer, n_embd = shape_for(n_target, aspect=cfg.aspect, head_dim=cfg.head_dim, n_layer=cfg.n_layer)
+    return 6 * 12 * n_layer * n_embd**2 * d_target
 
 
 def run_config(cfg: SweepConfig, n_target: float, d_target: float) -> RunConfig:
@@ -131,6 +140,9 @@ def sweep(cfg: SweepConfig, log=print) -> list[dict]:
             if d > MAX_EPOCHS * train_tokens:
                 raise LmlabError(f"a budget of {d:.0e} tokens is over {MAX_EPOCHS:g} epochs of {cfg.data} "
                                  f"({train_tokens:,} training tokens); use a larger corpus or smaller budgets")
+            if cfg.max_compute > 0 and planned_compute(cfg, n, d) > cfg.max_compute:
+                log(f"skip N{n:.2g}-D{d:.2g}: 6ND = {planned_compute(cfg, n, d):.3g} is over max_compute")
+                continue
             run = run_config(cfg, n, d)
             log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
                 f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
