@@ -68,3 +68,48 @@ def test_bf16_training_path_is_taken_and_agrees_with_sdpa(monkeypatch):
     with torch.no_grad():  # inference keeps SDPA
         attn(x)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_matmul_attention_with_more_keys_than_queries(dtype, tol):
+    """Queries at the last T of S positions (a prefix of keys before them), against SDPA with the mask."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 11, 8, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 3, 19, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+    go = torch.randn(2, 3, 11, 8, dtype=dtype)
+    ours = causal_matmul_attention(q, k, v, 4)
+    ours.backward(go)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = torch.ones(11, 19, dtype=torch.bool).tril(diagonal=19 - 11)
+    ref = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask)
+    ref.backward(go.double())
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+    for t, r in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=tol, atol=tol)
+
+
+def test_bf16_training_path_with_rotary_and_a_second_backward_pass(monkeypatch):
+    """The Llama path (rotated queries and keys), in several query blocks, agrees with SDPA, and the
+    saved tensors survive a retained graph's second backward pass unchanged."""
+    import lmlab.nn.attention as mod
+    from lmlab.nn.position import RotaryEmbedding
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4).to(torch.bfloat16)
+    rotary = RotaryEmbedding(8).rotary(torch.arange(150)[None])
+    x = torch.randn(2, 150, 32, dtype=torch.bfloat16, requires_grad=True)
+    calls = []
+    monkeypatch.setattr(mod, "causal_matmul_attention", lambda *a: calls.append(1) or causal_matmul_attention(*a))
+    fast = attn(x, rotary=rotary)
+    assert calls == [1]
+    fast.sum().backward(retain_graph=True)
+    g1, x.grad = x.grad.clone(), None
+    fast.sum().backward()
+    assert torch.equal(g1, x.grad)
+    x.grad = None
+    monkeypatch.setattr(mod, "_MATMUL_ATTENTION_MAX_SCORES", 0)  # force SDPA
+    slow = attn(x, rotary=rotary)
+    slow.sum().backward()
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(g1, x.grad, rtol=5e-2, atol=5e-2)

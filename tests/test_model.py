@@ -108,3 +108,28 @@ def test_fused_loss_under_bf16_autocast_is_close_to_float64():
     assert abs(low.item() - ref.item()) < 1e-2 * ref.item()
     for g, r in ((x.grad, x64.grad), (w.grad, w64.grad)):
         assert ((g.double() - r).norm() / r.norm()).item() < 1e-2
+
+
+def test_fused_loss_under_bf16_autocast_with_one_partial_sum():
+    """Few chunks (the bf16 partial sum is the whole weight gradient), a loss scaled by 3, and a second
+    backward pass of a retained graph giving the same gradients."""
+    from lmlab.nn import loss as loss_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(100, 32, requires_grad=True)
+    w = (0.3 * torch.randn(300, 32)).requires_grad_()
+    t = torch.randint(0, 300, (100,))
+    t[::5] = -100
+    assert 100 / 16 <= loss_mod._LOW_PRECISION_CHUNKS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = 3 * loss_mod.linear_cross_entropy(x, w, t, chunk_size=16)
+    low.backward(retain_graph=True)
+    first = (x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    low.backward()
+    assert torch.equal(first[0], x.grad) and torch.equal(first[1], w.grad)
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (3 * torch.nn.functional.cross_entropy(x64 @ w64.t(), t, ignore_index=-100)).backward()
+    for g, r in ((x.grad, x64.grad), (w.grad, w64.grad)):
+        assert ((g.double() - r).norm() / r.norm()).item() < 1e-2

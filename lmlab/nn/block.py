@@ -36,7 +36,13 @@ class Block(nn.Module):
             if cross_kv is not None:
                 x = self.norm_cross(x + self.drop(self.cross(x, cross_kv=cross_kv, attn_mask=cross_mask)))
             return self.norm2(x + self.mlp(x))
-        x = x + self.drop(self.attn(self.norm1(x), **attn_kwargs))
+        x = _residual(x, self.drop(self.attn(self.norm1(x), **attn_kwargs)))
         if cross_kv is not None:
-            x = x + self.drop(self.cross(self.norm_cross(x), cross_kv=cross_kv, attn_mask=cross_mask))
-        return x + self.mlp(self.norm2(x))
+            x = _residual(x, self.drop(self.cross(self.norm_cross(x), cross_kv=cross_kv, attn_mask=cross_mask)))
+        return _residual(x, self.mlp(self.norm2(x)))
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y for a sub-layer's fresh output y, added in place into y (or its copy in x's dtype): under
+    autocast x is float32 and y bf16, and `x + y` would allocate both the float32 copy of y and the sum."""
+    return y.to(x.dtype).add_(x)

@@ -18,8 +18,9 @@ import torch
 
 # Under bf16/fp16 the weight gradient is summed in the compute dtype over this many chunks (`addmm`
 # accumulates each product in float32 and rounds once per chunk, as an autocast Linear's weight gradient
-# is rounded once), then added into the float32 total: a float32 add per chunk, with its float32 copy of
-# the [V, C] partial, cost more than the soft-max.
+# is rounded once), then added into a float32 total: a float32 add per chunk, with its float32 copy of
+# the [V, C] partial, cost more than the soft-max. With no more chunks than this (the usual case) the
+# partial sum itself is kept, and the backward pass turns it into the float32 gradient in one product.
 _LOW_PRECISION_CHUNKS = 8
 
 
@@ -36,12 +37,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = targets.clamp(min=0)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros(V, x.shape[1], dtype=torch.float32, device=x.device) if need_w else None
-        low = compute_dtype != torch.float32
-        partial = torch.empty(V, x.shape[1], dtype=compute_dtype, device=x.device) if need_w and low else None
+        # the weight gradient times n_valid: `partial` sums up to `group` chunks' products, and `total`
+        # (float32) the partial sums, when there are more chunks than one group
+        group = _LOW_PRECISION_CHUNKS if compute_dtype != torch.float32 else n
+        partial = torch.empty(V, x.shape[1], dtype=compute_dtype, device=x.device) if need_w else None
+        total = None
         # One logits and one probabilities buffer serve every chunk: fresh chunk-sized tensors would
         # each be new pages for the allocator to fault in.
         c = min(chunk_size, n)
+        several_groups = -(-n // c) > group
         logits_buf = torch.empty(c, V, dtype=compute_dtype, device=x.device)
         probs_buf = torch.empty_like(logits_buf)
         for i, s in enumerate(range(0, n, c)):
@@ -65,23 +69,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_x[s:e] = ((g @ w).float() * (row_weight / n_valid)).to(x.dtype)
                 if need_w:
                     xw = xs[s:e] * row_weight.to(compute_dtype)
-                    if not low:
-                        grad_w.addmm_(g.t(), xw)
-                    else:
-                        k = i % _LOW_PRECISION_CHUNKS
-                        torch.addmm(partial, g.t(), xw, beta=1 if k else 0, out=partial)
-                        if k == _LOW_PRECISION_CHUNKS - 1 or e == n:
-                            grad_w.add_(partial)
-        if grad_w is not None:
-            grad_w.div_(n_valid)
-        ctx.save_for_backward(grad_x if need_x else None, grad_w if need_w else None)
+                    k = i % group
+                    torch.addmm(partial, g.t(), xw, beta=1 if k else 0, out=partial)
+                    if several_groups and (k == group - 1 or e == n):
+                        total = partial.float() if total is None else total.add_(partial)
+        grad_w_sum = (partial if total is None else total) if need_w else None
+        ctx.save_for_backward(grad_x if need_x else None, grad_w_sum, n_valid)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x, grad_w = ctx.saved_tensors
+        grad_x, grad_w_sum, n_valid = ctx.saved_tensors
         gx = grad_x * grad_out.to(grad_x.dtype) if grad_x is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gw = None
+        if grad_w_sum is not None:  # in float32, then the weight's dtype
+            scale = grad_out / n_valid
+            # a mixed-dtype product would first copy the bf16 sum to float32, then allocate the result
+            low = grad_w_sum.dtype != torch.float32
+            gw = (grad_w_sum.float().mul_(scale) if low else grad_w_sum * scale).to(ctx.weight_dtype)
         return gx, gw, None, None, None, None
 
 
