@@ -70,6 +70,7 @@ class LineageConfig:
     nplm: NPLMRung = field(default_factory=NPLMRung)
     gpt: GPTRung = field(default_factory=GPTRung)
     nplm_direct: bool = True      # Bengio et al.'s direct input-to-output connections
+    nplm_tied: bool = False       # output layer tied to the input embedding (Press & Wolf 2017)
     seed: int = 1337
     threads: int = 0              # torch CPU threads (0: torch's default)
     device: str = "auto"          # auto | cpu | cuda for the neural rungs
@@ -302,6 +303,7 @@ def lineage(cfg: LineageConfig, log=print) -> list[Rung]:
     eos = meta["tokenizer"]["eos_id"]
     done(neural_rung("NPLM", NPLMConfig(vocab_size=vocab, context=cfg.nplm_context, n_embd=cfg.nplm_embd,
                                         hidden=cfg.nplm_hidden, direct=cfg.nplm_direct,
+                                        tie_embeddings=cfg.nplm_tied,
                                         dropout=cfg.nplm.dropout, pad_id=eos),
                      cfg.nplm, data_dir, out / "nplm", cfg, log))
     done(neural_rung("GPT", GPTConfig(vocab_size=vocab, n_layer=cfg.gpt_layers, n_head=cfg.gpt_heads,

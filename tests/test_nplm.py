@@ -54,12 +54,31 @@ def test_trains_with_the_common_trainer_and_generates(char_data, tmp_path, capsy
     assert main(["eval", str(run), "--split", "val"]) == 0
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_chunked_training_loss_equals_the_plain_one(direct):
+def test_tied_output_layer_is_the_embedding_through_a_projection(tmp_path):
+    m = tiny(direct=False, tie_embeddings=True)
+    assert m.out.weight is m.wte.weight
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    feats = m.wte.weight[torch.tensor([7, 8, 9])].reshape(-1)
+    y = m.out.bias + m.wte.weight @ (m.proj.weight @ torch.tanh(m.hidden.bias + m.hidden.weight @ feats))
+    torch.testing.assert_close(m(x).logits[0, 4], y)
+    # the tied table is counted once, and it stays tied through a checkpoint round trip
+    assert m.num_params(non_embedding=False) == sum(p.numel() for p in m.parameters())
+    from safetensors.torch import load_model, save_model
+    save_model(m, str(tmp_path / "m.safetensors"))
+    torch.manual_seed(1)
+    m2 = NPLM(NPLMConfig(vocab_size=30, context=3, n_embd=8, hidden=16, direct=False, tie_embeddings=True))
+    load_model(m2, str(tmp_path / "m.safetensors"))
+    assert m2.out.weight is m2.wte.weight
+    torch.testing.assert_close(m2(x).logits, m(x).logits)
+
+
+@pytest.mark.parametrize("direct,tied", [(False, False), (True, False), (True, True)])
+def test_chunked_training_loss_equals_the_plain_one(direct, tied):
     """The training loss through the chunked output layer (bias and direct connections folded into one
     weight) equals cross-entropy of the materialised logits, gradients included."""
     torch.manual_seed(0)
-    cfg = NPLMConfig(vocab_size=50, context=3, n_embd=8, hidden=16, direct=direct, loss_chunk_size=7)
+    cfg = NPLMConfig(vocab_size=50, context=3, n_embd=8, hidden=16, direct=direct, tie_embeddings=tied,
+                     loss_chunk_size=7)
     model = NPLM(cfg)
     x, y = torch.randint(0, 50, (3, 11)), torch.randint(0, 50, (3, 11))
     chunked = model(x, y).loss

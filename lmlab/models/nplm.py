@@ -2,7 +2,9 @@
 
 The previous n - 1 tokens are looked up in a shared embedding table C and concatenated into
 x = (C(w_{t-1}), ..., C(w_{t-n+1})); then y = b + W x + U tanh(d + H x) (their eq. 1), where W are the
-optional direct input-to-output connections. The first tokens of a window see `</s>` as context
+optional direct input-to-output connections. With `tie_embeddings` the output layer reuses C
+through a linear hidden -> m projection, y = b + C P tanh(d + H x) (Press & Wolf 2017's weight tying,
+which regularises small corpora such as PTB and makes the output layer m rather than h wide). The first tokens of a window see `</s>` as context
 (documents are separated by `</s>` in lmlab's token streams). Trained by the common Trainer.
 """
 
@@ -25,6 +27,7 @@ class NPLMConfig(ModelConfig):
     n_embd: int = 64          # m, the feature vector of a word
     hidden: int = 256         # h, the tanh hidden layer
     direct: bool = True       # the direct connections W from the features to the output
+    tie_embeddings: bool = False  # output layer = C, reached through a hidden -> n_embd projection P
     dropout: float = 0.0
     init_std: float = 0.02
     pad_id: int = 3           # the context before a stream's first token (lmlab's </s>)
@@ -44,10 +47,13 @@ class NPLM(nn.Module):
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)                # C
         features = c.context * c.n_embd
         self.hidden = nn.Linear(features, c.hidden)                     # H, d
-        self.out = nn.Linear(c.hidden, c.vocab_size)                    # U, b
+        self.proj = nn.Linear(c.hidden, c.n_embd, bias=False) if c.tie_embeddings else None  # P
+        self.out = nn.Linear(c.n_embd if c.tie_embeddings else c.hidden, c.vocab_size)  # U, b
         self.direct = nn.Linear(features, c.vocab_size, bias=False) if c.direct else None  # W
         self.drop = nn.Dropout(c.dropout)
         init_normal(self, c.init_std)
+        if c.tie_embeddings:
+            self.out.weight = self.wte.weight
 
     def num_params(self, non_embedding: bool = True) -> int:
         return count_params(self, non_embedding, (self.wte,))
@@ -60,6 +66,8 @@ class NPLM(nn.Module):
         windows = padded.unfold(1, n1, 1)                               # [B, T, n1]
         x = self.drop(self.wte(windows).flatten(2))                     # [B, T, n1 * m]
         h = self.drop(torch.tanh(self.hidden(x)))
+        if self.proj is not None:
+            h = self.proj(h)
         if targets is not None and self.config.loss_chunk_size > 0:
             # training: y = [U W b] [h; x; 1], so the chunked output-layer loss (lmlab/nn/loss.py) applies
             # and the [B*T, V] logits are never materialised
