@@ -1,14 +1,15 @@
 """Training throughput of lmlab's GPT against Hugging Face transformers' GPT2LMHeadModel.
 
-Same shapes, same batch, same random data, dropout off, AdamW step included, in one process:
-tokens/s and model FLOPs utilisation (6 * N * tokens/s over this machine's measured matmul peak,
+Same shapes, same batch, same random data, dropout off, AdamW step included: tokens/s and model FLOPs utilisation (6 * N * tokens/s over this machine's measured matmul peak,
 with N counted without and with embeddings), for fp32 and bf16 autocast, eager (and compiled with
 --compile). Also a short real-data run in fp32 and bf16 to compare their loss curves.
 
-Each side trains alone, in rounds that take turns (transformers, lmlab, lmlab, transformers), and
-tokens/s comes from its median step time: load that comes and goes on a shared machine hits both.
-(Stepping the two models alternately instead made transformers ~20% faster in bf16: its large
-temporaries then reuse memory the other model's step has just freed, which it never has alone.)
+Each side trains alone in a fresh process, in rounds that take turns (transformers, lmlab, lmlab,
+transformers), and tokens/s comes from its median step time: load that comes and goes on a shared
+machine hits both. A fresh process each, as a training run has, because the heap a step finds decides
+its speed: sharing one process, transformers' bf16 step took 745-903 ms depending on what ran before it
+(its 33-67 MB logits buffers are page-faulted afresh, or not), and stepping the two models alternately
+made it ~20% faster, its large temporaries reusing memory the other model's step had just freed.
 
     python benchmarks/train_throughput.py                # everything (~30 min on 2 cores)
     python benchmarks/train_throughput.py --quick        # the small config only
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,25 +82,41 @@ def step_fn(model, kind: str, dtype: str):
     return step
 
 
-def measure(c: dict, dtype: str, compiled: bool, warmup: int, steps: int, rounds: int = 2) -> dict[str, float]:
-    """tokens/s of each side from its median step time over `rounds` runs, the sides taking turns."""
-    T, B = c["block_size"], c["batch_size"]
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, c["vocab_size"], (warmup + steps, B, T + 1), generator=g)
+def measure(name: str, dtype: str, compiled: bool, warmup: int, steps: int, rounds: int = 2) -> dict[str, float]:
+    """tokens/s of each side from its median step time over `rounds` runs, the sides taking turns, each
+    run in a fresh process (see the module docstring)."""
+    c = CONFIGS[name]
     times = {"hf": [], "lmlab": []}
     for r in range(rounds):
         for kind in (list(times) if r % 2 == 0 else list(times)[::-1]):
-            torch.manual_seed(0)
-            model = (build_hf if kind == "hf" else build_lmlab)(c)
-            model.train()
-            step = step_fn(torch.compile(model) if compiled else model, kind, dtype)
-            for i in range(warmup + steps):
-                t0 = time.perf_counter()
-                step(data[i, :, :-1], data[i, :, 1:])
-                if i >= warmup:
-                    times[kind].append(time.perf_counter() - t0)
-            del model, step
-    return {kind: B * T / statistics.median(t) for kind, t in times.items()}
+            job = dict(config=name, kind=kind, dtype=dtype, compiled=compiled, warmup=warmup, steps=steps,
+                       threads=torch.get_num_threads())
+            run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+                                 text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"worker {job} failed:\n{run.stderr[-2000:]}")
+            times[kind] += json.loads(run.stdout.strip().splitlines()[-1])
+    return {kind: c["batch_size"] * c["block_size"] / statistics.median(t) for kind, t in times.items()}
+
+
+def worker(job: dict) -> list[float]:
+    """Step times of one side, alone in this process: a fresh model, `warmup` steps, then `steps` timed."""
+    torch.set_num_threads(job["threads"])
+    c = CONFIGS[job["config"]]
+    T, B = c["block_size"], c["batch_size"]
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, c["vocab_size"], (job["warmup"] + job["steps"], B, T + 1), generator=g)
+    torch.manual_seed(0)
+    model = (build_hf if job["kind"] == "hf" else build_lmlab)(c)
+    model.train()
+    step = step_fn(torch.compile(model) if job["compiled"] else model, job["kind"], job["dtype"])
+    times = []
+    for i in range(job["warmup"] + job["steps"]):
+        t0 = time.perf_counter()
+        step(data[i, :, :-1], data[i, :, 1:])
+        if i >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def loss_curves(steps: int) -> dict:
@@ -128,7 +146,8 @@ def loss_curves(steps: int) -> dict:
     return out
 
 
-def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks: dict) -> list[dict]:
+def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks: dict,
+               rounds: int) -> list[dict]:
     rows = []
     for name in names:
         c = CONFIGS[name]
@@ -137,7 +156,7 @@ def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks:
         for dtype in ("fp32", "bf16"):
             row = {"config": name, "dtype": dtype, **c, "n_params_non_embedding": n_nonemb, "n_params": n_all}
             for mode, compiled in [("eager", False)] + ([("compiled", True)] if compile_ else []):
-                tps = measure(c, dtype, compiled, warmup=2, steps=n_steps)
+                tps = measure(name, dtype, compiled, warmup=2, steps=n_steps, rounds=rounds)
                 for kind in ("hf", "lmlab"):
                     row[f"{kind}_{mode}_tok_s"] = tps[kind]
                     row[f"{kind}_{mode}_mfu"] = 6 * n_nonemb * tps[kind] / peaks[dtype]
@@ -157,8 +176,8 @@ def markdown(data: dict) -> str:
           f"Machine: {data['machine']['cpus']} CPUs, {data['machine']['torch_threads']} torch threads, torch "
           f"{data['machine']['torch']}; measured matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{peaks['bf16'] / 1e9:.0f} GFLOP/s. Dropout off, AdamW step and grad clipping included, same random "
-          "batches, each side alone in rounds taking turns (tokens/s from the median step); bf16 = the trainer's "
-          "autocast (`--train.dtype=bfloat16`) on both sides. MFU = 6·N·tokens/s over the peak of the dtype "
+          "batches, each side alone in a fresh process, in rounds taking turns (tokens/s from the median "
+          "step); bf16 = the trainer's autocast (`--train.dtype=bfloat16`) on both sides. MFU = 6·N·tokens/s over the peak of the dtype "
           "(N without embeddings; with embeddings in brackets).", "",
           "| config | dtype | transformers tok/s (MFU) | lmlab tok/s (MFU) | lmlab / transformers |"
           + (" compiled: transformers | compiled: lmlab | ratio |" if compiled else ""),
@@ -186,10 +205,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small config only, fewer steps")
     ap.add_argument("--compile", action="store_true", help="add torch.compile columns")
     ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per side, taking turns")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one side's step times, as JSON
     ap.add_argument("--curve_steps", type=int, default=300)
     ap.add_argument("--part", choices=("all", "throughput", "curves"), default="all",
                     help="rerun one part; the other is kept from the existing results file")
     args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
 
     name = "train_throughput" + ("_quick" if args.quick else "")
     data = {"machine": machine(), "peaks": None, "rows": [], "loss_curves": None}
@@ -203,7 +227,7 @@ def main() -> None:
         print(f"matmul peak: fp32 {data['peaks']['fp32'] / 1e9:.0f} GFLOP/s, "
               f"bf16 {data['peaks']['bf16'] / 1e9:.0f} GFLOP/s")
         data["rows"] = throughput(["small"] if args.quick else list(CONFIGS), args.steps, args.quick,
-                                  args.compile, data["peaks"])
+                                  args.compile, data["peaks"], args.rounds)
     if args.part in ("all", "curves") and not args.quick:
         data["loss_curves"] = {**loss_curves(args.curve_steps), "steps": args.curve_steps,
                                "threads": torch.get_num_threads()}
