@@ -1,7 +1,8 @@
 """Training throughput of lmlab's GPT against Hugging Face transformers' GPT2LMHeadModel.
 
-Same shapes, same batch, same random data, dropout off, AdamW step included: tokens/s and model FLOPs utilisation (6 * N * tokens/s over this machine's measured matmul peak,
-with N counted without and with embeddings), for fp32 and bf16 autocast, eager (and compiled with
+Same shapes, same batch, same random data, dropout off, AdamW step included: tokens/s and model
+FLOPs utilisation (6 * N * tokens/s over this machine's measured matmul peak, with N counted without
+and with embeddings), for fp32 and bf16 autocast, eager (and compiled with
 --compile). Also a short real-data run in fp32 and bf16 to compare their loss curves.
 
 Each side trains alone in a fresh process, in rounds that take turns (transformers, lmlab, lmlab,
@@ -177,8 +178,8 @@ def markdown(data: dict) -> str:
           f"{data['machine']['torch']}; measured matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{peaks['bf16'] / 1e9:.0f} GFLOP/s. Dropout off, AdamW step and grad clipping included, same random "
           "batches, each side alone in a fresh process, in rounds taking turns (tokens/s from the median "
-          "step); bf16 = the trainer's autocast (`--train.dtype=bfloat16`) on both sides. MFU = 6·N·tokens/s over the peak of the dtype "
-          "(N without embeddings; with embeddings in brackets).", "",
+          "step); bf16 = the trainer's autocast (`--train.dtype=bfloat16`) on both sides. MFU = 6·N·tokens/s "
+          "over the peak of the dtype (N without embeddings; with embeddings in brackets).", "",
           "| config | dtype | transformers tok/s (MFU) | lmlab tok/s (MFU) | lmlab / transformers |"
           + (" compiled: transformers | compiled: lmlab | ratio |" if compiled else ""),
           "|---|---|---|---|---|" + ("---|---|---|" if compiled else "")]
