@@ -4,8 +4,9 @@ The previous n - 1 tokens are looked up in a shared embedding table C and concat
 x = (C(w_{t-1}), ..., C(w_{t-n+1})); then y = b + W x + U tanh(d + H x) (their eq. 1), where W are the
 optional direct input-to-output connections. With `tie_embeddings` the output layer reuses C
 through a linear hidden -> m projection, y = b + C P tanh(d + H x) (Press & Wolf 2017's weight tying,
-which regularises small corpora such as PTB and makes the output layer m rather than h wide). The first tokens of a window see `</s>` as context
-(documents are separated by `</s>` in lmlab's token streams). Trained by the common Trainer.
+which regularises small corpora such as PTB and makes the output layer m rather than h wide). The
+first tokens of a window see `</s>` as context (documents are separated by `</s>` in lmlab's token
+streams). Trained by the common Trainer.
 """
 
 from __future__ import annotations
