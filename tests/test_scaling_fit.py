@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lmlab.scaling.fit import (CHINCHILLA_APPROACH3, ChinchillaLaw, bootstrap, fit_chinchilla, fit_power_law,
-                               interval, isoflop_optima)
+from lmlab.scaling.fit import (CHINCHILLA_APPROACH3, ChinchillaLaw, LogBilinearLaw, bootstrap, fit_chinchilla,
+                               fit_log_bilinear, fit_power_law, interval, isoflop_optima)
 
 
 def test_chinchilla_approach3_compute_optimal_closed_form():
@@ -73,12 +73,34 @@ def test_backtest_passes_on_a_law_and_catches_a_sweep_the_law_cannot_describe():
     lawful = [{"name": "", "N": n, "D": d, "val_loss": float(truth.loss(n, d))} for n, d in grid]
     rows = backtest(lawful)
     assert {r["left_out"] for r in rows} == {"largest N", "largest D", "largest N and D"}
-    assert max(abs(r["error"]) for r in rows) < 0.005
+    assert {r["law"] for r in rows} == {"chinchilla", "log_bilinear"}
+    assert max(abs(r["error"]) for r in rows if r["law"] == "chinchilla") < 0.005
     # with only two token budgets left, B / D^beta is not identifiable: that backtest is skipped
     assert {r["left_out"] for r in backtest([r for r in lawful if r["D"] > 1.5e6])} == {"largest N"}
     # an N x D interaction (bigger models gain more from more tokens), as short CPU runs show:
     # the additive form cannot extrapolate it, and the corner left out says so
     bent = [dict(r, val_loss=r["val_loss"] - 0.05 * np.log2(r["N"] / 1e5) * np.log2(r["D"] / 1e6))
             for r in lawful]
-    corner = [r for r in backtest(bent) if r["left_out"] == "largest N and D"]
-    assert len(corner) == 1 and corner[0]["error"] > 0.03
+    corner = {r["law"]: r for r in backtest(bent) if r["left_out"] == "largest N and D"}
+    assert len(corner) == 2 and corner["chinchilla"]["error"] > 0.03
+
+
+def test_log_bilinear_fit_recovers_known_coefficients():
+    truth = LogBilinearLaw(log_k=3.0, a=-0.06, b=0.05, c=-0.012)
+    N = np.repeat(np.geomspace(5e4, 8e5, 4), 3)
+    D = np.tile(np.geomspace(4e6, 1.6e7, 3), 4)
+    # bigger models: a steeper power law in D
+    assert truth.data_exponent(8e5) > truth.data_exponent(5e4) > 0
+    exact = fit_log_bilinear(N, D, truth.loss(N, D))
+    for k, v in truth.as_dict().items():
+        assert getattr(exact, k) == pytest.approx(v, rel=1e-6, abs=1e-9)
+    rng = np.random.default_rng(0)
+    noisy = fit_log_bilinear(N, D, truth.loss(N, D) * np.exp(rng.normal(0, 0.003, len(N))))
+    # 2x N on 2x D past the grid: within 1% under 0.3% noise
+    assert noisy.loss(1.6e6, 3.2e7) == pytest.approx(truth.loss(1.6e6, 3.2e7), rel=0.01)
+    from lmlab.scaling.report import backtest
+
+    runs = [{"name": "", "N": n, "D": d, "val_loss": float(truth.loss(n, d))} for n, d in zip(N, D)]
+    assert max(abs(r["error"]) for r in backtest(runs, laws=("log_bilinear",))) < 1e-6
+    with pytest.raises(ValueError, match="2 sizes"):
+        fit_log_bilinear(np.full(6, 1e5), D[:6], truth.loss(1e5, D[:6]))

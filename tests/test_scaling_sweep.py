@@ -46,7 +46,7 @@ def test_fit_and_predict_cli_on_synthetic_sweep(tmp_path, capsys):
     import numpy as np
 
     from lmlab.cli import main
-    from lmlab.scaling.fit import ChinchillaLaw
+    from lmlab.scaling.fit import ChinchillaLaw, LogBilinearLaw
 
     law = ChinchillaLaw(E=1.5, A=200.0, B=600.0, alpha=0.3, beta=0.35)
     runs = [{"name": f"r{i}", "N": n, "D": d, "val_loss": float(law.loss(n, d))}
@@ -60,6 +60,14 @@ def test_fit_and_predict_cli_on_synthetic_sweep(tmp_path, capsys):
     out = capsys.readouterr().out
     predicted = float(out.split(": ")[1].split(",")[0])
     assert predicted == pytest.approx(float(law.loss(2e6, 2e7)), rel=0.005)
+    # the log-bilinear law is fitted alongside and can be asked for by name
+    assert set(fit["log_bilinear"]) == {"log_k", "a", "b", "c"} and len(fit["log_bilinear_bootstrap"]) == 5
+    assert main(["scaling", "predict", str(tmp_path / "fit.json"), "--n", "2e6", "--d", "2e7",
+                 "--law", "log_bilinear"]) == 0
+    out = capsys.readouterr().out
+    assert "(log_bilinear law)" in out
+    local = LogBilinearLaw(**fit["log_bilinear"])
+    assert float(out.split(": ")[1].split(",")[0]) == pytest.approx(float(local.loss(2e6, 2e7)), abs=1e-4)
 
 
 def test_train_longer_runs_each_budget_and_plots(char_data, tmp_path, capsys):
@@ -90,7 +98,7 @@ def test_fit_writes_plots(tmp_path):
     import numpy as np
 
     from lmlab.cli import main
-    from lmlab.scaling.fit import ChinchillaLaw
+    from lmlab.scaling.fit import ChinchillaLaw, LogBilinearLaw
 
     law = ChinchillaLaw(E=1.5, A=200.0, B=600.0, alpha=0.3, beta=0.35)
     runs = [{"name": f"r{i}", "N": n, "D": d, "val_loss": float(law.loss(n, d))}

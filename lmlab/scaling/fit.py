@@ -5,6 +5,8 @@
   minimised with L-BFGS from a grid of initialisations. With C = 6ND its compute-optimal allocation
   has the closed form N*(C) = G (C/6)^(beta/(alpha+beta)), D*(C) = (C/6) / N*(C),
   G = (alpha A / (beta B))^(1/(alpha+beta)) (Hoffmann et al. 2022, eq. 4).
+* `LogBilinearLaw`: log L = log K + a log N + b log D + c log N log D, a power law in D whose exponent
+  moves with model size. A local law for sweeps where bigger models gain more per doubling of D.
 * `PowerLaw`: L(X) = E + (X_c / X)^alpha, one variable (Kaplan et al. 2020 use E = 0).
 * `isoflop_optima`: Approach 2 — for each compute budget, the N that minimises a parabola fitted to
   loss against log N; then N*(C) and D*(C) as power laws of C.
@@ -127,6 +129,49 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
             best, best_value = res.x, res.fun
     a, b, e, alpha, beta = best
     return ChinchillaLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
+
+
+@dataclass
+class LogBilinearLaw:
+    """L(N, D) = K N^a D^(b + c log N).
+
+    The additive Chinchilla form gives every model size the same gain per doubling of D, so the gap
+    between two sizes cannot grow with D. Short CPU runs show exactly that growth: the larger model is
+    further from its limit and its loss falls faster. Letting the data exponent move linearly with
+    log N (a first-order expansion around the sweep) describes it with four coefficients, linear in
+    log space. It has no irreducible loss, so it is for extrapolations of a few doublings past the
+    sweep, not for compute-optimal allocation at far larger budgets."""
+
+    log_k: float
+    a: float
+    b: float
+    c: float
+
+    def loss(self, N, D):
+        logN, logD = np.log(np.asarray(N, dtype=float)), np.log(np.asarray(D, dtype=float))
+        return np.exp(self.log_k + self.a * logN + self.b * logD + self.c * logN * logD)
+
+    def data_exponent(self, N):
+        """-d log L / d log D at size N: the exponent of the power law in D."""
+        return -(self.b + self.c * np.log(np.asarray(N, dtype=float)))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_log_bilinear(N: Sequence[float], D: Sequence[float], L: Sequence[float]) -> LogBilinearLaw:
+    """Least squares on log L, which is linear in the four coefficients."""
+    logN, logD, logL = (np.log(np.asarray(v, dtype=float)) for v in (N, D, L))
+    if min(len(np.unique(logN)), len(np.unique(logD))) < 2 or len(logL) < 5:
+        raise ValueError("the log-bilinear law needs at least 5 runs spanning 2 sizes and 2 token budgets")
+    # centred columns keep the system well conditioned; the coefficients are mapped back afterwards
+    n0, d0 = logN.mean(), logD.mean()
+    x, y = logN - n0, logD - d0
+    X = np.stack([np.ones_like(x), x, y, x * y], axis=1)
+    (k, a, b, c), *_ = np.linalg.lstsq(X, logL, rcond=None)
+    # log L = k + a x + b y + c x y with x = logN - n0, y = logD - d0, expanded in logN and logD
+    return LogBilinearLaw(log_k=float(k - a * n0 - b * d0 + c * n0 * d0), a=float(a - c * d0),
+                          b=float(b - c * n0), c=float(c))
 
 
 @dataclass

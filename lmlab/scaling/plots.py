@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.io.atomic import atomic_open
-from lmlab.scaling.fit import ISOFLOP_TOLERANCE, ChinchillaLaw
+from lmlab.scaling.fit import ISOFLOP_TOLERANCE, ChinchillaLaw, LogBilinearLaw
 
 
 def _pyplot():
@@ -86,8 +86,10 @@ def isoflop_profiles(runs: list[dict], law: ChinchillaLaw, path: Path, *,
     return _save(fig, path)
 
 
-def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list[dict] | None = None) -> Path:
-    """Loss against training tokens, one line per model size, with the law; `extra` runs (held-out) starred."""
+def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list[dict] | None = None,
+                   local: LogBilinearLaw | None = None) -> Path:
+    """Loss against training tokens, one line per model size, with the law (solid) and the log-bilinear
+    law (dashed, if given); `extra` runs (held-out) starred."""
     plt = _pyplot()
     N, D, L = _columns(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -96,11 +98,14 @@ def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list
         m = N == n
         line, = ax.plot(D[m], L[m], "o", label=f"N={n:.3g}")
         ax.plot(ds, law.loss(n, ds), "-", color=line.get_color(), alpha=0.5)
+        if local is not None:
+            ax.plot(ds, local.loss(n, ds), "--", color=line.get_color(), alpha=0.5)
     for r in extra or []:
         line, = ax.plot([r["D"]], [r["val_loss"]], "*", ms=12, label=f"held out N={r['N']:.3g}")
-        ax.plot(ds, law.loss(r["N"], ds), ":", color=line.get_color())
+        ax.plot(ds, (local or law).loss(r["N"], ds), ":", color=line.get_color())
+    title = "Loss against tokens (points: runs; lines: Chinchilla fit"
     ax.set(xscale="log", xlabel="training tokens D", ylabel="validation loss",
-           title="Loss against tokens (points: runs; lines: fit)")
+           title=title + ("; dashed: log-bilinear)" if local is not None else ")"))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -123,7 +128,7 @@ def train_longer(rows: list[dict], law: ChinchillaLaw | None, path: Path) -> Pat
 
 
 def write_sweep_plots(runs: list[dict], law: ChinchillaLaw, out_dir: Path,
-                      extra: list[dict] | None = None) -> list[Path]:
+                      extra: list[dict] | None = None, local: LogBilinearLaw | None = None) -> list[Path]:
     """The three sweep plots into out_dir; [] with a message if matplotlib is missing."""
     try:
         _pyplot()
@@ -133,4 +138,4 @@ def write_sweep_plots(runs: list[dict], law: ChinchillaLaw, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     return [loss_vs_compute(runs, law, out_dir / "loss_vs_compute.png"),
             isoflop_profiles(runs, law, out_dir / "isoflop.png"),
-            loss_vs_tokens(runs, law, out_dir / "loss_vs_tokens.png", extra)]
+            loss_vs_tokens(runs, law, out_dir / "loss_vs_tokens.png", extra, local)]

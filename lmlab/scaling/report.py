@@ -9,8 +9,14 @@ import numpy as np
 
 from lmlab.errors import LmlabError
 from lmlab.io.atomic import atomic_write_text
-from lmlab.scaling.fit import (ChinchillaLaw, bootstrap, fit_chinchilla, fit_power_law, interval,
-                               isoflop_optima)
+from lmlab.scaling.fit import (ChinchillaLaw, LogBilinearLaw, bootstrap, fit_chinchilla, fit_log_bilinear,
+                               fit_power_law, interval, isoflop_optima)
+
+# law name -> (class, full fit, the cheaper fit used for bootstrap resamples)
+LAWS = {
+    "chinchilla": (ChinchillaLaw, fit_chinchilla, lambda n, d, l: fit_chinchilla(n, d, l, starts=8)),
+    "log_bilinear": (LogBilinearLaw, fit_log_bilinear, fit_log_bilinear),
+}
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -33,6 +39,11 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
     out: dict = {"chinchilla": law.as_dict(), "n_runs": len(runs),
                  "bootstrap": [b.as_dict() for b in boots],
                  "intervals_90": {k: interval([b.as_dict()[k] for b in boots]) for k in law.as_dict()}}
+    local = fit_log_bilinear(N, D, L)
+    local_boots = bootstrap(fit_log_bilinear, [N, D, L], n=n_bootstrap, seed=seed)
+    out["log_bilinear"] = local.as_dict()
+    out["log_bilinear_bootstrap"] = [b.as_dict() for b in local_boots]
+    out["log_bilinear_max_abs_residual"] = float(np.max(np.abs(local.loss(N, D) / L - 1)))
     C = 6 * N * D
     # Kaplan et al. 2020 style one-variable laws over the frontier: the best loss at each N, D and C
     for name, X in (("L_of_N", N), ("L_of_D", D), ("L_of_C", C)):
@@ -57,9 +68,9 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
     return out
 
 
-def backtest(runs: list[dict]) -> list[dict]:
-    """Can this sweep predict a run it did not see? Refit without the largest N, without the largest D,
-    and without both, and score the left-out runs. Leaving out the corner (largest N and D) is a 2x N,
+def backtest(runs: list[dict], laws: tuple[str, ...] = ("chinchilla", "log_bilinear")) -> list[dict]:
+    """Can this sweep predict a run it did not see? Refit each law without the largest N, without the
+    largest D, and without both, and score the left-out runs. Leaving out the corner (largest N and D) is a 2x N,
     2x D extrapolation on a doubling grid, i.e. the held-out test at 4x compute, for free. A sweep that
     fails it here will not predict its held-out run either. A refit needs three distinct values of N
     and of D (with two, E and B / D^beta trade off freely), so a 4 x 3 grid only backtests N."""
@@ -72,20 +83,27 @@ def backtest(runs: list[dict]) -> list[dict]:
         train = ~held if name != "largest N and D" else (N < N.max()) & (D < D.max())
         if train.sum() < 5 or not held.any() or min(len(set(N[train])), len(set(D[train]))) < 3:
             continue
-        law = fit_chinchilla(N[train], D[train], L[train])
-        for i in np.flatnonzero(held):
-            pred = float(law.loss(N[i], D[i]))
-            rows.append({"left_out": name, "fitted_runs": int(train.sum()), "name": runs[i].get("name", ""),
-                         "N": float(N[i]), "D": float(D[i]), "val_loss": float(L[i]), "predicted": pred,
-                         "error": (pred - L[i]) / L[i]})
+        for law_name in laws:
+            law = LAWS[law_name][1](N[train], D[train], L[train])
+            for i in np.flatnonzero(held):
+                pred = float(law.loss(N[i], D[i]))
+                rows.append({"law": law_name, "left_out": name, "fitted_runs": int(train.sum()),
+                             "name": runs[i].get("name", ""), "N": float(N[i]), "D": float(D[i]),
+                             "val_loss": float(L[i]), "predicted": pred, "error": (pred - L[i]) / L[i]})
     return rows
 
 
-def predict(fit: dict, n: float, d: float) -> dict:
-    law = ChinchillaLaw(**fit["chinchilla"])
-    boots = [float(ChinchillaLaw(**b).loss(n, d)) for b in fit.get("bootstrap", [])]
+def predict(fit: dict, n: float, d: float, law: str = "chinchilla") -> dict:
+    if law not in LAWS:
+        raise LmlabError(f"unknown law '{law}'; choose one of {', '.join(LAWS)}")
+    if law not in fit:
+        raise LmlabError(f"this fit has no '{law}' law; refit the sweep with `lmlab scaling fit`")
+    cls = LAWS[law][0]
+    boots_key = "bootstrap" if law == "chinchilla" else f"{law}_bootstrap"
+    boots = [float(cls(**b).loss(n, d)) for b in fit.get(boots_key, [])]
     lo, hi = interval(boots) if boots else (float("nan"), float("nan"))
-    return {"N": n, "D": d, "C": 6 * n * d, "loss": float(law.loss(n, d)), "interval_90": [lo, hi]}
+    return {"law": law, "N": n, "D": d, "C": 6 * n * d, "loss": float(cls(**fit[law]).loss(n, d)),
+            "interval_90": [lo, hi]}
 
 
 def write_fit(fit: dict, path: Path) -> None:
@@ -107,10 +125,15 @@ def summary(fit: dict) -> str:
         lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, {row['tokens_per_param']:.1f} tokens/param")
     if "max_abs_residual" in fit:
         lines.append(f"largest in-sample residual: {fit['max_abs_residual']:.2%} of the loss")
+    if "log_bilinear" in fit:
+        b = fit["log_bilinear"]
+        lines.append(f"log-bilinear law: L(N, D) = exp({b['log_k']:.4f}) N^{b['a']:.4f} "
+                     f"D^({b['b']:.4f} {b['c']:+.5f} ln N), largest in-sample residual "
+                     f"{fit['log_bilinear_max_abs_residual']:.2%}")
     if fit.get("backtest"):
         lines.append("backtest (refit without the left-out runs, then predict them):")
         for r in fit["backtest"]:
             run = r["name"] or f"N={r['N']:.3g} D={r['D']:.3g}"
-            lines.append(f"  without {r['left_out']:<16} {run}: measured {r['val_loss']:.4f}, "
-                         f"predicted {r['predicted']:.4f} ({r['error']:+.2%})")
+            lines.append(f"  {r.get('law', 'chinchilla'):<12} without {r['left_out']:<16} {run}: measured "
+                         f"{r['val_loss']:.4f}, predicted {r['predicted']:.4f} ({r['error']:+.2%})")
     return "\n".join(lines)
