@@ -359,11 +359,11 @@ def cmd_scaling(args: argparse.Namespace, rest: list[str]) -> int:
         out = Path(args.path) / "fit.json" if Path(args.path).is_dir() else Path(args.path).with_name("fit.json")
         report.write_fit(fit, out)
         print(report.summary(fit))
-        from lmlab.scaling.fit import ChinchillaLaw, LogBilinearLaw
+        from lmlab.scaling.fit import ChinchillaLaw, KaplanLaw
         from lmlab.scaling.plots import write_sweep_plots
 
         plots = write_sweep_plots(report.load_results(args.path), ChinchillaLaw(**fit["chinchilla"]), out.parent,
-                                  local=LogBilinearLaw(**fit["log_bilinear"]))
+                                  local=KaplanLaw(**fit["kaplan"]))
         print(f"wrote {out}" + "".join(f", {p}" for p in plots))
         return 0
     if not args.path or args.n is None or args.d is None:
@@ -555,8 +555,8 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=float, help="predict: non-embedding parameters")
     sp.add_argument("--d", type=float, help="predict: training tokens")
     sp.add_argument("--bootstrap", type=int, default=100, help="fit: bootstrap resamples for intervals")
-    sp.add_argument("--law", default="chinchilla", choices=("chinchilla", "log_bilinear"),
-                    help="predict: which fitted law (log_bilinear: data exponent varies with N)")
+    sp.add_argument("--law", default="chinchilla", choices=("chinchilla", "kaplan"),
+                    help="predict: which fitted law (kaplan: Kaplan et al. 2020 eq. 1.5)")
     sp.add_argument("--multiples", default="1,2,4,8,16",
                     help="longer: token budgets as multiples of the fit's compute-optimal D for --n")
 

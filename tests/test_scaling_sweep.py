@@ -46,7 +46,7 @@ def test_fit_and_predict_cli_on_synthetic_sweep(tmp_path, capsys):
     import numpy as np
 
     from lmlab.cli import main
-    from lmlab.scaling.fit import ChinchillaLaw, LogBilinearLaw
+    from lmlab.scaling.fit import ChinchillaLaw, KaplanLaw
 
     law = ChinchillaLaw(E=1.5, A=200.0, B=600.0, alpha=0.3, beta=0.35)
     runs = [{"name": f"r{i}", "N": n, "D": d, "val_loss": float(law.loss(n, d))}
@@ -60,13 +60,13 @@ def test_fit_and_predict_cli_on_synthetic_sweep(tmp_path, capsys):
     out = capsys.readouterr().out
     predicted = float(out.split(": ")[1].split(",")[0])
     assert predicted == pytest.approx(float(law.loss(2e6, 2e7)), rel=0.005)
-    # the log-bilinear law is fitted alongside and can be asked for by name
-    assert set(fit["log_bilinear"]) == {"log_k", "a", "b", "c"} and len(fit["log_bilinear_bootstrap"]) == 5
+    # Kaplan's L(N, D) is fitted alongside and can be asked for by name
+    assert set(fit["kaplan"]) == {"N_c", "D_c", "alpha_N", "alpha_D"} and len(fit["kaplan_bootstrap"]) == 5
     assert main(["scaling", "predict", str(tmp_path / "fit.json"), "--n", "2e6", "--d", "2e7",
-                 "--law", "log_bilinear"]) == 0
+                 "--law", "kaplan"]) == 0
     out = capsys.readouterr().out
-    assert "(log_bilinear law)" in out
-    local = LogBilinearLaw(**fit["log_bilinear"])
+    assert "(kaplan law)" in out
+    local = KaplanLaw(**fit["kaplan"])
     assert float(out.split(": ")[1].split(",")[0]) == pytest.approx(float(local.loss(2e6, 2e7)), abs=1e-4)
 
 
@@ -98,7 +98,7 @@ def test_fit_writes_plots(tmp_path):
     import numpy as np
 
     from lmlab.cli import main
-    from lmlab.scaling.fit import ChinchillaLaw, LogBilinearLaw
+    from lmlab.scaling.fit import ChinchillaLaw, KaplanLaw
 
     law = ChinchillaLaw(E=1.5, A=200.0, B=600.0, alpha=0.3, beta=0.35)
     runs = [{"name": f"r{i}", "N": n, "D": d, "val_loss": float(law.loss(n, d))}

@@ -5,8 +5,8 @@
   minimised with L-BFGS from a grid of initialisations. With C = 6ND its compute-optimal allocation
   has the closed form N*(C) = G (C/6)^(beta/(alpha+beta)), D*(C) = (C/6) / N*(C),
   G = (alpha A / (beta B))^(1/(alpha+beta)) (Hoffmann et al. 2022, eq. 4).
-* `LogBilinearLaw`: log L = log K + a log N + b log D + c log N log D, a power law in D whose exponent
-  moves with model size. A local law for sweeps where bigger models gain more per doubling of D.
+* `KaplanLaw`: L(N, D) = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D (Kaplan et al. 2020, eq. 1.5), whose
+  gap between model sizes grows with D, fitted by least squares on log L.
 * `PowerLaw`: L(X) = E + (X_c / X)^alpha, one variable (Kaplan et al. 2020 use E = 0).
 * `isoflop_optima`: Approach 2 — for each compute budget, the N that minimises a parabola fitted to
   loss against log N; then N*(C) and D*(C) as power laws of C.
@@ -132,46 +132,53 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
 
 
 @dataclass
-class LogBilinearLaw:
-    """L(N, D) = K N^a D^(b + c log N).
+class KaplanLaw:
+    """L(N, D) = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D (Kaplan et al. 2020, eq. 1.5).
 
-    The additive Chinchilla form gives every model size the same gain per doubling of D, so the gap
-    between two sizes cannot grow with D. Short CPU runs show exactly that growth: the larger model is
-    further from its limit and its loss falls faster. Letting the data exponent move linearly with
-    log N (a first-order expansion around the sweep) describes it with four coefficients, linear in
-    log space. It has no irreducible loss, so it is for extrapolations of a few doublings past the
-    sweep, not for compute-optimal allocation at far larger budgets."""
+    Unlike the additive Chinchilla form, the gap between two model sizes grows with D: with few tokens
+    every size is data-limited and the data term dominates, with many the size term does. Short CPU
+    runs show exactly that growth. Kaplan et al. fit alpha_N = 0.076, alpha_D = 0.095."""
 
-    log_k: float
-    a: float
-    b: float
-    c: float
+    N_c: float
+    D_c: float
+    alpha_N: float
+    alpha_D: float
 
     def loss(self, N, D):
         logN, logD = np.log(np.asarray(N, dtype=float)), np.log(np.asarray(D, dtype=float))
-        return np.exp(self.log_k + self.a * logN + self.b * logD + self.c * logN * logD)
-
-    def data_exponent(self, N):
-        """-d log L / d log D at size N: the exponent of the power law in D."""
-        return -(self.b + self.c * np.log(np.asarray(N, dtype=float)))
+        return np.exp(self.alpha_D * np.logaddexp(self.alpha_N / self.alpha_D * (math.log(self.N_c) - logN),
+                                                  math.log(self.D_c) - logD))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def fit_log_bilinear(N: Sequence[float], D: Sequence[float], L: Sequence[float]) -> LogBilinearLaw:
-    """Least squares on log L, which is linear in the four coefficients."""
+KAPLAN_GRID = {"log_N_c": (8.0, 12.0, 16.0, 20.0), "log_D_c": (10.0, 14.0, 18.0),
+               "alpha_N": (0.05, 0.1, 0.3), "alpha_D": (0.05, 0.1, 0.3)}
+
+
+def _kaplan_residuals(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray) -> np.ndarray:
+    log_nc, log_dc, a_n, a_d = theta
+    return a_d * np.logaddexp(a_n / a_d * (log_nc - logN), log_dc - logD) - logL
+
+
+def fit_kaplan(N: Sequence[float], D: Sequence[float], L: Sequence[float], *, starts: int = 16) -> KaplanLaw:
+    """Least squares on log L from the `starts` best points of a grid of initialisations."""
+    from scipy.optimize import least_squares
+
     logN, logD, logL = (np.log(np.asarray(v, dtype=float)) for v in (N, D, L))
     if min(len(np.unique(logN)), len(np.unique(logD))) < 2 or len(logL) < 5:
-        raise ValueError("the log-bilinear law needs at least 5 runs spanning 2 sizes and 2 token budgets")
-    # centred columns keep the system well conditioned; the coefficients are mapped back afterwards
-    n0, d0 = logN.mean(), logD.mean()
-    x, y = logN - n0, logD - d0
-    X = np.stack([np.ones_like(x), x, y, x * y], axis=1)
-    (k, a, b, c), *_ = np.linalg.lstsq(X, logL, rcond=None)
-    # log L = k + a x + b y + c x y with x = logN - n0, y = logD - d0, expanded in logN and logD
-    return LogBilinearLaw(log_k=float(k - a * n0 - b * d0 + c * n0 * d0), a=float(a - c * d0),
-                          b=float(b - c * n0), c=float(c))
+        raise ValueError("Kaplan's L(N, D) needs at least 5 runs spanning 2 sizes and 2 token budgets")
+    grid = np.array(list(itertools.product(*KAPLAN_GRID.values())))
+    cost = [float(np.sum(_kaplan_residuals(t, logN, logD, logL) ** 2)) for t in grid]
+    best = None
+    for theta in grid[np.argsort(cost, kind="stable")[:starts]]:
+        res = least_squares(_kaplan_residuals, theta, args=(logN, logD, logL), method="trf",
+                            bounds=([-50, -50, 1e-4, 1e-4], [200, 200, 5, 5]), xtol=1e-12, ftol=1e-12)
+        if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
+            best = res
+    log_nc, log_dc, a_n, a_d = best.x
+    return KaplanLaw(N_c=math.exp(log_nc), D_c=math.exp(log_dc), alpha_N=float(a_n), alpha_D=float(a_d))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.io.atomic import atomic_open
-from lmlab.scaling.fit import ISOFLOP_TOLERANCE, ChinchillaLaw, LogBilinearLaw
+from lmlab.scaling.fit import ISOFLOP_TOLERANCE, ChinchillaLaw, KaplanLaw
 
 
 def _pyplot():
@@ -87,9 +87,9 @@ def isoflop_profiles(runs: list[dict], law: ChinchillaLaw, path: Path, *,
 
 
 def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list[dict] | None = None,
-                   local: LogBilinearLaw | None = None) -> Path:
-    """Loss against training tokens, one line per model size, with the law (solid) and the log-bilinear
-    law (dashed, if given); `extra` runs (held-out) starred."""
+                   local: KaplanLaw | None = None) -> Path:
+    """Loss against training tokens, one line per model size, with the Chinchilla law (solid) and
+    Kaplan's L(N, D) (dashed, if given); `extra` runs (held-out) starred."""
     plt = _pyplot()
     N, D, L = _columns(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -105,7 +105,7 @@ def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list
         ax.plot(ds, (local or law).loss(r["N"], ds), ":", color=line.get_color())
     title = "Loss against tokens (points: runs; lines: Chinchilla fit"
     ax.set(xscale="log", xlabel="training tokens D", ylabel="validation loss",
-           title=title + ("; dashed: log-bilinear)" if local is not None else ")"))
+           title=title + ("; dashed: Kaplan)" if local is not None else ")"))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -128,7 +128,7 @@ def train_longer(rows: list[dict], law: ChinchillaLaw | None, path: Path) -> Pat
 
 
 def write_sweep_plots(runs: list[dict], law: ChinchillaLaw, out_dir: Path,
-                      extra: list[dict] | None = None, local: LogBilinearLaw | None = None) -> list[Path]:
+                      extra: list[dict] | None = None, local: KaplanLaw | None = None) -> list[Path]:
     """The three sweep plots into out_dir; [] with a message if matplotlib is missing."""
     try:
         _pyplot()

@@ -9,13 +9,13 @@ import numpy as np
 
 from lmlab.errors import LmlabError
 from lmlab.io.atomic import atomic_write_text
-from lmlab.scaling.fit import (ChinchillaLaw, LogBilinearLaw, bootstrap, fit_chinchilla, fit_log_bilinear,
+from lmlab.scaling.fit import (ChinchillaLaw, KaplanLaw, bootstrap, fit_chinchilla, fit_kaplan,
                                fit_power_law, interval, isoflop_optima)
 
 # law name -> (class, full fit, the cheaper fit used for bootstrap resamples)
 LAWS = {
     "chinchilla": (ChinchillaLaw, fit_chinchilla, lambda n, d, l: fit_chinchilla(n, d, l, starts=8)),
-    "log_bilinear": (LogBilinearLaw, fit_log_bilinear, fit_log_bilinear),
+    "kaplan": (KaplanLaw, fit_kaplan, lambda n, d, l: fit_kaplan(n, d, l, starts=4)),
 }
 
 
@@ -39,11 +39,11 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
     out: dict = {"chinchilla": law.as_dict(), "n_runs": len(runs),
                  "bootstrap": [b.as_dict() for b in boots],
                  "intervals_90": {k: interval([b.as_dict()[k] for b in boots]) for k in law.as_dict()}}
-    local = fit_log_bilinear(N, D, L)
-    local_boots = bootstrap(fit_log_bilinear, [N, D, L], n=n_bootstrap, seed=seed)
-    out["log_bilinear"] = local.as_dict()
-    out["log_bilinear_bootstrap"] = [b.as_dict() for b in local_boots]
-    out["log_bilinear_max_abs_residual"] = float(np.max(np.abs(local.loss(N, D) / L - 1)))
+    kaplan = fit_kaplan(N, D, L)
+    out["kaplan"] = kaplan.as_dict()
+    out["kaplan_bootstrap"] = [b.as_dict() for b in bootstrap(LAWS["kaplan"][2], [N, D, L], n=n_bootstrap,
+                                                              seed=seed)]
+    out["kaplan_max_abs_residual"] = float(np.max(np.abs(kaplan.loss(N, D) / L - 1)))
     C = 6 * N * D
     # Kaplan et al. 2020 style one-variable laws over the frontier: the best loss at each N, D and C
     for name, X in (("L_of_N", N), ("L_of_D", D), ("L_of_C", C)):
@@ -68,7 +68,7 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
     return out
 
 
-def backtest(runs: list[dict], laws: tuple[str, ...] = ("chinchilla", "log_bilinear")) -> list[dict]:
+def backtest(runs: list[dict], laws: tuple[str, ...] = ("chinchilla", "kaplan")) -> list[dict]:
     """Can this sweep predict a run it did not see? Refit each law without the largest N, without the
     largest D, and without both, and score the left-out runs. Leaving out the corner (largest N and D) is a 2x N,
     2x D extrapolation on a doubling grid, i.e. the held-out test at 4x compute, for free. A sweep that
@@ -125,11 +125,11 @@ def summary(fit: dict) -> str:
         lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, {row['tokens_per_param']:.1f} tokens/param")
     if "max_abs_residual" in fit:
         lines.append(f"largest in-sample residual: {fit['max_abs_residual']:.2%} of the loss")
-    if "log_bilinear" in fit:
-        b = fit["log_bilinear"]
-        lines.append(f"log-bilinear law: L(N, D) = exp({b['log_k']:.4f}) N^{b['a']:.4f} "
-                     f"D^({b['b']:.4f} {b['c']:+.5f} ln N), largest in-sample residual "
-                     f"{fit['log_bilinear_max_abs_residual']:.2%}")
+    if "kaplan" in fit:
+        b = fit["kaplan"]
+        lines.append(f"Kaplan's L(N, D) = [({b['N_c']:.4g} / N)^({b['alpha_N']:.4f} / {b['alpha_D']:.4f}) + "
+                     f"{b['D_c']:.4g} / D]^{b['alpha_D']:.4f}, largest in-sample residual "
+                     f"{fit['kaplan_max_abs_residual']:.2%}")
     if fit.get("backtest"):
         lines.append("backtest (refit without the left-out runs, then predict them):")
         for r in fit["backtest"]:
