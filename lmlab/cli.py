@@ -363,7 +363,7 @@ def cmd_scaling(args: argparse.Namespace, rest: list[str]) -> int:
         from lmlab.scaling.plots import write_sweep_plots
 
         plots = write_sweep_plots(report.load_results(args.path), ChinchillaLaw(**fit["chinchilla"]), out.parent,
-                                  local=KaplanLaw(**fit["kaplan"]))
+                                  kaplan=KaplanLaw(**fit["kaplan"]))
         print(f"wrote {out}" + "".join(f", {p}" for p in plots))
         return 0
     if not args.path or args.n is None or args.d is None:

@@ -87,7 +87,7 @@ def isoflop_profiles(runs: list[dict], law: ChinchillaLaw, path: Path, *,
 
 
 def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list[dict] | None = None,
-                   local: KaplanLaw | None = None) -> Path:
+                   kaplan: KaplanLaw | None = None) -> Path:
     """Loss against training tokens, one line per model size, with the Chinchilla law (solid) and
     Kaplan's L(N, D) (dashed, if given); `extra` runs (held-out) starred."""
     plt = _pyplot()
@@ -98,14 +98,14 @@ def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list
         m = N == n
         line, = ax.plot(D[m], L[m], "o", label=f"N={n:.3g}")
         ax.plot(ds, law.loss(n, ds), "-", color=line.get_color(), alpha=0.5)
-        if local is not None:
-            ax.plot(ds, local.loss(n, ds), "--", color=line.get_color(), alpha=0.5)
+        if kaplan is not None:
+            ax.plot(ds, kaplan.loss(n, ds), "--", color=line.get_color(), alpha=0.5)
     for r in extra or []:
         line, = ax.plot([r["D"]], [r["val_loss"]], "*", ms=12, label=f"held out N={r['N']:.3g}")
-        ax.plot(ds, (local or law).loss(r["N"], ds), ":", color=line.get_color())
+        ax.plot(ds, (kaplan or law).loss(r["N"], ds), ":", color=line.get_color())
     title = "Loss against tokens (points: runs; lines: Chinchilla fit"
     ax.set(xscale="log", xlabel="training tokens D", ylabel="validation loss",
-           title=title + ("; dashed: Kaplan)" if local is not None else ")"))
+           title=title + ("; dashed: Kaplan)" if kaplan is not None else ")"))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -128,7 +128,7 @@ def train_longer(rows: list[dict], law: ChinchillaLaw | None, path: Path) -> Pat
 
 
 def write_sweep_plots(runs: list[dict], law: ChinchillaLaw, out_dir: Path,
-                      extra: list[dict] | None = None, local: KaplanLaw | None = None) -> list[Path]:
+                      extra: list[dict] | None = None, kaplan: KaplanLaw | None = None) -> list[Path]:
     """The three sweep plots into out_dir; [] with a message if matplotlib is missing."""
     try:
         _pyplot()
@@ -138,4 +138,4 @@ def write_sweep_plots(runs: list[dict], law: ChinchillaLaw, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     return [loss_vs_compute(runs, law, out_dir / "loss_vs_compute.png"),
             isoflop_profiles(runs, law, out_dir / "isoflop.png"),
-            loss_vs_tokens(runs, law, out_dir / "loss_vs_tokens.png", extra, local)]
+            loss_vs_tokens(runs, law, out_dir / "loss_vs_tokens.png", extra, kaplan)]

@@ -35,7 +35,7 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
     D = np.array([r["D"] for r in runs], dtype=float)
     L = np.array([r["val_loss"] for r in runs], dtype=float)
     law = fit_chinchilla(N, D, L)
-    boots = bootstrap(lambda n, d, l: fit_chinchilla(n, d, l, starts=8), [N, D, L], n=n_bootstrap, seed=seed)
+    boots = bootstrap(LAWS["chinchilla"][2], [N, D, L], n=n_bootstrap, seed=seed)
     out: dict = {"chinchilla": law.as_dict(), "n_runs": len(runs),
                  "bootstrap": [b.as_dict() for b in boots],
                  "intervals_90": {k: interval([b.as_dict()[k] for b in boots]) for k in law.as_dict()}}
@@ -70,8 +70,8 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
 
 def backtest(runs: list[dict], laws: tuple[str, ...] = ("chinchilla", "kaplan")) -> list[dict]:
     """Can this sweep predict a run it did not see? Refit each law without the largest N, without the
-    largest D, and without both, and score the left-out runs. Leaving out the corner (largest N and D) is a 2x N,
-    2x D extrapolation on a doubling grid, i.e. the held-out test at 4x compute, for free. A sweep that
+    largest D, and without both, and score the left-out runs. Leaving out the corner (largest N and D)
+    is a 2x N, 2x D extrapolation on a doubling grid, i.e. the held-out test at 4x compute, for free. A sweep that
     fails it here will not predict its held-out run either. A refit needs three distinct values of N
     and of D (with two, E and B / D^beta trade off freely), so a 4 x 3 grid only backtests N."""
     N = np.array([r["N"] for r in runs], dtype=float)
