@@ -549,7 +549,7 @@ def make_parser() -> argparse.ArgumentParser:
              "\n\nexamples:\n  lmlab prepare stdlib-code --out data/stdlib-code --vocab_size 2048\n"
              "  lmlab scaling sweep --sizes=1e5,3e5,1e6 --tokens=2e6,4e6,8e6,16e6\n"
              "  lmlab scaling fit runs/scaling\n"
-             "  lmlab scaling predict runs/scaling/fit.json --n 2e6 --d 3.2e7")
+             "  lmlab scaling predict runs/scaling/fit.json --n 2e6 --d 3.2e7 --law kaplan")
     sp.add_argument("action", choices=["sweep", "fit", "predict", "longer"])
     sp.add_argument("path", nargs="?", help="fit: the sweep directory; predict: its fit.json")
     sp.add_argument("--n", type=float, help="predict: non-embedding parameters")
