@@ -10,7 +10,11 @@ def test_shapes_hit_the_target_size():
     for n in (1e5, 1e6, 1e7):
         n_layer, d = shape_for(n)
         assert 0.6 < 12 * n_layer * d * d / n < 1.6 and d % 32 == 0
-    assert lr_for(1e6) < lr_for(1e5)  # larger models train with smaller steps
+    # larger models train with smaller steps; the default rule falls as 1 / width (muP)
+    assert lr_for(1e6, 256) == pytest.approx(lr_for(2e5, 128) / 2)
+    assert lr_for(1e6, 128, rule="kaplan") < lr_for(1e5, 128, rule="kaplan")
+    with pytest.raises(LmlabError, match="lr_rule"):
+        lr_for(1e6, 128, rule="mup")
     assert shape_for(8e5, n_layer=2) == (2, 192) and shape_for(1.6e6, n_layer=2) == (2, 256)  # width only
 
 
@@ -34,6 +38,12 @@ def test_sweep_runs_resumes_and_tabulates(char_data, tmp_path):
     capped = sweep(cfg, log=lambda *a: None)
     assert len(capped) == 2 and all(r["D"] == 4096 for r in capped)
     assert len(json.loads((tmp_path / "sweep" / "results.json").read_text())) == 2
+    # two worker processes train the same runs to the same losses (up to thread-count rounding)
+    cfg.out, cfg.workers, cfg.max_compute, cfg.tokens = str(tmp_path / "parallel"), 2, 0.0, [4096]
+    parallel = sweep(cfg, log=lambda *a: None)
+    assert [r["name"] for r in parallel] == [r["name"] for r in capped]
+    assert [r["val_loss"] for r in parallel] == pytest.approx([r["val_loss"] for r in capped], rel=1e-3)
+    assert all((tmp_path / "parallel" / r["name"] / "result.json").is_file() for r in parallel)
 
 
 def test_sweep_refuses_too_many_epochs(char_data, tmp_path):

@@ -70,16 +70,19 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
 
 def backtest(runs: list[dict], laws: tuple[str, ...] = ("chinchilla", "kaplan")) -> list[dict]:
     """Can this sweep predict a run it did not see? Refit each law without the largest N, without the
-    largest D, and without both, and score the left-out runs. Leaving out the corner (largest N and D)
-    is a 2x N, 2x D extrapolation on a doubling grid, i.e. the held-out test at 4x compute, for free. A sweep that
-    fails it here will not predict its held-out run either. A refit needs three distinct values of N
-    and of D (with two, E and B / D^beta trade off freely), so a 4 x 3 grid only backtests N."""
+    largest D, without both, and without the runs above a quarter of the largest compute, and score the
+    left-out runs. Leaving out the corner (largest N and D) is a 2x N, 2x D extrapolation on a doubling
+    grid, i.e. the held-out test at 4x compute, for free; on a grid capped by max_compute, the runs above
+    C_max / 4 play that part. A sweep that fails here will not predict its held-out run either. A refit
+    needs three distinct values of N and of D (with two, E and B / D^beta trade off freely)."""
     N = np.array([r["N"] for r in runs], dtype=float)
     D = np.array([r["D"] for r in runs], dtype=float)
     L = np.array([r["val_loss"] for r in runs], dtype=float)
+    C = 6 * N * D
     rows = []
     for name, held in (("largest N", N == N.max()), ("largest D", D == D.max()),
-                       ("largest N and D", (N == N.max()) & (D == D.max()))):
+                       ("largest N and D", (N == N.max()) & (D == D.max())),
+                       ("C above C_max / 4", C > C.max() / 4)):
         train = ~held if name != "largest N and D" else (N < N.max()) & (D < D.max())
         if train.sum() < 5 or not held.any() or min(len(set(N[train])), len(set(D[train]))) < 3:
             continue

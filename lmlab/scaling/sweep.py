@@ -2,23 +2,28 @@
 
 Shapes: for a target non-embedding parameter count N (12 n_layer n_embd^2 for GPT blocks, Kaplan et
 al. 2020 Table 1) the sweep picks the (n_layer, n_embd) closest to N with n_embd / n_layer near
-`aspect` and 32-wide heads. Learning rate follows the form of Kaplan et al. 2020, eq. D.1,
-LR(N) = lr_scale x (0.003239 - 0.0001395 ln N), with a cosine schedule to 10% over each run's own
-length and warmup over the first 5% of steps. Kaplan's constants were fitted to runs of 2.5e5 steps;
-our CPU-sized runs take ~1e3 steps, where 3x their rate trains best (stdlib-code, D=1e6, val loss:
-N=1e5 batch 16: x1 4.31, x3 4.15; N=2e5 batch 16: x1 4.36, x3 4.26, x6 4.48; N=1e5 batch 8: x3 3.90,
-x6 4.36). Depth is fixed at 2 and width scaled to N by default: within these budgets deeper shapes
-lagged (D=1e6: L3 d160, N=9.2e5, 3.92 against L2 d192, N=8.9e5, 3.56 and L2 d128, N=3.9e5, 3.66), and
-small batches (8 x 128 tokens, ~1e3 optimizer steps) let larger models pull ahead (with 4-layer shapes
-and 16 x 128 batches a 2e5 model lost to a 1e5 one at every budget). Kaplan et al. 2020 (Fig. 5) find
-loss nearly independent of shape at fixed N once n_layer >= 2.
+`aspect` and 32-wide heads, or fixes n_layer and scales the width.
+
+Learning rate, by a stated rule (`lr_rule`), with a cosine schedule to 10% over each run's own length
+and warmup over the first 5% of steps:
+- "width" (default): LR = lr_scale x 0.44 / n_embd. Adam's best rate falls as 1/width (muP, Yang et
+  al. 2022). Measured here (L4, batch 16 x 128, 4M tokens of stdlib-code, val loss): d64 3.1e-3 3.293,
+  4.6e-3 3.218, 6.5e-3 3.159; d128 2.5e-3 2.936, 4.0e-3 2.928; d256 0.87e-3 2.792, 1.73e-3 2.682,
+  3.5e-3 2.733. 0.44 / n_embd sits at each optimum (6.9e-3, 3.4e-3, 1.7e-3).
+- "kaplan": LR = lr_scale x (0.003239 - 0.0001395 ln N), the form of Kaplan et al. 2020, eq. D.1, used
+  by the sweeps in docs/scaling/ up to v4 with lr_scale 3. It falls only logarithmically with N: 1.5x
+  too low at d64, 2x too high at d256, so larger models under-performed every law fitted to smaller ones.
+Kaplan et al. 2020 (Fig. 5) find loss nearly independent of shape at fixed N once n_layer >= 2.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +52,8 @@ class SweepConfig:
     batch_size: int = 8
     n_layer: int = 2            # fixed depth, width scaled to N; 0 = search shapes with n_embd / n_layer near aspect
     aspect: float = 64.0
-    lr_scale: float = 3.0       # x Kaplan et al.'s LR(N), see above
+    lr_rule: str = "width"      # "width" (0.44 / n_embd) or "kaplan" (Kaplan et al.'s LR(N)), see above
+    lr_scale: float = 1.0       # multiplies the rule's rate
     head_dim: int = 32
     dtype: str = "bfloat16"
     seed: int = 1337
@@ -56,10 +62,21 @@ class SweepConfig:
     # A capped grid gives small models long budgets without paying for the largest model on them, and
     # keeps the largest fitted compute a known fraction of the held-out run's.
     max_compute: float = 0.0
+    # Runs trained at once, each in its own process with cpu_count / workers threads. Small models use
+    # threads poorly: on 2 cores one thread trains L4 d128 as fast as two (16.6k tokens/s), so two
+    # workers halve a sweep's wall time.
+    workers: int = 1
 
 
-def lr_for(n_params: float, scale: float = 1.0) -> float:
-    return scale * (0.003239 - 0.0001395 * math.log(n_params))
+LR_RULES = ("width", "kaplan")
+
+
+def lr_for(n_params: float, n_embd: int, *, rule: str = "width", scale: float = 1.0) -> float:
+    if rule == "width":
+        return scale * 0.44 / n_embd
+    if rule == "kaplan":
+        return scale * (0.003239 - 0.0001395 * math.log(n_params))
+    raise LmlabError(f"unknown lr_rule '{rule}'; choose one of {', '.join(LR_RULES)}")
 
 
 def shape_for(n_target: float, *, aspect: float = 32.0, head_dim: int = 32, n_layer: int = 0) -> tuple[int, int]:
@@ -92,7 +109,7 @@ def run_config(cfg: SweepConfig, n_target: float, d_target: float) -> RunConfig:
     n_layer, n_embd = shape_for(n_target, aspect=cfg.aspect, head_dim=cfg.head_dim, n_layer=cfg.n_layer)
     steps = max(1, round(d_target / (cfg.batch_size * cfg.block_size)))
     n_actual = 12 * n_layer * n_embd**2
-    lr = lr_for(n_actual, cfg.lr_scale)
+    lr = lr_for(n_actual, n_embd, rule=cfg.lr_rule, scale=cfg.lr_scale)
     name = f"N{n_target:.2g}-D{d_target:.2g}".replace("+", "")
     return RunConfig(
         model=GPTConfig(n_layer=n_layer, n_head=n_embd // cfg.head_dim, n_embd=n_embd, block_size=cfg.block_size),
@@ -132,9 +149,13 @@ def run_one(cfg: SweepConfig, run: RunConfig, log=print) -> dict:
     return result
 
 
+def _quiet(*args) -> None:
+    pass
+
+
 def sweep(cfg: SweepConfig, log=print) -> list[dict]:
     train_tokens = TokenSplit(cfg.data, "train").n_tokens
-    results = []
+    plan = []
     for n in cfg.sizes:
         for d in cfg.tokens:
             if d > MAX_EPOCHS * train_tokens:
@@ -143,14 +164,27 @@ def sweep(cfg: SweepConfig, log=print) -> list[dict]:
             if cfg.max_compute > 0 and planned_compute(cfg, n, d) > cfg.max_compute:
                 log(f"skip N{n:.2g}-D{d:.2g}: 6ND = {planned_compute(cfg, n, d):.3g} is over max_compute")
                 continue
-            run = run_config(cfg, n, d)
-            log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
-                f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
-            r = run_one(cfg, run, log=lambda *a: None)
-            log(f"  N={r['N']:,} D={r['D']:,} val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
-            results.append(r)
+            plan.append(run_config(cfg, n, d))
+    if cfg.workers < 1:
+        raise LmlabError(f"workers must be at least 1, not {cfg.workers}")
+    for run in plan:
+        log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
+            f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
+        if cfg.workers > 1:
+            run.train.threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    if cfg.workers == 1:
+        results = [_report(run_one(cfg, run, log=_quiet), log) for run in plan]
+    else:  # spawn: a forked child would inherit torch's thread pool
+        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, cfg, run, log=_quiet) for run in plan]
+            results = [_report(f.result(), log) for f in futures]
     write_table(results, Path(cfg.out))
     return results
+
+
+def _report(r: dict, log) -> dict:
+    log(f"  {r['name']}: N={r['N']:,} D={r['D']:,} val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
+    return r
 
 
 def train_longer(cfg: SweepConfig, n_target: float, budgets: list[float], log=print) -> list[dict]:
@@ -164,9 +198,7 @@ def train_longer(cfg: SweepConfig, n_target: float, budgets: list[float], log=pr
                              f"({train_tokens:,} training tokens); choose a smaller N or fewer multiples")
         run = run_config(cfg, n_target, d)
         log(f"run {Path(run.train.out_dir).name}: {run.train.max_steps} steps")
-        r = run_one(cfg, run, log=lambda *a: None)
-        log(f"  N={r['N']:,} D={r['D']:,} val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
-        rows.append(r)
+        rows.append(_report(run_one(cfg, run, log=_quiet), log))
     write_table(rows, Path(cfg.out))
     return rows
 
