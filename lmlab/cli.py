@@ -546,8 +546,9 @@ def make_parser() -> argparse.ArgumentParser:
              "  predict  predicted loss with a 90% interval for a run not yet trained\n"
              "  longer   train longer: fixed --n, one run per multiple of its compute-optimal D\n\n"
              "sweep options (defaults shown):\n" + "\n".join(describe(SweepConfig)) +
-             "\n\nexamples:\n  lmlab prepare stdlib-code --out data/stdlib-code --vocab_size 2048\n"
-             "  lmlab scaling sweep --sizes=1e5,3e5,1e6 --tokens=2e6,4e6,8e6,16e6\n"
+             "\n\nexamples:\n  lmlab prepare stdlib-code --out data/stdlib-code --vocab_size 1024\n"
+             "  lmlab scaling sweep --workers=2          # the default grid, two 1-thread processes\n"
+             "  lmlab scaling sweep --sizes=1e5,3e5,1e6 --tokens=2e6,4e6,8e6,16e6 --max_compute=0\n"
              "  lmlab scaling fit runs/scaling\n"
              "  lmlab scaling predict runs/scaling/fit.json --n 2e6 --d 3.2e7 --law kaplan")
     sp.add_argument("action", choices=["sweep", "fit", "predict", "longer"])

@@ -72,11 +72,15 @@ def test_backtest_passes_on_a_law_and_catches_a_sweep_the_law_cannot_describe():
     grid = [(n, d) for n in np.geomspace(1e5, 8e5, 4) for d in np.geomspace(1e6, 8e6, 4)]
     lawful = [{"name": "", "N": n, "D": d, "val_loss": float(truth.loss(n, d))} for n, d in grid]
     rows = backtest(lawful)
-    assert {r["left_out"] for r in rows} == {"largest N", "largest D", "largest N and D"}
+    # the fourth refit keeps the runs with C <= C_max / 4 and predicts the rest, up to 4x its compute
+    assert {r["left_out"] for r in rows} == {"largest N", "largest D", "largest N and D", "C above C_max / 4"}
+    above = [r for r in rows if r["left_out"] == "C above C_max / 4"]
+    assert {(r["N"], r["D"]) for r in above} == {(n, d) for n, d in grid if 6 * n * d > 6 * 8e5 * 8e6 / 4}
     assert {r["law"] for r in rows} == {"chinchilla", "kaplan"}
     assert max(abs(r["error"]) for r in rows if r["law"] == "chinchilla") < 0.005
-    # with only two token budgets left, B / D^beta is not identifiable: that backtest is skipped
-    assert {r["left_out"] for r in backtest([r for r in lawful if r["D"] > 1.5e6])} == {"largest N"}
+    # with only two token budgets left, B / D^beta is not identifiable: those backtests are skipped
+    assert {r["left_out"] for r in backtest([r for r in lawful if r["D"] > 1.5e6])} == {"largest N",
+                                                                                       "C above C_max / 4"}
     # an N x D interaction (bigger models gain more from more tokens), as short CPU runs show:
     # the additive form cannot extrapolate it, and the corner left out says so
     bent = [dict(r, val_loss=r["val_loss"] - 0.05 * np.log2(r["N"] / 1e5) * np.log2(r["D"] / 1e6))

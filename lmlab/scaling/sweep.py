@@ -44,13 +44,14 @@ MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data co
 class SweepConfig:
     data: str = "data/stdlib-code"
     out: str = "runs/scaling"
-    # The default grid trains in about an hour on 2 CPU cores; its held-out check is N=1.6e6 (L2 d256)
-    # on D=4.6e6 tokens, 4.1x the compute of the largest run (L2 d192 on 2e6 tokens); see docs/scaling/.
-    sizes: list[float] = field(default_factory=lambda: [1e5, 2e5, 4e5, 8e5])   # target non-embedding N
-    tokens: list[float] = field(default_factory=lambda: [5e5, 1e6, 2e6])       # token budgets D
+    # The default grid is docs/scaling/v5's: six widths of 4-layer GPT (N = 2e5 to 3.2e6) on 2M-8M tokens,
+    # capped at 6ND <= 4.3e13, 14 runs, about 31 min on 2 cores with workers=2. It predicted a held-out
+    # L4 d320 on 6M tokens (4.2x the largest fitted compute) within 1.0%.
+    sizes: list[float] = field(default_factory=lambda: [2e5, 4e5, 8e5, 1.2e6, 1.6e6, 3.2e6])  # target N
+    tokens: list[float] = field(default_factory=lambda: [2e6, 4e6, 8e6])                     # budgets D
     block_size: int = 128
-    batch_size: int = 8
-    n_layer: int = 2            # fixed depth, width scaled to N; 0 = search shapes with n_embd / n_layer near aspect
+    batch_size: int = 16
+    n_layer: int = 4            # fixed depth, width scaled to N; 0 = search shapes with n_embd / n_layer near aspect
     aspect: float = 64.0
     lr_rule: str = "width"      # "width" (0.44 / n_embd) or "kaplan" (Kaplan et al.'s LR(N)), see above
     lr_scale: float = 1.0       # multiplies the rule's rate
@@ -61,7 +62,7 @@ class SweepConfig:
     # Skip grid points whose 6 N D (N = 12 n_layer n_embd^2 of the chosen shape) is above this (0: no cap).
     # A capped grid gives small models long budgets without paying for the largest model on them, and
     # keeps the largest fitted compute a known fraction of the held-out run's.
-    max_compute: float = 0.0
+    max_compute: float = 4.3e13
     # Runs trained at once, each in its own process with cpu_count / workers threads. Small models use
     # threads poorly: on 2 cores one thread trains L4 d128 as fast as two (16.6k tokens/s), so two
     # workers halve a sweep's wall time.
