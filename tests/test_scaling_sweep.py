@@ -50,6 +50,10 @@ def test_sweep_refuses_too_many_epochs(char_data, tmp_path):
     cfg = SweepConfig(data=str(char_data), out=str(tmp_path / "s"), sizes=[3e4], tokens=[1e9], block_size=32)
     with pytest.raises(LmlabError, match="epochs"):
         sweep(cfg, log=lambda *a: None)
+    cfg.tokens, cfg.max_compute = [4096], 1.0  # a cap that leaves nothing to train is an error, not an empty table
+    with pytest.raises(LmlabError, match="max_compute"):
+        sweep(cfg, log=lambda *a: None)
+    assert not (tmp_path / "s" / "results.json").exists()
 
 
 def test_fit_and_predict_cli_on_synthetic_sweep(tmp_path, capsys):

@@ -168,6 +168,9 @@ def sweep(cfg: SweepConfig, log=print) -> list[dict]:
             plan.append(run_config(cfg, n, d))
     if cfg.workers < 1:
         raise LmlabError(f"workers must be at least 1, not {cfg.workers}")
+    if not plan:
+        raise LmlabError(f"every grid point is over max_compute={cfg.max_compute:.3g} (6ND); raise it, or pass "
+                         "--max_compute=0 for no cap")
     for run in plan:
         log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
             f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
