@@ -45,8 +45,8 @@ class SweepConfig:
     data: str = "data/stdlib-code"
     out: str = "runs/scaling"
     # The default grid is docs/scaling/v5's: six widths of 4-layer GPT (N = 2e5 to 3.2e6) on 2M-8M tokens,
-    # capped at 6ND <= 4.3e13, 14 runs, about 31 min on 2 cores with workers=2. It predicted a held-out
-    # L4 d320 on 6M tokens (4.2x the largest fitted compute) within 1.0%.
+    # capped at 6ND <= 4.3e13, 14 runs, about 31 min on 2 cores with workers=2. It predicted held-out
+    # L4 d320 on 6M and d288 on 8M tokens (4.2x, 4.5x the largest fitted compute) within 1.0% and 1.2%.
     sizes: list[float] = field(default_factory=lambda: [2e5, 4e5, 8e5, 1.2e6, 1.6e6, 3.2e6])  # target N
     tokens: list[float] = field(default_factory=lambda: [2e6, 4e6, 8e6])                     # budgets D
     block_size: int = 128
