@@ -171,19 +171,23 @@ def sweep(cfg: SweepConfig, log=print) -> list[dict]:
     if not plan:
         raise LmlabError(f"every grid point is over max_compute={cfg.max_compute:.3g} (6ND); raise it, or pass "
                          "--max_compute=0 for no cap")
-    for run in plan:
-        log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
-            f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
-        if cfg.workers > 1:
+    if cfg.workers > 1:
+        for run in plan:
             run.train.threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-    if cfg.workers == 1:
-        results = [_report(run_one(cfg, run, log=_quiet), log) for run in plan]
+    if cfg.workers == 1:  # one run after another, each announced as it starts
+        results = [_report(run_one(cfg, _announce(run, log), log=_quiet), log) for run in plan]
     else:  # spawn: a forked child would inherit torch's thread pool
         with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, cfg, run, log=_quiet) for run in plan]
+            futures = [pool.submit(run_one, cfg, _announce(run, log), log=_quiet) for run in plan]
             results = [_report(f.result(), log) for f in futures]
     write_table(results, Path(cfg.out))
     return results
+
+
+def _announce(run: RunConfig, log) -> RunConfig:
+    log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
+        f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
+    return run
 
 
 def _report(r: dict, log) -> dict:
