@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from lmlab.eval.fewshot import CellCache, evaluate_model
-from lmlab.eval.fewshot_report import write_results
-from lmlab.eval.lm import load_lm
+from lmlab.eval.harness.fewshot import CellCache, evaluate_model
+from lmlab.eval.harness.lm import load_lm
+from lmlab.eval.harness.report import write_results
 from lmlab.eval.tasks import GROUPS, expand, load_task
 
 ALL_TASKS = ["arithmetic", "scramble", "analogy", "easy"]

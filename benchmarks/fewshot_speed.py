@@ -15,13 +15,12 @@ plus continuations for multiple choice.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-
 from fewshot_results import ALL_TASKS, smollm2_gguf
-from lmlab.eval.fewshot import build_prompt, demonstrations, evaluate_task
-from lmlab.eval.lm import TorchLM, load_lm
+
+from lmlab.eval.harness.fewshot import build_prompt, demonstrations, evaluate_task
+from lmlab.eval.harness.lm import TorchLM, load_lm
 from lmlab.eval.tasks import Task, expand, load_task
 
 CELLS = [("arithmetic_2d+", 5), ("capitals", 5), ("cycle_letters", 1)]

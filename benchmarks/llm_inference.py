@@ -43,8 +43,8 @@ def gguf_path() -> Path:
 def prompt_ids() -> list[int]:
     """256 tokens of real prose and code (the standard library's argparse documentation), by lmlab's
     tokenizer, which gives the same ids as transformers' (tests/test_gguf_smollm2.py)."""
-    from lmlab.io.gguf import open_gguf, read_metadata
-    from lmlab.io.gguf_tokenizer import tokenizer_from_gguf
+    from lmlab.io.gguf.read import open_gguf, read_metadata
+    from lmlab.io.gguf.tokenizer import tokenizer_from_gguf
 
     tok = tokenizer_from_gguf(read_metadata(open_gguf(gguf_path())))
     return tok.encode(argparse.__doc__)[:PROMPT]
@@ -78,7 +78,7 @@ def run_lmlab(precision: str, ids: list[int], logits: Path) -> dict:
     import torch
 
     from lmlab.generate.engine import SamplingConfig, generate_ids
-    from lmlab.io.gguf import load_gguf
+    from lmlab.io.gguf.read import load_gguf
     from lmlab.nn.quant import DEFAULT_PRECISION, quantize_
 
     t0 = time.perf_counter()
@@ -149,7 +149,7 @@ def run_llama_cpp(ids: list[int], logits: Path, threads: int) -> dict:
                 n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
 
-    def prefill():
+    def prefill(llm=llm):
         llm.reset()
         llm.eval(ids)
 
@@ -234,7 +234,7 @@ def main() -> None:
     from common import RESULTS, machine
 
     from lmlab.eval.agreement import logit_agreement
-    from lmlab.io.atomic import atomic_write_text
+    from lmlab.utils.atomic import atomic_write_text
 
     engines = [e for e in args.engines.split(",") if e]
     if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:

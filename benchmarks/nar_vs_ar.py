@@ -1,7 +1,7 @@
 """Autoregressive (BART) against non-autoregressive (mask-predict) decoding on tasks lmlab makes itself.
 
 The tasks: reverse, and sort, a sequence of 4-8 words from a 26-word vocabulary (lmlab/data/synthetic.py).
-Per task, a BART and a conditional masked LM (lmlab/models/cmlm.py) of the same shape are trained on the
+Per task, a BART and a conditional masked LM (lmlab/models/transformer/cmlm.py) of the same shape are trained on the
 same pairs for the same number of steps through the one Trainer (`data.seq2seq`), then decode a
 held-out set in batches: BART greedy and beam search (4 beams), mask-predict with T = 1, 4 and 10 iterations. Reported:
 exact match, token accuracy, tokens/s (output tokens over wall time, best of `--reps`), and each
@@ -30,11 +30,11 @@ from lmlab.data.prepare import PrepareConfig, prepare  # noqa: E402
 from lmlab.data.synthetic import word_pairs, write_jsonl  # noqa: E402
 from lmlab.generate.nar import MaskPredictConfig, mask_predict  # noqa: E402
 from lmlab.generate.seq2seq import Seq2SeqConfig, decode_outputs, encode_sources, generate  # noqa: E402
-from lmlab.io.atomic import atomic_write_text  # noqa: E402
 from lmlab.models.registry import preset  # noqa: E402
 from lmlab.train.checkpoint import load_checkpoint  # noqa: E402
 from lmlab.train.config import RunConfig  # noqa: E402
 from lmlab.train.trainer import Trainer  # noqa: E402
+from lmlab.utils.atomic import atomic_write_text  # noqa: E402
 
 SHAPE = {"n_layer": 2, "n_dec_layer": 2, "n_head": 4, "n_embd": 128, "mlp_hidden": 512, "block_size": 16,
          "dropout": 0.0}

@@ -49,10 +49,10 @@ def in_child(fn: str, *args) -> dict:
 
 
 def lmlab_build(train: str, order: int, arpa: str) -> dict:
-    from lmlab.io.arpa import write_arpa
-    from lmlab.models.ngram import NGramConfig, NGramModel
-
     import resource
+
+    from lmlab.io.arpa import write_arpa
+    from lmlab.models.ngram.model import NGramConfig, NGramModel
 
     imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = Path(train).read_text(encoding="utf-8").splitlines()

@@ -100,7 +100,7 @@ def main() -> None:
     if args.gen_out:
         return _generate(args)
 
-    from lmlab.models.ngram import NGramConfig, NGramModel
+    from lmlab.models.ngram.model import NGramConfig, NGramModel
 
     work = Path(tempfile.mkdtemp(prefix="ngram_scale_"))
     try:

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, matmul_peak, write_results  # noqa: E402
 
-from lmlab.models.gpt import GPT, GPTConfig  # noqa: E402
+from lmlab.models.transformer.gpt import GPT, GPTConfig  # noqa: E402
 from lmlab.train.optim import make_optimizer  # noqa: E402
 from lmlab.train.trainer import autocast  # noqa: E402
 
@@ -143,7 +143,8 @@ def loss_curves(steps: int) -> dict:
             summary = Trainer(cfg, cfg.train.out_dir, log=lambda *a: None).fit()
             out[dtype] = {"val_loss": summary["val_loss"], "train_loss": summary["loss"],
                           "seconds": time.perf_counter() - t0}
-    out["val_loss_rel_diff"] = abs(out["bfloat16"]["val_loss"] - out["float32"]["val_loss"]) / out["float32"]["val_loss"]
+    fp32 = out["float32"]["val_loss"]
+    out["val_loss_rel_diff"] = abs(out["bfloat16"]["val_loss"] - fp32) / fp32
     return out
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_results  # noqa: E402
 
+from lmlab.data.sentences import read_sentences  # noqa: E402
 from lmlab.eval.word_vectors import evaluate_analogies, evaluate_word_pairs, gensim_test_file  # noqa: E402
-from lmlab.models.keyed_vectors import KeyedVectors, neighbour_overlap  # noqa: E402
-from lmlab.models.word2vec import Word2Vec, Word2VecConfig, read_sentences, tokenize  # noqa: E402
+from lmlab.models.word2vec.keyed_vectors import KeyedVectors, neighbour_overlap  # noqa: E402
+from lmlab.models.word2vec.model import Word2Vec, Word2VecConfig, tokenize
 
 WORKERS = 2
 

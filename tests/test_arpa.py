@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kenlm_tools import needs_lmplz, run_lmplz
 
 from lmlab.errors import LmlabError
 from lmlab.io.arpa import read_arpa, write_arpa
-from lmlab.models.ngram import NGramConfig, NGramModel
-
-from kenlm_tools import needs_lmplz, run_lmplz
+from lmlab.models.ngram.model import NGramConfig, NGramModel
 
 
 def test_write_read_round_trip(docs_lines, tmp_path):
@@ -78,8 +77,10 @@ def test_reads_hand_written_arpa_like_kenlm(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace("ngram 2=5", "ngram 2=6"), r"hand\.arpa:\d+: the header promises 6 2-grams but the section has 5"),
-    (lambda t: t.replace("ngram 2=5", "ngram 2=4"), r"hand\.arpa:\d+: the header promises 4 2-grams but the section has mo"),
+    (lambda t: t.replace("ngram 2=5", "ngram 2=6"),
+     r"hand\.arpa:\d+: the header promises 6 2-grams but the section has 5"),
+    (lambda t: t.replace("ngram 2=5", "ngram 2=4"),
+     r"hand\.arpa:\d+: the header promises 4 2-grams but the section has mo"),
     (lambda t: t.replace("\\end\\\n", ""), r"hand\.arpa:\d+: file ends without \\end\\"),
     (lambda t: t.replace("\\data\\", "data"), r"no \\data\\ section"),
     (lambda t: t.replace("-0.25\tcat sat", "x\tcat sat"), r"hand\.arpa:\d+: not a number"),

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForSeq2SeqLM, BartConfig as HFBartConfig, BartForConditionalGeneration
+from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration
+from transformers import BartConfig as HFBartConfig
 
 from lmlab.cli import main
 from lmlab.data.denoise import DenoiseConfig, DenoisingWindows, corrupt, infill, permute_sentences
 from lmlab.data.objectives import make_sampler
 from lmlab.data.stream import TokenSplit
+from lmlab.generate.seq2seq import greedy_generate
 from lmlab.io.hf import from_hf, load_hf_dir, save_hf_dir
-from lmlab.models.bart import BART, BartConfig, greedy_generate
+from lmlab.models.transformer.bart import BART, BartConfig
 from lmlab.train.checkpoint import load_checkpoint
 
 transformers.logging.set_verbosity_error()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForMaskedLM, BertConfig as HFBertConfig, BertForMaskedLM
+from transformers import AutoModelForMaskedLM, BertForMaskedLM
+from transformers import BertConfig as HFBertConfig
 
 from lmlab.cli import main
 from lmlab.data.mlm import MaskedWindows, MaskingConfig, mask_tokens
@@ -17,7 +18,7 @@ from lmlab.data.stream import RandomWindows, TokenSplit
 from lmlab.eval.perplexity import evaluate_split
 from lmlab.eval.pll import masked_accuracy, pseudo_token_nll
 from lmlab.io.hf import from_hf, load_hf_dir, save_hf_dir
-from lmlab.models.bert import BERT, BertConfig
+from lmlab.models.transformer.bert import BERT, BertConfig
 from lmlab.train.checkpoint import load_checkpoint
 
 transformers.logging.set_verbosity_error()

@@ -3,7 +3,7 @@
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.serve.chat_template import ChatTemplate
+from lmlab.tokenizers.chat_template import ChatTemplate
 
 # ChatML as SmolLM2 / Qwen write it, with loop controls, tojson and raise_exception
 CHATML = (

@@ -2,7 +2,7 @@ import pytest
 
 from lmlab.config import apply_overrides, dump_yaml, from_dict, load_yaml
 from lmlab.errors import LmlabError
-from lmlab.models.gpt import GPTConfig
+from lmlab.models.transformer.gpt import GPTConfig
 from lmlab.train.config import RunConfig
 
 

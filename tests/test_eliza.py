@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from lmlab.models.eliza import Eliza, match, reflect
+from lmlab.models.eliza.session import Eliza, match, reflect
 
 
 def test_pattern_matching_captures_runs_and_classes():

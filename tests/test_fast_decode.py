@@ -14,7 +14,7 @@ import torch
 from lmlab.eval.agreement import logit_agreement
 from lmlab.generate.engine import SamplingConfig, generate_ids
 from lmlab.generate.fast_decode import FastDecoder
-from lmlab.models.llama import Llama, LlamaConfig
+from lmlab.models.transformer.llama import Llama, LlamaConfig
 from lmlab.nn import quant_kernels
 from lmlab.nn.quant import quantize_
 
@@ -83,7 +83,7 @@ GGUF = (Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.
 def test_smollm2_decoding_path_agrees_with_fp32():
     """The logits generation sees: 256 positions of real text fed one at a time through the KV cache and
     the lean step, against our fp32 path's one forward over them (issue 5: top-1 >= 0.99)."""
-    from lmlab.io.gguf import load_gguf
+    from lmlab.io.gguf.read import load_gguf
 
     model, tok = load_gguf(GGUF)
     x = torch.tensor([tok.encode(argparse.__doc__)[:256]])

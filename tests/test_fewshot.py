@@ -12,18 +12,18 @@ import torch.nn.functional as F
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
-from lmlab.eval.fewshot import build_prompt, demonstrations, evaluate_task, stderr
-from lmlab.eval.lm import GenArgs, TorchLM
-from lmlab.eval.ngram_lm import NGramLM
+from lmlab.eval.harness.fewshot import build_prompt, demonstrations, evaluate_task, stderr
+from lmlab.eval.harness.lm import GenArgs, TorchLM
+from lmlab.eval.harness.ngram_lm import NGramLM
 from lmlab.eval.tasks import GROUPS, Item, expand, load_task
 from lmlab.eval.tasks.jsonl import load_jsonl_task
 from lmlab.eval.tasks.scramble import anagram1, anagram2, cycle_letters, random_insertion, reversed_word
 from lmlab.generate.engine import SamplingConfig, generate_text
 from lmlab.io.arpa import write_arpa
-from lmlab.models.gpt import GPT, GPTConfig
-from lmlab.models.llama import Llama, LlamaConfig
-from lmlab.models.ngram import NGramConfig, NGramModel
+from lmlab.models.ngram.model import NGramConfig, NGramModel
 from lmlab.models.nplm import NPLM, NPLMConfig
+from lmlab.models.transformer.gpt import GPT, GPTConfig
+from lmlab.models.transformer.llama import Llama, LlamaConfig
 from lmlab.tokenizers import train_tokenizer
 
 TOK = train_tokenizer("char", [string.printable])
@@ -230,7 +230,8 @@ def test_generators_are_seeded_and_reproducible(words_file):
         assert more.items[:len(a.items)] == a.items, name  # asking for more keeps the first ones
     x = load_task("arithmetic_2d+", 10, seed=1).items
     assert x != load_task("arithmetic_2d+", 10, seed=2).items
-    assert [i.context for i in x] != [i.context.replace("plus", "minus") for i in load_task("arithmetic_2d-", 10, seed=1).items]
+    minus = load_task("arithmetic_2d-", 10, seed=1).items
+    assert [i.context for i in x] != [i.context.replace("plus", "minus") for i in minus]
     # pinned: the generators' output must not drift between versions
     assert load_task("arithmetic_2d+", 1, seed=0).items[0].context == "Q: What is 12 plus 93?\n\nA:"
 
@@ -315,7 +316,8 @@ def test_task_file_errors_name_the_line(tmp_path):
     ok = json.dumps({"context": "a", "choices": ["x", "y"], "gold": 1})
     cases = {
         "missing field 'gold'": [ok, json.dumps({"context": "b", "choices": ["x", "y"]})],
-        "gold index 2 out of range for 2 choices": [ok, ok, json.dumps({"context": "b", "choices": ["x", "y"], "gold": 2})],
+        "gold index 2 out of range for 2 choices": [ok, ok,
+                                                    json.dumps({"context": "b", "choices": ["x", "y"], "gold": 2})],
         "missing field 'context'": [json.dumps({"choices": ["x", "y"], "gold": 0})],
         "not valid JSON": [ok, "{oops"],
         "missing field 'target'": [json.dumps({"context": "b"})],

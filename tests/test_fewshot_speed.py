@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-import lmlab.eval.fewshot as fewshot
-import lmlab.eval.lm as lm_module
-from lmlab.eval.fewshot_cli import run_fewshot
-from lmlab.eval.lm import GenArgs, TorchLM
-
 # the tiny models, the character tokenizer and the one-thread fixture of the harness tests
 from test_fewshot import TOK, _model, one_thread  # noqa: E402,F401
+
+import lmlab.eval.harness.fewshot as fewshot
+import lmlab.eval.harness.lm as lm_module
+from lmlab.cli.fewshot import run_fewshot
+from lmlab.eval.harness.lm import GenArgs, TorchLM
 
 
 def _choice_requests():

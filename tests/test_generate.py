@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lmlab.generate.engine import SamplingConfig, generate_ids, generate_text, stream_text
-from lmlab.generate.sampling import sample, top_k_filter, top_p_filter
-from lmlab.models.gpt import GPT, GPTConfig
+from lmlab.models.transformer.gpt import GPT, GPTConfig
+from lmlab.nn.sampling import sample, top_k_filter, top_p_filter
 from lmlab.tokenizers import CharTokenizer
 
 

@@ -9,13 +9,16 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,  # noqa: E402
+)
 from transformers import LlamaConfig as HFLlamaConfig  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 from lmlab.errors import LmlabError  # noqa: E402
-from lmlab.io.gguf import SUPPORTED_TYPES, dequantize, load_gguf  # noqa: E402
+from lmlab.io.gguf.read import SUPPORTED_TYPES, dequantize, load_gguf  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 Q = gguf.GGMLQuantizationType
@@ -212,8 +215,8 @@ def test_cli_eval_text_file_matches_transformers(tiny, tmp_path, block, stride):
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 @torch.no_grad()
 def test_export_loads_in_transformers(tmp_path, qtype):
-    from lmlab.io.gguf_write import save_gguf
-    from lmlab.models.llama import Llama, LlamaConfig
+    from lmlab.io.gguf.write import save_gguf
+    from lmlab.models.transformer.llama import Llama, LlamaConfig
     from lmlab.tokenizers import BPETokenizer
 
     lines = ["the theater in the rain", "def f(x):\n    return x + 1", "then the sea returns 123"] * 20

@@ -22,8 +22,8 @@ if GGUF is None or not GGUF.is_file():
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lmlab.generate.engine import SamplingConfig, generate_ids  # noqa: E402
-from lmlab.io.gguf import load_gguf  # noqa: E402
-from lmlab.serve.chat_template import chat_template_for  # noqa: E402
+from lmlab.io.gguf.read import load_gguf  # noqa: E402
+from lmlab.tokenizers.chat_template import chat_template_for  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TEXT = ("The quick brown fox jumps over the lazy dog in 2024, twice.\n\n"

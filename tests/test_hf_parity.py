@@ -12,8 +12,8 @@ from transformers import LlamaConfig as HFLlamaConfig
 from lmlab.errors import LmlabError
 from lmlab.generate.engine import SamplingConfig, generate_ids
 from lmlab.io.hf import config_from_hf, from_hf, load_hf_dir, save_hf_dir, state_dict_from_hf
-from lmlab.models.gpt import GPT, GPTConfig
-from lmlab.models.llama import Llama, LlamaConfig
+from lmlab.models.transformer.gpt import GPT, GPTConfig
+from lmlab.models.transformer.llama import Llama, LlamaConfig
 from lmlab.tokenizers import BPETokenizer
 
 transformers.logging.set_verbosity_error()

@@ -92,7 +92,7 @@ def test_lineage_quick(corpus, tmp_path, capsys):
 def test_lineage_recipe_file(corpus, tmp_path, capsys):
     # the committed PTB recipe parses; a recipe with an unknown key is one clear error before any work
     from lmlab.config import from_dict, load_yaml
-    from lmlab.lineage import LineageConfig
+    from lmlab.recipes.lineage import LineageConfig
 
     cfg = from_dict(LineageConfig, load_yaml(Path(__file__).parents[1] / "recipes" / "lineage-ptb.yaml"))
     assert cfg.nplm.dropout > 0 and cfg.gpt.dropout > 0 and cfg.orders == (3, 5)

@@ -6,8 +6,8 @@ import torch
 from lmlab.cli import main
 from lmlab.generate.engine import SamplingConfig, generate_ids
 from lmlab.io.hf import config_to_hf
-from lmlab.models.llama import Llama, LlamaConfig
 from lmlab.models.registry import PRESETS, build, preset
+from lmlab.models.transformer.llama import Llama, LlamaConfig
 from lmlab.nn.position import RotaryEmbedding
 from lmlab.train.checkpoint import load_checkpoint
 

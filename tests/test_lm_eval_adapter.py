@@ -15,12 +15,13 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lmlab.cli import main  # noqa: E402
-from lmlab.eval.fewshot import evaluate_task  # noqa: E402
-from lmlab.eval.lm import TorchLM, load_lm  # noqa: E402
-from lmlab.eval.lm_eval_adapter import LmlabEvalLM, register  # noqa: E402
+from lmlab.eval.harness.fewshot import evaluate_task  # noqa: E402
+from lmlab.eval.harness.lm import TorchLM, load_lm  # noqa: E402
+from lmlab.eval.harness.lm_eval_adapter import LmlabEvalLM, register  # noqa: E402
 from lmlab.eval.tasks.jsonl import load_jsonl_task  # noqa: E402
-from lmlab.models.gpt import GPT, GPTConfig  # noqa: E402
+from lmlab.models.transformer.gpt import GPT, GPTConfig  # noqa: E402
 from lmlab.tokenizers import train_tokenizer  # noqa: E402
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -137,11 +138,12 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """)
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     out = lm_eval.simple_evaluate(model=LmlabEvalLM(tiny_lm), tasks=["lmlab_gen"], num_fewshot=0, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+                                  task_manager=tasks,
                                   bootstrap_iters=0)
     theirs = [s["resps"][0][0] for s in sorted(out["samples"]["lmlab_gen"], key=lambda s: s["doc_id"])]
-    from lmlab.eval.lm import GenArgs
+    from lmlab.eval.harness.lm import GenArgs
 
     ours = tiny_lm.generate_until([(r["context"], GenArgs(until=("a",), max_new_tokens=5)) for r in rows])
     assert theirs == ours and any(ours)

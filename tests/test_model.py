@@ -1,7 +1,7 @@
 import torch
 
-from lmlab.models.gpt import GPT, GPTConfig
 from lmlab.models.registry import PRESETS, build, preset
+from lmlab.models.transformer.gpt import GPT, GPTConfig
 
 
 def tiny(**kw):

@@ -12,8 +12,8 @@ from lmlab.data.prepare import PrepareConfig, prepare
 from lmlab.data.seq2seq import PairConfig, collate
 from lmlab.data.synthetic import WORDS, reversal_pairs, write_jsonl
 from lmlab.generate.nar import MaskPredictConfig, mask_predict, remask_count
-from lmlab.models.bart import BART
-from lmlab.models.cmlm import CMLM, CMLMConfig
+from lmlab.models.transformer.bart import BART
+from lmlab.models.transformer.cmlm import CMLM, CMLMConfig
 
 V = 40
 
@@ -94,7 +94,7 @@ def test_cmlm_trains_and_its_loss_falls():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)
     tok_loss, len_loss = [], []
-    for step in range(80):
+    for _ in range(80):
         batch = collate([pairs[i] for i in rng.integers(0, len(pairs), 32)], cfg, rng)
         n_masked = (batch["targets"] != -100).sum(1)
         assert ((n_masked >= 1) & (n_masked <= batch["target_lengths"])).all()
@@ -141,7 +141,8 @@ def test_cmlm_trains_through_lmlab_train_and_generates_with_mode_nar(cmlm_run, c
 
 
 def test_cmlm_without_pairs_is_an_error(cmlm_run, tmp_path, capsys):
-    from lmlab.train.checkpoint import read_run_config, resolve_checkpoint
+    from lmlab.io.checkpoint import resolve_checkpoint
+    from lmlab.train.checkpoint import read_run_config
 
     data = read_run_config(resolve_checkpoint(cmlm_run)).data.dir
     assert main(["train", "--data", data, "--out", str(tmp_path / "r"), "--model", "cmlm-tiny",

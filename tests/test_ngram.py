@@ -11,18 +11,15 @@ import re
 import subprocess
 import warnings
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
+from kenlm_tools import assert_same_arpa, kenlm_tool, needs_lmplz, run_lmplz
 
 from lmlab.errors import LmlabError
 from lmlab.io.arpa import write_arpa
-from lmlab.models.ngram import NGramConfig, NGramModel
+from lmlab.models.ngram.model import NGramConfig, NGramModel
 from lmlab.tokenizers import WordTokenizer
-
-from kenlm_tools import assert_same_arpa, kenlm_tool, needs_lmplz, run_lmplz
-
 
 # ------------------------------------------------------------------ lmplz parity
 

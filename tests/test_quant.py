@@ -14,10 +14,22 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.eval.agreement import logit_agreement
 from lmlab.generate.engine import SamplingConfig, generate_ids
-from lmlab.models.llama import Llama, LlamaConfig
+from lmlab.models.transformer.llama import Llama, LlamaConfig
 from lmlab.nn import quant_kernels
-from lmlab.nn.quant import (INT4_GROUP, KERNEL_ROWS, PRECISIONS, ExactTopLogits, FastRMSNorm, HalfEmbedding,
-                            HalfLinear, Int4Linear, Int8Linear, Q8Embedding, Q8Linear, quantize_)
+from lmlab.nn.quant import (
+    INT4_GROUP,
+    KERNEL_ROWS,
+    PRECISIONS,
+    ExactTopLogits,
+    FastRMSNorm,
+    HalfEmbedding,
+    HalfLinear,
+    Int4Linear,
+    Int8Linear,
+    Q8Embedding,
+    Q8Linear,
+    quantize_,
+)
 
 needs_kernels = pytest.mark.skipif(not quant_kernels.available(), reason="block kernels need numba")
 
@@ -220,7 +232,7 @@ def real_text_ids(tok, n: int = 256) -> list[int]:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from lmlab.io.gguf import load_gguf
+    from lmlab.io.gguf.read import load_gguf
 
     model, tok = load_gguf(GGUF)
     x = torch.tensor([real_text_ids(tok)])

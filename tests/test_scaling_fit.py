@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 
-from lmlab.scaling.fit import (CHINCHILLA_APPROACH3, ChinchillaLaw, KaplanLaw, bootstrap, fit_chinchilla,
-                               fit_kaplan, fit_power_law, interval, isoflop_optima)
+from lmlab.scaling.fit import (
+    CHINCHILLA_APPROACH3,
+    ChinchillaLaw,
+    KaplanLaw,
+    bootstrap,
+    fit_chinchilla,
+    fit_kaplan,
+    fit_power_law,
+    interval,
+    isoflop_optima,
+)
 
 
 def test_chinchilla_approach3_compute_optimal_closed_form():

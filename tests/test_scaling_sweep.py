@@ -112,7 +112,7 @@ def test_fit_writes_plots(tmp_path):
     import numpy as np
 
     from lmlab.cli import main
-    from lmlab.scaling.fit import ChinchillaLaw, KaplanLaw
+    from lmlab.scaling.fit import ChinchillaLaw
 
     law = ChinchillaLaw(E=1.5, A=200.0, B=600.0, alpha=0.3, beta=0.35)
     runs = [{"name": f"r{i}", "N": n, "D": d, "val_loss": float(law.loss(n, d))}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import BartConfig as HFBartConfig, BartForConditionalGeneration
+from transformers import BartConfig as HFBartConfig
+from transformers import BartForConditionalGeneration
 
 from lmlab.cli import main
 from lmlab.data.objectives import make_sampler
@@ -19,7 +20,7 @@ from lmlab.data.synthetic import reversal_pairs, write_jsonl
 from lmlab.errors import LmlabError
 from lmlab.generate.seq2seq import Seq2SeqConfig, generate
 from lmlab.io.hf import from_hf
-from lmlab.models.bart import BART, BartConfig
+from lmlab.models.transformer.bart import BART, BartConfig
 
 transformers.logging.set_verbosity_error()
 V = 64

@@ -12,7 +12,8 @@ import pytest
 from lmlab.cli import main
 from lmlab.data.stream import TokenSplit
 from lmlab.eval.perplexity import evaluate_split, unigram_baseline
-from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
+from lmlab.io.checkpoint import list_checkpoints
+from lmlab.train.checkpoint import load_checkpoint
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--train.batch_size=4", "--train.progress=false", "--train.log_interval=1", "--train.eval_iters=2",

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from lmlab.cli import main
+from lmlab.data.sentences import read_sentences
 from lmlab.errors import LmlabError
 from lmlab.eval.word_vectors import evaluate_analogies, evaluate_word_pairs, gensim_test_file
 from lmlab.io.word2vec import load_word2vec, save_word2vec
-from lmlab.models.keyed_vectors import KeyedVectors, neighbour_overlap
-from lmlab.models.word2vec import Vocab, Word2Vec, Word2VecConfig, read_sentences, tokenize
+from lmlab.models.word2vec.keyed_vectors import KeyedVectors, neighbour_overlap
+from lmlab.models.word2vec.model import Vocab, Word2Vec, Word2VecConfig, tokenize
 
 gensim = pytest.importorskip("gensim")
 from gensim.models import KeyedVectors as GKV  # noqa: E402

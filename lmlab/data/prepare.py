@@ -21,8 +21,8 @@ import numpy as np
 from lmlab.config import to_dict
 from lmlab.data.sources import Corpus
 from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_dir, atomic_write_text
 from lmlab.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from lmlab.utils.atomic import atomic_dir, atomic_write_text
 
 SPLITS = ("train", "val", "test")
 FORMAT = "lmlab-tokens-v1"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_write_text
+from lmlab.utils.atomic import atomic_write_text
 
 BUILTIN = ("stdlib-docs", "stdlib-code")
 DOC_SPLITS = ("file", "paragraph", "line")

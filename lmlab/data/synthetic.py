@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.io.atomic import atomic_write_text
+from lmlab.utils.atomic import atomic_write_text
 
 WORDS = ("alfa bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()

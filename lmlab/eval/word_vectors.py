@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import LmlabError
-from lmlab.models.keyed_vectors import KeyedVectors
+from lmlab.models.word2vec.keyed_vectors import KeyedVectors
 
 
 def gensim_test_file(name: str) -> Path | None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.generate.fast_decode import FastDecoder
-from lmlab.generate.sampling import sample
+from lmlab.nn.sampling import sample
 from lmlab.tokenizers import Tokenizer
 
 
@@ -48,7 +48,7 @@ def generate_ids(model: nn.Module, prompt: list[int], cfg: SamplingConfig, *, eo
     # the cache holds what this call can reach, not the whole context (8192 positions for SmolLM2)
     capacity = min(block, len(prompt) + cfg.max_new_tokens)
     ids = list(prompt)
-    cache = fast = None
+    cache = fast = nxt_t = None
     for _ in range(cfg.max_new_tokens):
         if use_cache and (cache is None or cache.pos >= capacity):
             # (re)fill: first the prompt, or, once the window is full, the last half of it

@@ -78,7 +78,7 @@ class FastDecoder:
         # numpy views (zero-copy) of the buffers, weights and cache, as the numba layer step takes them
         bufs = tuple(t.numpy() for t in (self.x, self.h, self.o, self.qkv, self.att, self.gu, self.act, self.scratch))
         self.layers = []
-        for i, blk in enumerate(model.blocks):
+        for blk in model.blocks:
             lin = []
             for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.up, blk.mlp.down):
                 lin += _packed(m, lambda m=m: kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d))

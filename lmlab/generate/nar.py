@@ -1,6 +1,6 @@
 """Non-autoregressive decoding by mask-predict (Ghazvininejad et al. 2019, section 3.2).
 
-From a conditional masked LM (lmlab/models/cmlm.py): pick the target length L from the length head
+From a conditional masked LM (lmlab/models/transformer/cmlm.py): pick the target length L from the length head
 (the `length_beam` most likely lengths, each decoded in parallel), start from L <mask> tokens and
 predict all of them at once (iteration 1). Then, for t = 1 .. T-1, re-mask the n = L (T - t) / T
 tokens the model is least sure of and predict those again from the rest, keeping each token's

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.generate.sampling import sample
+from lmlab.nn.sampling import sample
 from lmlab.tokenizers import Tokenizer
 
 NEG = -1.0e9  # the score of a hypothesis that must not be chosen (finite, so sums stay ordered)
@@ -172,3 +172,9 @@ def generate_text(model: nn.Module, tok: Tokenizer, sources: list[str], cfg: Seq
     device = next(model.parameters()).device
     x, mask = encode_sources(tok, sources, model.config.block_size, device)
     return decode_outputs(tok, generate(model, x, cfg, attention_mask=mask))
+
+
+def greedy_generate(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy decoding ([B, 1 + n]: the start token, then the tokens)."""
+    return generate(model, input_ids, Seq2SeqConfig(max_new_tokens=max_new_tokens), attention_mask=attention_mask)

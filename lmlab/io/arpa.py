@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_open
-from lmlab.models.ngram import NGramConfig, NGramModel
-from lmlab.models.ngram_count import SPECIAL_WORDS, UNK
-from lmlab.models.ngram_kn import BackoffTables
+from lmlab.models.ngram.count import SPECIAL_WORDS, UNK
+from lmlab.models.ngram.kn import BackoffTables
+from lmlab.models.ngram.model import NGramConfig, NGramModel
+from lmlab.utils.atomic import atomic_open
 
 _CHUNK = 1 << 20
 _MISSING_UNK = np.float32(-100.0)  # what KenLM substitutes when an ARPA file lacks <unk>
@@ -46,7 +46,7 @@ def format_floats(x: np.ndarray) -> list[str]:
             same = (np.round(v * scale) / scale).astype(np.float32) == x
             digits[same] = d
     digits[~np.isfinite(v) | (v == 0)] = 6
-    return ["%.*g" % (d, f) for d, f in zip(digits.tolist(), v.tolist())]
+    return [f"{f:.{d}g}" for d, f in zip(digits.tolist(), v.tolist())]
 
 
 def _word_columns(model: NGramModel, k: int, rows: np.ndarray) -> list[np.ndarray]:

@@ -23,14 +23,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_dir
 from lmlab.models.base import ModelConfig
-from lmlab.models.bart import BartConfig
-from lmlab.models.bert import BertConfig
-from lmlab.models.gpt import GPTConfig
-from lmlab.models.llama import LlamaConfig
 from lmlab.models.registry import build
+from lmlab.models.transformer.bart import BartConfig
+from lmlab.models.transformer.bert import BertConfig
+from lmlab.models.transformer.gpt import GPTConfig
+from lmlab.models.transformer.llama import LlamaConfig
 from lmlab.tokenizers import Tokenizer, load_tokenizer
+from lmlab.utils.atomic import atomic_dir
 
 _REQUIRED = object()
 

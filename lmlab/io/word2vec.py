@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_open
-from lmlab.models.keyed_vectors import KeyedVectors
+from lmlab.models.word2vec.keyed_vectors import KeyedVectors
+from lmlab.utils.atomic import atomic_open
 
 
 def save_word2vec(kv: KeyedVectors, path: str | os.PathLike, binary: bool = True) -> None:

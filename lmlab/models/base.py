@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
-
-from lmlab.errors import LmlabError
 
 
 @dataclass
@@ -26,26 +24,14 @@ class ModelConfig:
     vocab_size: int = 0  # 0: taken from the prepared data's tokenizer at train time
     block_size: int = 256
 
-    registry: ClassVar[dict[str, type["ModelConfig"]]] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        family = cls.__dataclass_fields__["family"].default if "__dataclass_fields__" in cls.__dict__ else None
-        if family is None:
-            family = getattr(cls, "family", None)
-        if isinstance(family, str):
-            ModelConfig.registry.setdefault(family, cls)
-
     @classmethod
-    def resolve_class(cls, data: dict[str, Any]) -> type["ModelConfig"]:
+    def resolve_class(cls, data: dict[str, Any]) -> type[ModelConfig]:
+        """The concrete config class for `data` (by its `family` key) when loading the base class."""
         if cls is not ModelConfig:
             return cls
-        family = data.get("family", "gpt")
-        from lmlab.models import registry  # noqa: F401  (imports the families, which register)
+        from lmlab.models.registry import family  # the registry imports every family's module
 
-        if family not in ModelConfig.registry:
-            raise LmlabError(f"unknown model family '{family}'. Known: {', '.join(ModelConfig.registry)}")
-        return ModelConfig.registry[family]
+        return family(data.get("family", "gpt")).config
 
 
 def init_normal(model: nn.Module, std: float) -> None:

@@ -1,26 +1,43 @@
-"""Model families and presets by name: `build(config)` and `preset(name)`.
+"""The one model registry: families and presets by name, `build(config)` and `preset(name)`.
 
 A family is a (config class, model class) pair; a preset is a named config. Adding a family means
-adding its file and one line here.
+adding its file and one line here. A config read from YAML picks its class here by its `family` key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.models.base import ModelConfig
-from lmlab.models.bart import BART, BartConfig
-from lmlab.models.bert import BERT, BertConfig
-from lmlab.models.cmlm import CMLM, CMLMConfig
-from lmlab.models.gpt import GPT, GPTConfig
-from lmlab.models.llama import Llama, LlamaConfig
+from lmlab.models.ngram.model import NGramConfig, NGramModel
 from lmlab.models.nplm import NPLM, NPLMConfig
+from lmlab.models.transformer.bart import BART, BartConfig
+from lmlab.models.transformer.bert import BERT, BertConfig
+from lmlab.models.transformer.cmlm import CMLM, CMLMConfig
+from lmlab.models.transformer.gpt import GPT, GPTConfig
+from lmlab.models.transformer.llama import Llama, LlamaConfig
 
-FAMILIES: dict[str, type[nn.Module]] = {"gpt": GPT, "llama": Llama, "bert": BERT, "bart": BART, "nplm": NPLM,
-                                       "cmlm": CMLM}
+
+@dataclass(frozen=True)
+class Family:
+    config: type[ModelConfig]
+    model: type
+    built: bool = True  # False: estimated from data by the model's own constructors (n-gram counts)
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt": Family(GPTConfig, GPT),
+    "llama": Family(LlamaConfig, Llama),
+    "bert": Family(BertConfig, BERT),
+    "bart": Family(BartConfig, BART),
+    "cmlm": Family(CMLMConfig, CMLM),
+    "nplm": Family(NPLMConfig, NPLM),
+    "ngram": Family(NGramConfig, NGramModel, built=False),
+}
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -48,7 +65,16 @@ def preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise LmlabError(f"unknown model family '{name}'. Known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
 def build(config: ModelConfig) -> nn.Module:
-    if config.family not in FAMILIES:
-        raise LmlabError(f"unknown model family '{config.family}'. Known: {', '.join(FAMILIES)}")
-    return FAMILIES[config.family](config)
+    """A freshly initialised model of `config`'s family."""
+    fam = family(config.family)
+    if not fam.built:
+        raise LmlabError(f"'{config.family}' models are estimated from counts, not built empty: use "
+                         f"{fam.model.__name__}.from_text / from_ids, or `lmlab ngram build`")
+    return fam.model(config)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-
 # Under bf16/fp16 the weight gradient is summed in the compute dtype over this many chunks (`addmm`
 # accumulates each product in float32 and rounds once per chunk, as an autocast Linear's weight gradient
 # is rounded once), then added into a float32 total: a float32 add per chunk, with its float32 copy of

@@ -344,7 +344,8 @@ def _f32(t: torch.Tensor, cols: int) -> np.ndarray:
         return hit[2]
     out = t.detach().float().contiguous().numpy().reshape(-1, cols)
     try:
-        ref = weakref.ref(t, lambda _, key=id(t): _SCALES.pop(key, None))
+        key = id(t)
+        ref = weakref.ref(t, lambda _: _SCALES.pop(key, None))
     except TypeError:
         return out
     _SCALES[id(t)] = (ref, t._version, out)

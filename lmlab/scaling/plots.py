@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.io.atomic import atomic_open
 from lmlab.scaling.fit import ISOFLOP_TOLERANCE, ChinchillaLaw, KaplanLaw
+from lmlab.utils.atomic import atomic_open
 
 
 def _pyplot():

@@ -8,14 +8,22 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_write_text
-from lmlab.scaling.fit import (ChinchillaLaw, KaplanLaw, bootstrap, fit_chinchilla, fit_kaplan,
-                               fit_power_law, interval, isoflop_optima)
+from lmlab.scaling.fit import (
+    ChinchillaLaw,
+    KaplanLaw,
+    bootstrap,
+    fit_chinchilla,
+    fit_kaplan,
+    fit_power_law,
+    interval,
+    isoflop_optima,
+)
+from lmlab.utils.atomic import atomic_write_text
 
 # law name -> (class, full fit, the cheaper fit used for bootstrap resamples)
 LAWS = {
-    "chinchilla": (ChinchillaLaw, fit_chinchilla, lambda n, d, l: fit_chinchilla(n, d, l, starts=8)),
-    "kaplan": (KaplanLaw, fit_kaplan, lambda n, d, l: fit_kaplan(n, d, l, starts=4)),
+    "chinchilla": (ChinchillaLaw, fit_chinchilla, lambda n, d, loss: fit_chinchilla(n, d, loss, starts=8)),
+    "kaplan": (KaplanLaw, fit_kaplan, lambda n, d, loss: fit_kaplan(n, d, loss, starts=4)),
 }
 
 
@@ -125,7 +133,8 @@ def summary(fit: dict) -> str:
             lines.append(f"{name}: {p['E']:.3f} + ({p['X_c']:.3g} / X)^{p['alpha']:.3f}")
     lines.append("compute-optimal allocation (C = 6ND):")
     for row in fit["compute_optimal"]:
-        lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, {row['tokens_per_param']:.1f} tokens/param")
+        lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, "
+                     f"{row['tokens_per_param']:.1f} tokens/param")
     if "max_abs_residual" in fit:
         lines.append(f"largest in-sample residual: {fit['max_abs_residual']:.2%} of the loss")
     if "kaplan" in fit:

@@ -32,10 +32,10 @@ import torch
 from lmlab.data.stream import TokenSplit
 from lmlab.errors import LmlabError
 from lmlab.eval.perplexity import evaluate_split
-from lmlab.io.atomic import atomic_write_text
-from lmlab.models.gpt import GPTConfig
+from lmlab.models.transformer.gpt import GPTConfig
 from lmlab.train.config import DataConfig, RunConfig, TrainConfig
 from lmlab.train.trainer import Trainer
+from lmlab.utils.atomic import atomic_write_text
 
 MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data cost little
 
@@ -141,7 +141,8 @@ def run_one(cfg: SweepConfig, run: RunConfig, log=print) -> dict:
     tokens = trainer.tokens_seen
     seconds = time.time() - t0
     result = {"name": run_dir.name, "N": n, "N_with_embeddings": trainer.model.num_params(non_embedding=False),
-              "D": tokens, "C": 6 * n * tokens, "C_counted": flops_per_token(n, m.n_layer, m.block_size, m.n_embd) * tokens,
+              "D": tokens, "C": 6 * n * tokens,
+              "C_counted": flops_per_token(n, m.n_layer, m.block_size, m.n_embd) * tokens,
               "val_loss": val.loss, "val_bits_per_byte": val.bits_per_byte, "seconds": seconds,
               "tok_per_s": tokens / seconds, "resumed": resumed, "n_layer": m.n_layer, "n_embd": m.n_embd,
               "n_head": m.n_head, "block_size": m.block_size, "batch_size": run.train.batch_size,

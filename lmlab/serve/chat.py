@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from lmlab.generate.engine import SamplingConfig, stream_text
-from lmlab.serve.chat_template import ChatTemplate, chat_template_for
+from lmlab.tokenizers.chat_template import ChatTemplate, chat_template_for
 
 
 class ChatSession:

@@ -13,8 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmlab.io.atomic import atomic_write_text
 from lmlab.tokenizers.base import ROLES, SpecialIdsMixin, SpecialTokens
+from lmlab.utils.atomic import atomic_write_text
 
 
 class BPETokenizer(SpecialIdsMixin):
@@ -32,7 +32,7 @@ class BPETokenizer(SpecialIdsMixin):
 
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int = 8192, min_count: int = 2,
-              specials: SpecialTokens = SpecialTokens()) -> "BPETokenizer":
+              specials: SpecialTokens = SpecialTokens()) -> BPETokenizer:
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -78,7 +78,7 @@ class BPETokenizer(SpecialIdsMixin):
         atomic_write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2))
 
     @classmethod
-    def load(cls, directory: Path, data: str) -> "BPETokenizer":
+    def load(cls, directory: Path, data: str) -> BPETokenizer:
         hf = HFTokenizer.from_str(data)
         roles = SpecialTokens().as_dict()
         cfg_path = directory / "tokenizer_config.json"

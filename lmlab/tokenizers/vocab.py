@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from lmlab.io.atomic import atomic_write_text
 from lmlab.tokenizers.base import ROLES, SpecialIdsMixin, SpecialTokens
+from lmlab.utils.atomic import atomic_write_text
 
 
 def _build_vocab(counts: Counter, specials: SpecialTokens, min_count: int, max_vocab: int | None) -> list[str]:
@@ -51,7 +51,7 @@ class VocabTokenizer(SpecialIdsMixin):
         return {}
 
     @classmethod
-    def from_json(cls, data: dict) -> "VocabTokenizer":
+    def from_json(cls, data: dict) -> VocabTokenizer:
         specials = SpecialTokens(**{r: data["specials"][r] for r in ROLES})
         extra = {k: v for k, v in data.items() if k not in ("lmlab_tokenizer", "specials", "vocab")}
         return cls(data["vocab"], specials, **extra)
@@ -64,7 +64,7 @@ class CharTokenizer(VocabTokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], *, min_count: int = 1, max_vocab: int | None = None,
-              specials: SpecialTokens = SpecialTokens()) -> "CharTokenizer":
+              specials: SpecialTokens = SpecialTokens()) -> CharTokenizer:
         counts: Counter = Counter()
         for t in texts:
             counts.update(t)
@@ -97,7 +97,7 @@ class WordTokenizer(VocabTokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], *, min_count: int = 1, max_vocab: int | None = None,
-              specials: SpecialTokens = SpecialTokens(), eos_per_line: bool = True) -> "WordTokenizer":
+              specials: SpecialTokens = SpecialTokens(), eos_per_line: bool = True) -> WordTokenizer:
         counts: Counter = Counter()
         for t in texts:
             counts.update(t.split())

@@ -9,24 +9,19 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from lmlab.config import dump_yaml, from_dict
-from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_dir
-from lmlab.models.registry import build
-from lmlab.tokenizers import Tokenizer, load_tokenizer
+from lmlab.io.checkpoint import list_checkpoints, load_model_dir, read_config_dict
+from lmlab.tokenizers import Tokenizer
 from lmlab.train.config import RunConfig
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from lmlab.utils.atomic import atomic_dir
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg: RunConfig, tokenizer_dir: Path,
@@ -46,54 +41,14 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg: RunConfig, 
     return path
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (-> its latest checkpoint)."""
-    p = Path(path)
-    if not p.exists():
-        raise LmlabError(f"checkpoint not found: {p}")
-    if (p / "model.safetensors").is_file():
-        return p
-    ckpts = list_checkpoints(p)
-    if not ckpts:
-        raise LmlabError(f"{p} holds no checkpoint (expected model.safetensors or checkpoints/step-*/)")
-    return ckpts[-1]
-
-
 def read_run_config(path: Path) -> RunConfig:
-    file = path / "config.yaml"
-    if not file.is_file():
-        raise LmlabError(f"{path} has no config.yaml")
-    data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, read_config_dict(path))
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, RunConfig, Tokenizer, Path]:
     """Model (eval mode), run config and tokenizer from a checkpoint or run directory."""
-    ckpt = resolve_checkpoint(path)
-    cfg = read_run_config(ckpt)
-    model = build(cfg.model)
-    load_weights(model, ckpt / "model.safetensors")
-    model.to(device).eval()
-    return model, cfg, load_tokenizer(ckpt), ckpt
-
-
-def load_weights(model: nn.Module, file: Path) -> None:
-    try:
-        missing, unexpected = load_model(model, str(file), strict=False)
-    except RuntimeError as e:  # shape mismatch
-        first = str(e).strip().splitlines()
-        raise LmlabError(f"checkpoint {file} does not match the model config: {first[-1] if first else e}") from None
-    if missing or unexpected:
-        raise LmlabError(f"checkpoint {file} does not match the model config: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model, tok, ckpt = load_model_dir(path, device)
+    return model, read_run_config(ckpt), tok, ckpt
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmlab.models.base import ModelConfig
-from lmlab.models.gpt import GPTConfig
+from lmlab.models.transformer.gpt import GPTConfig
 
 
 @dataclass(kw_only=True)

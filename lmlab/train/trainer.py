@@ -20,18 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from lmlab.config import dump_yaml
 from lmlab.data.objectives import make_sampler
 from lmlab.data.stream import SAMPLERS, TokenSplit
 from lmlab.errors import LmlabError
-from lmlab.io.atomic import atomic_write_text
+from lmlab.io.checkpoint import list_checkpoints, load_weights
 from lmlab.models.registry import build
-from lmlab.train.checkpoint import list_checkpoints, load_trainer_state, load_weights, save_checkpoint
+from lmlab.train.checkpoint import load_trainer_state, save_checkpoint
 from lmlab.train.config import RunConfig
 from lmlab.train.optim import make_optimizer
 from lmlab.train.schedule import lr_at
+from lmlab.utils.atomic import atomic_write_text
 
 
 def pick_device(name: str) -> torch.device:

@@ -123,7 +123,8 @@ def split_pool(make: Callable[[random.Random], Item], n_items: int, n_pool: int,
     return out[n_pool:], out[:n_pool]
 
 
-def split_finite(candidates: list[Item], n_items: int, seed: int | str, pool_share: float = 1 / 3) -> tuple[list[Item], list[Item]]:
+def split_finite(candidates: list[Item], n_items: int, seed: int | str,
+                 pool_share: float = 1 / 3) -> tuple[list[Item], list[Item]]:
     """For tasks with few distinct questions: a seeded share of them is the demonstration pool, and the
     test items are drawn from the rest (with repeats once they run out)."""
     rng = random.Random(seed)

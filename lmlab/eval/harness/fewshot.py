@@ -1,0 +1,178 @@
+"""Zero-, one- and few-shot evaluation (Brown et al. 2020): k solved demonstrations, then the question.
+
+For each test item and each k, the demonstrations are drawn from the task's pool (never its test
+items) by a sampler seeded with (seed, task, item, k), so a run is reproducible and every model sees
+the same prompts. Multiple-choice tasks report `acc` (the choice of highest summed log-likelihood)
+and `acc_norm` (per character of the choice, lm-eval's normalisation); generation tasks report exact
+match of the greedy answer cut at the task's stop string. Accuracies come with their binomial
+standard error sqrt(p (1 - p) / n). All requests of one (task, k) go to the model in one call, so it
+can batch them.
+
+A full run is hours on a CPU, so `evaluate_model` stores each finished (model, task, k) cell in a
+`CellCache` (one JSON file per cell, written atomically) and a rerun takes finished cells from it:
+an interrupted run continues where it stopped, and a model whose cells are all done is not loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import LmlabError
+from lmlab.eval.harness.lm import LM, GenArgs, cut_at_stop
+from lmlab.eval.tasks import Item, Task
+from lmlab.utils.atomic import atomic_write_text
+
+
+def demonstrations(task: Task, index: int, k: int, seed: int) -> list[Item]:
+    """The k demonstrations for test item `index`: a seeded sample of the pool."""
+    if k > len(task.pool):
+        raise LmlabError(f"task {task.name}: {k} shots need a pool of at least {k} items (it has {len(task.pool)})")
+    return random.Random(f"{seed}/{task.name}/{index}/{k}").sample(task.pool, k)
+
+
+def build_prompt(task: Task, item: Item, demos: list[Item]) -> str:
+    shown = [d.context + task.target_delimiter + d.answer for d in demos]
+    return task.description + task.separator.join(shown + [item.context])
+
+
+def stderr(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+@dataclass
+class ShotResult:
+    task: str
+    kind: str
+    shots: int
+    n: int
+    acc: float
+    acc_stderr: float
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    seconds: float = 0.0
+    distinct: int = 0                                  # distinct test questions (tasks with few repeat some)
+    items: list[dict] = field(default_factory=list)   # per item: prompt, scores or prediction, correct
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "items"}
+
+
+def evaluate_task(lm: LM, task: Task, shots: int, seed: int = 0) -> ShotResult:
+    t0 = time.perf_counter()
+    prompts = [build_prompt(task, it, demonstrations(task, i, shots, seed)) for i, it in enumerate(task.items)]
+    n = len(task.items)
+    if task.kind == "multiple_choice":
+        requests = [(p, task.target_delimiter + c) for p, it in zip(prompts, task.items) for c in it.choices]
+        scores = lm.loglikelihood(requests)
+        items, hits, hits_norm, at = [], 0, 0, 0
+        for p, it in zip(prompts, task.items):
+            ll = np.array([s for s, _ in scores[at:at + len(it.choices)]])
+            at += len(it.choices)
+            lengths = np.array([len(c) for c in it.choices], dtype=np.float64)
+            pick, pick_norm = int(np.argmax(ll)), int(np.argmax(ll / lengths))
+            hits, hits_norm = hits + (pick == it.gold), hits_norm + (pick_norm == it.gold)
+            items.append({"prompt": p, "choices": list(it.choices), "gold": it.gold, "loglikelihoods": ll.tolist(),
+                          "pred": pick, "pred_norm": pick_norm})
+        acc, acc_norm = hits / n, hits_norm / n
+        return ShotResult(task.name, task.kind, shots, n, acc, stderr(acc, n), acc_norm, stderr(acc_norm, n),
+                          time.perf_counter() - t0, _distinct(task), items)
+    args = GenArgs(until=tuple(task.stop), max_new_tokens=task.max_new_tokens)
+    # cut again here: an LM may return its text uncut (e.g. one answering through another harness)
+    outputs = [cut_at_stop(o, task.stop)[0] for o in lm.generate_until([(p, args) for p in prompts])]
+    items = [{"prompt": p, "target": it.target, "output": o, "correct": o.strip() == it.target.strip()}
+             for p, it, o in zip(prompts, task.items, outputs)]
+    acc = sum(x["correct"] for x in items) / n
+    return ShotResult(task.name, task.kind, shots, n, acc, stderr(acc, n), seconds=time.perf_counter() - t0,
+                      distinct=_distinct(task), items=items)
+
+
+def _distinct(task: Task) -> int:
+    return len({it.context for it in task.items})
+
+
+def evaluate(lm: LM, tasks: list[Task], shots: list[int], seed: int = 0, log=print) -> list[ShotResult]:
+    """Every task at every k."""
+    out = []
+    for task in tasks:
+        for k in shots:
+            r = evaluate_task(lm, task, k, seed)
+            _log_result(lm.name, r, log)
+            out.append(r)
+    return out
+
+
+class CellCache:
+    """Finished cells under `root`, one `<model>__<task>__<k>shot-<hash>.json` each. A cell counts
+    only if everything that decides its numbers matches: model name and path, k, `key` (seed, dtype,
+    ...) and the task itself (a digest of its items, pool and prompt settings, so an edited task file
+    is evaluated again); otherwise it is computed again and overwritten."""
+
+    def __init__(self, root: str | Path, key: dict):
+        self.root, self.key = Path(root), key
+
+    def _ident(self, model: str, path: str, task: Task, shots: int) -> dict:
+        digest = hashlib.sha1(repr(task).encode()).hexdigest()
+        return {"model": model, "path": path, "task": task.name, "task_digest": digest, "shots": shots, **self.key}
+
+    def path(self, model: str, path: str, task: Task, shots: int) -> Path:
+        ident = json.dumps(self._ident(model, path, task, shots), sort_keys=True)
+        slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{model}__{task.name}")[:80]
+        return self.root / f"{slug}__{shots}shot-{hashlib.sha1(ident.encode()).hexdigest()[:10]}.json"
+
+    def get(self, model: str, path: str, task: Task, shots: int) -> dict | None:
+        """The stored cell ({"ident", "row", "items"}), or None."""
+        f = self.path(model, path, task, shots)
+        try:
+            cell = json.loads(f.read_text())
+        except (OSError, ValueError):  # missing, or unreadable: compute it again
+            return None
+        return cell if cell.get("ident") == self._ident(model, path, task, shots) else None
+
+    def put(self, model: str, path: str, task: Task, shots: int, row: dict, items: list[dict]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cell = {"ident": self._ident(model, path, task, shots), "row": row, "items": items}
+        atomic_write_text(self.path(model, path, task, shots), json.dumps(cell) + "\n")
+
+
+def evaluate_model(load: Callable[[], LM], name: str, path: str, tasks: list[Task], shots: list[int],
+                   seed: int = 0, *, cache: CellCache | None = None, extra: dict | None = None,
+                   log=print) -> list[dict]:
+    """Result rows (ShotResult.summary() with model, path, params and `extra`) of one model on every
+    task at every k. `load` is called at the first cell not in `cache`, so a finished model is never
+    loaded; each computed cell goes into `cache` as soon as it is done."""
+    lm: LM | None = None
+    rows = []
+    for task in tasks:
+        for k in shots:
+            cell = cache.get(name, path, task, k) if cache is not None else None
+            if cell is not None:
+                rows.append(cell["row"])
+                log(f"{name} {task.name} {k}-shot: done before (acc {cell['row']['acc']:.3f})")
+                continue
+            if lm is None:
+                t0 = time.perf_counter()
+                lm = load()
+                lm.name = name
+                log(f"loaded {path} as {name} ({time.perf_counter() - t0:.1f}s)")
+            r = evaluate_task(lm, task, k, seed)
+            _log_result(lm.name, r, log)
+            row = {"model": name, "path": path, "params": lm.params, **(extra or {}), **r.summary()}
+            if cache is not None:
+                cache.put(name, path, task, k, row, r.items)
+            rows.append(row)
+    return rows
+
+
+def _log_result(name: str, r: ShotResult, log) -> None:
+    norm = f", acc_norm {r.acc_norm:.3f}" if r.acc_norm is not None else ""
+    log(f"{name} {r.task} {r.shots}-shot: acc {r.acc:.3f} ± {r.acc_stderr:.3f}{norm} (n={r.n}, {r.seconds:.1f}s)")

@@ -1,0 +1,180 @@
+"""GGUF import (llama.cpp's single-file format): Llama-architecture weights, config and tokenizer.
+
+Read with the `gguf` package (llama.cpp's own `gguf-py` reader); quantized tensors are dequantized
+to float32 with `gguf.quants`. The format (ggml/docs/gguf.md) stores
+
+- metadata as typed key/values: `general.architecture`, then `{arch}.block_count`,
+  `{arch}.attention.head_count`, ... (converted here to a `LlamaConfig`), and `tokenizer.ggml.*`
+  (converted to a tokenizer in lmlab/io/gguf/tokenizer.py);
+- tensors under llama.cpp's names (`blk.N.attn_q.weight`, ...), each with its shape listed
+  fastest-varying dimension first, so a [out, in] matrix appears as [in, out].
+
+llama.cpp's converter reorders the rows of each head of `attn_q` / `attn_k` so that RoPE rotates
+adjacent pairs (x0, x1), (x2, x3), ... (GPT-J style); our RoPE, like Hugging Face Llama's, rotates the
+two halves of a head (x_i, x_{i + d/2}). `unpermute_qk` undoes that reordering.
+
+The weights are mapped to Hugging Face names and go through the Llama adapter in lmlab/io/hf.py, so
+shape checks and the fused q/k/v and gate/up layouts live in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmlab.errors import LmlabError
+from lmlab.io.hf import state_dict_from_hf
+from lmlab.models.registry import build
+from lmlab.models.transformer.llama import LlamaConfig
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:  # optional dependency
+        raise LmlabError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+    return gguf
+
+
+# Tensor types we dequantize (ggml.h `ggml_type`); K-quants and i-quants are not supported yet.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """A GGUF tensor's raw `data` of type `qtype` (a `gguf.GGMLQuantizationType`) as float32 with
+    `shape` given in PyTorch order (slowest dimension first)."""
+    gguf = _gguf()
+    qtype = gguf.GGMLQuantizationType(qtype)
+    if qtype.name not in SUPPORTED_TYPES:
+        raise LmlabError(f"GGUF tensor type {qtype.name} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    if qtype.name == "F32":
+        arr = np.asarray(data).view(np.float32)
+    else:
+        arr = gguf.quants.dequantize(np.asarray(data), qtype)
+    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 views the read-only file
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """The key/value metadata of an open `gguf.GGUFReader` as plain Python values."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # header fields (version, counts), not metadata
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def open_gguf(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"no GGUF file at {path}")
+    try:
+        return _gguf().GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise LmlabError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata -> config
+
+def _meta(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+    if key in meta:
+        return meta[key]
+    if default is None:
+        raise LmlabError(f"GGUF metadata lacks '{key}'")
+    return default
+
+
+def config_from_gguf(meta: dict[str, Any], *, tie_embeddings: bool = True) -> LlamaConfig:
+    """`LlamaConfig` from GGUF metadata (key names from llama.cpp's gguf-py `constants.py` `Keys.LLM`)."""
+    arch = _meta(meta, "general.architecture")
+    if arch != "llama":
+        raise LmlabError(f"GGUF architecture '{arch}' is not supported (supported: llama)")
+    n_embd, n_head = int(_meta(meta, "llama.embedding_length")), int(_meta(meta, "llama.attention.head_count"))
+    head_dim = n_embd // n_head
+    if int(meta.get("llama.rope.dimension_count", head_dim)) != head_dim:
+        raise LmlabError("GGUF: partial rotary embeddings (llama.rope.dimension_count != head size) are not supported")
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or \
+            float(meta.get("llama.rope.scaling.factor", 1.0) or 1.0) != 1.0:
+        raise LmlabError("GGUF: RoPE scaling is not supported")
+    vocab = meta.get("llama.vocab_size") or len(_meta(meta, "tokenizer.ggml.tokens"))
+    return LlamaConfig(vocab_size=int(vocab), block_size=int(_meta(meta, "llama.context_length")),
+                       n_layer=int(_meta(meta, "llama.block_count")), n_head=n_head,
+                       n_kv_head=int(meta.get("llama.attention.head_count_kv", n_head)), n_embd=n_embd,
+                       mlp_hidden=int(_meta(meta, "llama.feed_forward_length")),
+                       rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+                       norm_eps=float(_meta(meta, "llama.attention.layer_norm_rms_epsilon")),
+                       tie_embeddings=tie_embeddings)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+_LAYER_NAMES = {  # llama.cpp name (gguf-py tensor_mapping.py) -> Hugging Face LlamaForCausalLM name
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(name: str) -> str | None:
+    """The Hugging Face name of a llama.cpp tensor name, or None for one we do not know."""
+    stem, _, suffix = name.rpartition(".")
+    if stem.startswith("blk."):
+        _, i, part = stem.split(".", 2)
+        return f"model.layers.{i}.{_LAYER_NAMES[part]}.{suffix}" if part in _LAYER_NAMES else None
+    return f"{_TOP_NAMES[stem]}.{suffix}" if stem in _TOP_NAMES else None
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp convert_hf_to_gguf.py's `permute`: within each head it interleaved the rows of
+    the two RoPE halves; put them back as [first half | second half]."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_head, out // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does (for export): half-split rows -> interleaved pairs, per head."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_head, 2, out // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def state_dict_from_gguf(reader: Any, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Our Llama weights (float32) from the tensors of an open `gguf.GGUFReader`."""
+    hf: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        key = hf_name(t.name)
+        if key is None:
+            if t.name == "rope_freqs.weight" or t.name.endswith(".rope_freqs.weight"):
+                raise LmlabError("GGUF: Llama-3 style rope frequency factors are not supported")
+            raise LmlabError(f"GGUF tensor '{t.name}' is not a Llama weight lmlab knows")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        w = dequantize(t.data, t.tensor_type, shape)
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, cfg.n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, cfg.n_kv_head)
+        hf[key] = w
+    return state_dict_from_hf(hf, cfg)
+
+
+def load_gguf(path: str | Path) -> tuple[nn.Module, Any]:
+    """(float32 Llama in eval mode, its tokenizer) from a GGUF file."""
+    from lmlab.io.gguf.tokenizer import tokenizer_from_gguf
+
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    cfg = config_from_gguf(meta, tie_embeddings=not has_output)
+    with torch.device("meta"):
+        model = build(cfg)
+    model.load_state_dict(state_dict_from_gguf(reader, cfg), assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    return model.eval(), tokenizer_from_gguf(meta)

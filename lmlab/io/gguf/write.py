@@ -1,0 +1,108 @@
+"""GGUF export of an lmlab Llama (and its byte-level BPE tokenizer), the inverse of lmlab/io/gguf/read.py.
+
+Weights go out under llama.cpp's names with q/k rows permuted for its pairwise RoPE (what
+convert_hf_to_gguf.py does), matrices in the chosen type and norms in F32 (as llama.cpp keeps them).
+Block-quantized types need rows that are a multiple of the block size (32 values); a matrix whose
+rows are not falls back to F16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmlab.errors import LmlabError
+from lmlab.io.gguf.read import _LAYER_NAMES, _TOP_NAMES, SUPPORTED_TYPES, _gguf, permute_qk
+from lmlab.io.gguf.tokenizer import CONTROL
+from lmlab.io.hf import state_dict_to_hf
+
+_TO_GGUF = {v: k for k, v in {**_LAYER_NAMES, **_TOP_NAMES}.items()}
+NORMAL = 1  # llama.cpp llama_token_type
+
+
+def gguf_name(hf: str) -> str:
+    stem, _, suffix = hf.rpartition(".")
+    if stem.startswith("model.layers."):
+        _, _, i, part = stem.split(".", 3)
+        return f"blk.{i}.{_TO_GGUF[part]}.{suffix}"
+    return f"{_TO_GGUF[stem]}.{suffix}"
+
+
+def _add_tokenizer(w, tokenizer) -> None:
+    data = json.loads(tokenizer.hf.to_str())
+    if data["model"]["type"] != "BPE":
+        raise LmlabError("GGUF export supports byte-level BPE tokenizers only")
+    vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
+    tokens = [""] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {a["content"] for a in data.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, as lmlab's BPE trains with
+    w.add_token_list(tokens)
+    w.add_token_types([CONTROL if t in special else NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    for role, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
+                      ("unk", w.add_unk_token_id)):
+        i = tokenizer.token_to_id(getattr(tokenizer.specials, role))
+        if i is not None:
+            add(i)
+    if getattr(tokenizer, "chat_template", None):
+        w.add_chat_template(tokenizer.chat_template)
+
+
+def save_gguf(model: nn.Module, path: str | Path, tokenizer=None, *, qtype: str = "F16",
+              overwrite: bool = False) -> Path:
+    """Write a Llama `model` (and `tokenizer`) as one GGUF file that llama.cpp and transformers load."""
+    gguf = _gguf()
+    c = model.config
+    if c.family != "llama":
+        raise LmlabError(f"GGUF export supports the llama family, not '{c.family}'")
+    if qtype not in SUPPORTED_TYPES:
+        raise LmlabError(f"GGUF type '{qtype}' is not supported for export (supported: {', '.join(SUPPORTED_TYPES)})")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LmlabError(f"{path} already exists (pass overwrite=True to replace it)")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_block_count(c.n_layer)
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_feed_forward_length(c.mlp_hidden)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_layer_norm_rms_eps(float(c.norm_eps))
+    w.add_rope_dimension_count(c.n_embd // c.n_head)
+    w.add_vocab_size(c.vocab_size)
+    if tokenizer is not None:
+        _add_tokenizer(w, tokenizer)
+    q = gguf.GGMLQuantizationType[qtype]
+    for key, t in state_dict_to_hf(model.state_dict(), c).items():
+        name = gguf_name(key)
+        x = t.detach().to(torch.float32).cpu().numpy()
+        if name.endswith("attn_q.weight"):
+            x = permute_qk(x, c.n_head)
+        elif name.endswith("attn_k.weight"):
+            x = permute_qk(x, c.n_kv_head)
+        if x.ndim == 1:
+            w.add_tensor(name, x)
+        else:
+            block = gguf.GGML_QUANT_SIZES[q][0]
+            kind = q if x.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+            w.add_tensor(name, gguf.quants.quantize(x, kind), raw_dtype=kind)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,38 @@
+"""GPT (Radford et al. 2018, 2019): a decoder-only Transformer with learned positions.
+
+Pre-LayerNorm blocks, GELU MLP, tied input/output embeddings, causal SDPA attention. Weights start
+at N(0, 0.02) with the residual projections scaled by 1/sqrt(2 * n_layer), as in GPT-2. Everything
+but the config and the block options is shared with the other decoders (lmlab/models/transformer/decoder.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lmlab.models.base import ModelConfig
+from lmlab.models.transformer.decoder import DecoderLM
+
+
+@dataclass(kw_only=True)
+class GPTConfig(ModelConfig):
+    family: str = "gpt"
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True
+    activation: str = "gelu_tanh"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    loss_chunk_size: int = 512  # positions per chunk of the fused output-layer loss (0: plain logits)
+
+
+class GPT(DecoderLM):
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config, norm="layernorm", wpe=nn.Embedding(config.block_size, config.n_embd),
+                         block={"activation": config.activation, "bias": config.bias})
