@@ -1,1 +1,1 @@
-"""Text generation: sampling filters and the decoding engine."""
+"""Text generation: the one causal decoding engine, encoder-decoder and mask-predict decoding, fill-mask."""

@@ -1,1 +1,1 @@
-"""Shared building blocks that every Transformer family assembles."""
+"""Shared building blocks: norms, positions, attention, MLPs, blocks, KV cache, sampling filters, quantization."""

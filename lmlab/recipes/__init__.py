@@ -1,0 +1,1 @@
+"""Recipes: whole jobs as library functions (the quickstart, the lineage ladder) that the CLI calls."""

@@ -1,1 +1,1 @@
-"""Serving: chat templates (and, later, an OpenAI-compatible HTTP server)."""
+"""Serving: chat sessions (and, later, an OpenAI-compatible HTTP server)."""

@@ -1,0 +1,1 @@
+"""The ground floor: helpers every layer may use (atomic writes, logging setup)."""

@@ -1,0 +1,1 @@
+"""ELIZA (Weizenbaum 1966): a keyword script and the session that applies it."""
