@@ -44,9 +44,10 @@ class KVCache:
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        # uninitialised: only slots below a row's length are ever read, and untouched pages cost no memory
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # zeroed, not left uninitialised: a row shorter than the longest reads slots past its length
+        # (masked out, weight 0), and 0 * a NaN of uninitialised memory would still be NaN
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         # host-side bookkeeping (small, so no device sync is needed to plan a step)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)    # slots filled per row
@@ -176,7 +177,7 @@ class KVCache:
         n = self.pos
         max_len = n + extra if extra else self.max_len
         shape = (self.k.shape[0], len(cpu), self.k.shape[2], max_len, self.k.shape[4])
-        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
         k[:, :, :, :n] = self.k[:, idx, :, :n]
         v[:, :, :, :n] = self.v[:, idx, :, :n]
         self.k, self.v, self.max_len = k, v, max_len
