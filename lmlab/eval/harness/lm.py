@@ -12,7 +12,8 @@ to the continuation, the two are encoded together and split where the encoding o
 stops matching (the longest common prefix, which also handles word tokenizers that close each line
 with `</s>`). Scoring runs padded batches of `batch_size` sequences, longest first; each row is right-
 padded, which a causal model cannot see, so a row's scores do not depend on its batch. Generation
-left-pads the prompts and decodes the batch with one KV cache; rows leave the batch as they finish.
+is the engine's one decoding loop (lmlab/generate/engine.py, greedy): the prompts of a batch decode
+together with one KV cache, and rows leave the batch as they finish.
 
 Speed (a 135M model on one CPU thread is ~0.5 s per 5-shot item otherwise): the output layer (49k
 words for SmolLM2, a fifth of its FLOPs) runs only at the positions that are scored or decoded
