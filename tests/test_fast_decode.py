@@ -70,7 +70,8 @@ def test_it_declines_what_it_does_not_implement():
     int4 = tiny_llama()
     assert FastDecoder.build(int4, int4.make_kv_cache(2, 8)) is None  # a batch
     padded = int4.make_kv_cache(1, 8)
-    padded.update_mask(torch.tensor([[False, True]]))
+    padded.begin(2, torch.tensor([[False, True]]))  # a left-padded prefill
+    padded.commit()
     assert FastDecoder.build(int4, padded) is None  # left padding
 
 

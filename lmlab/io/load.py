@@ -12,6 +12,8 @@ a Hugging Face tokenizer's config, and for lmlab's own runs the `</s>` that clos
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,60 @@ class LoadedModel:
     def name(self) -> str:
         return self.path.name
 
+    def scoring_split(self, ids: Sequence[int]) -> tuple[int, list[int]]:
+        """(the token the first scored token is predicted from, the tokens to score) for a text encoded
+        as `ids`, as perplexity's `token_nll(model, tokens, bos=...)` takes them: the text after the BOS
+        (lmlab runs: `</s>`); without one the text's first token is context only, not scored (as
+        llama.cpp's perplexity does for a model that takes no BOS)."""
+        seq = self.bos + list(ids)
+        if not seq:
+            raise LmlabError("nothing to score: the text is empty")
+        return seq[0], seq[1:]
+
     @property
     def objective(self) -> str:
         """"causal", "mlm", "seq2seq", ... (n-gram models are causal)."""
         return getattr(self.model, "objective", "causal")
+
+
+# llama.cpp's default for `add_bos` when a GGUF file lacks `tokenizer.ggml.add_bos_token`
+# (src/llama-vocab.cpp, llama_vocab::impl::load): by tokenizer model, SentencePiece ("llama") and
+# WordPiece ("bert") add one, Unigram ("t5"), RWKV and byte-level BPE ("gpt2") do not, except the BPE
+# pre-tokenizers below, which set add_bos = true; the key, when present, overrides all of these.
+_GGUF_ADD_BOS_BY_MODEL = {"llama": True, "bert": True, "t5": False, "rwkv": False, "gpt2": False}
+_GGUF_ADD_BOS_BY_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                        "lfm2", "tekken", "chameleon"}
+
+
+def gguf_bos(meta: dict[str, Any], tokenizer: Any) -> list[int]:
+    """The BOS a GGUF model's texts start with: `tokenizer.ggml.add_bos_token`, else llama.cpp's default."""
+    add = meta.get("tokenizer.ggml.add_bos_token")
+    if add is None:
+        model = meta.get("tokenizer.ggml.model", "")
+        add = (meta.get("tokenizer.ggml.pre") in _GGUF_ADD_BOS_BY_PRE) if model == "gpt2" \
+            else _GGUF_ADD_BOS_BY_MODEL.get(model, False)
+    bos = tokenizer.token_to_id(tokenizer.specials.bos)
+    return [bos] if add and bos is not None else []
+
+
+def hf_bos(path: Path, tokenizer: Any) -> list[int]:
+    """The BOS a Hugging Face tokenizer puts before a text (what `tokenizer(text)` adds): its
+    `tokenizer_config.json` `add_bos_token` when set (Llama-style tokenizers), else the special token
+    the `tokenizer.json` post-processor's template puts first, if that is the BOS."""
+    cfg_file = path / "tokenizer_config.json"
+    if cfg_file.is_file():
+        add = json.loads(cfg_file.read_text(encoding="utf-8")).get("add_bos_token")
+        if isinstance(add, bool):
+            return [tokenizer.bos_id] if add else []
+    tok_file = path / "tokenizer.json"
+    post = json.loads(tok_file.read_text(encoding="utf-8")).get("post_processor") if tok_file.is_file() else None
+    procs = (post.get("processors") or []) if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
+    for proc in procs:
+        if isinstance(proc, dict) and proc.get("type") == "TemplateProcessing" and proc.get("single"):
+            first = proc["single"][0]
+            if "SpecialToken" in first and first["SpecialToken"]["id"] == tokenizer.specials.bos:
+                return [tokenizer.bos_id]
+    return []
 
 
 def model_kind(path: str | Path) -> str:
@@ -67,14 +119,13 @@ def load_model(path: str | Path, *, device: str = "cpu", precision: str | None =
         from lmlab.nn.quant import DEFAULT_PRECISION
 
         model, tok = load_gguf(p)
-        add_bos = bool(read_metadata(open_gguf(p)).get("tokenizer.ggml.add_bos_token", False))
-        loaded = LoadedModel(model, tok, kind, p, bos=[tok.bos_id] if add_bos else [])
+        loaded = LoadedModel(model, tok, kind, p, bos=gguf_bos(read_metadata(open_gguf(p)), tok))
         precision = precision or DEFAULT_PRECISION
     elif kind == "hf":
         from lmlab.io.hf import load_hf_dir
 
         model, tok = load_hf_dir(p)
-        loaded = LoadedModel(model, tok, kind, p)
+        loaded = LoadedModel(model, tok, kind, p, bos=hf_bos(p, tok) if tok is not None else [])
     else:
         from lmlab.io.checkpoint import load_model_dir, read_config_dict
 

@@ -77,17 +77,22 @@ class Attention(nn.Module):
         else:
             qk, v = (t.transpose(1, 2) for t in heads.split([nh + nkv, nkv], dim=2))
             q, k = rotary(qk).split([nh, nkv], dim=1)
-        past = 0
+        past, mask, complete = 0, attn_mask, False
         if kv_cache is not None:
-            past = kv_cache.pos
             k, v = kv_cache.append(layer_idx, k, v)
+            step = kv_cache.step
+            if step.attn_mask is not None:  # rows of different lengths, or pads: the cache's mask is
+                # complete (each row's own causality, length and pads)
+                mask = step.attn_mask if mask is None else (mask & step.attn_mask)
+                complete = True
+            else:
+                past = step.start
         gqa = nkv != nh
         if gqa and not _SDPA_GQA:
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
             gqa = False
         is_causal = False
-        mask = attn_mask
-        if self.causal and T > 1:
+        if self.causal and T > 1 and not complete:
             if past == 0 and mask is None:
                 is_causal = True
             else:  # query i (absolute position past + i) sees keys 0 .. past + i

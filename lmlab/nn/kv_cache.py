@@ -1,60 +1,211 @@
 """A preallocated key/value cache, held outside the model and passed into its forward.
 
-Every layer writes its new keys/values at positions [pos, pos + T); the model advances `pos` once
-after all layers ran. Appending therefore costs O(T), and a decode step attends over O(pos) keys.
+Memory: [n_layer, B, n_kv_head, max_len, head_dim] for keys and for values, allocated once. Every row
+of the batch is its own sequence with its own length (`lengths[b]`: cache slots filled) and its own
+position (`positions[b]`: real tokens seen, the position id of its next token), so rows of different
+lengths decode together, and a row can leave (`keep`) or a new one be prefilled into a free slot
+(`clear` + `row`) without touching the others.
 
-For padded batches the cache also remembers which cached positions are real tokens (`key_mask`),
-so later steps keep ignoring the pads of the prompt and count positions from each row's first token.
+One forward of the model over T new tokens per row is one *step*: `begin(T, new_mask)` (the model
+calls it before its layers) fixes where each row's tokens go (slots lengths[b] .. lengths[b] + T - 1),
+their position ids and the attention mask; every layer's `append` writes there; `commit()` (after the
+layers) moves the lengths on. Appending costs O(T), and a decode step attends over O(length) keys.
+
+Padding: `new_mask` ([B, T] bool, True = real token) may hold pads on either side. Leading pads (left
+padding, how batched prompts are prefilled) stay in the cache, masked out by `key_mask` for every
+later step; trailing pads (right padding) are not counted in the row's length, so the row's next
+token overwrites them. Position ids count real tokens only, so a padded row sees the positions of its
+unpadded self (as `transformers.generate` computes them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class CacheStep:
+    """Where one forward's T new tokens per row go (see `KVCache.begin`)."""
+
+    T: int
+    start: int | None            # every row's first new slot when they all agree (None: they differ)
+    slots: torch.Tensor | None   # [B, T] slot of each new token when rows differ (on the cache's device)
+    end: int                     # keys [0, end) are read by this step's attention
+    position_ids: torch.Tensor   # [B, T] (or [1, T] when every row agrees and nothing is padded)
+    attn_mask: torch.Tensor | None  # [B, 1, T, end] bool, True = may attend (causality included); None:
+    #                                 plain causal attention from `start`, no pads
+    new_lengths: torch.Tensor    # [B] lengths after the step
+    new_positions: torch.Tensor  # [B] positions after the step
 
 
 class KVCache:
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        # uninitialised: only positions < pos are ever read, and untouched pages cost no memory
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # zeroed, not left uninitialised: a row shorter than the longest reads slots past its length
+        # (masked out, weight 0), and 0 * a NaN of uninitialised memory would still be NaN
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.pos = 0
-        self.key_mask: torch.Tensor | None = None  # [B, max_len] bool, allocated on first padded input
+        # host-side bookkeeping (small, so no device sync is needed to plan a step)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)    # slots filled per row
+        self.positions = torch.zeros(batch_size, dtype=torch.long)  # real tokens per row
+        self.key_mask: torch.Tensor | None = None  # [B, max_len] bool (device), allocated on the first pad
+        self.step: CacheStep | None = None
+        self._parent_rows = False  # a `row()` view: bookkeeping shared with its parent
+
+    # -- shape --------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def pos(self) -> int:
+        """The longest row's length (every row's, when they agree)."""
+        return int(self.lengths.max()) if len(self.lengths) else 0
+
+    def uniform(self) -> int | None:
+        """The common length of every row, or None when rows differ."""
+        if not len(self.lengths):
+            return 0
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        return lo if lo == hi else None
+
+    # -- one forward ----------------------------------------------------------------------------
+    def begin(self, T: int, new_mask: torch.Tensor | None = None) -> CacheStep:
+        """Plan a forward over T new tokens per row; `new_mask` ([B, T], True = real token) marks pads."""
+        B, dev = self.batch_size, self.k.device
+        if new_mask is not None:
+            new_mask = new_mask.to(device=dev, dtype=torch.bool)
+            if bool(new_mask.all()):
+                new_mask = None
+        start = self.uniform()
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        steps = torch.arange(T)
+        if new_mask is None:
+            real = torch.full((B,), T, dtype=torch.long)
+            grow = real
+            offsets = steps[None].expand(B, T)
+        else:
+            m = new_mask.cpu()
+            real = m.sum(1)
+            # trailing pads are not kept: the row's next token takes their slot
+            last = torch.where(m, steps[None] + 1, 0).max(1).values
+            grow = last
+            offsets = (m.long().cumsum(1) - 1).clamp(min=0)
+        slots = None if start is not None else (self.lengths[:, None] + steps[None]).to(dev)
+        if new_mask is None and start is not None and (self.positions == self.positions[0]).all():
+            position_ids = (int(self.positions[0]) + steps)[None].to(dev)  # [1, T]: shared by every row
+        else:
+            position_ids = (self.positions[:, None] + offsets).to(dev)
+        if new_mask is not None and self.key_mask is None:
+            if self._parent_rows:
+                raise ValueError("a row view of a KV cache takes no pads (prefill the row's prompt alone)")
+            self.key_mask = torch.ones(B, self.max_len, dtype=torch.bool, device=dev)
+        if self.key_mask is not None:  # record which of the new slots are real tokens
+            new = new_mask if new_mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+            if start is not None:
+                self.key_mask[:, start:start + T] = new
+            else:
+                self.key_mask.scatter_(1, slots, new)
+        attn_mask = None
+        if start is None or self.key_mask is not None:
+            # query t of row b sits in slot lengths[b] + t: it sees the filled slots up to its own that
+            # hold real tokens, and always its own key (an all-masked pad query would give NaN, which
+            # reaches real tokens in the next layer through the pad's value: 0 * NaN is NaN)
+            q = (self.lengths.to(dev)[:, None] + steps.to(dev)[None])[:, :, None]  # [B, T, 1]
+            keys = torch.arange(end, device=dev)[None, None]                      # [1, 1, end]
+            attn_mask = keys <= q
+            if self.key_mask is not None:
+                attn_mask = (attn_mask & self.key_mask[:, None, :end]) | (keys == q)
+            attn_mask = attn_mask[:, None]
+        self.step = CacheStep(T, start, slots, end, position_ids, attn_mask, self.lengths + grow,
+                              self.positions + real)
+        return self.step
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v ([B, H, T, D]) for `layer` after the cached ones; return all keys and values so far."""
-        end = self.pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store this step's k/v ([B, H, T, D]) for `layer`; return the keys and values [B, H, end, D]
+        this step attends over (mask them with `step.attn_mask`)."""
+        s = self.step
+        if s is None or s.T != k.shape[2]:
+            raise RuntimeError("KVCache.append() outside a step: the model calls begin(T) before its layers")
+        if s.start is not None:
+            self.k[layer, :, :, s.start:s.start + s.T] = k
+            self.v[layer, :, :, s.start:s.start + s.T] = v
+        else:  # each row at its own slots
+            rows = torch.arange(self.batch_size, device=k.device)[:, None]
+            self.k[layer][rows, :, s.slots] = k.transpose(1, 2)
+            self.v[layer][rows, :, s.slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, :s.end], self.v[layer, :, :, :s.end]
 
-    def update_mask(self, new: torch.Tensor) -> torch.Tensor:
-        """Record which of the next positions are real tokens ([B, T] bool); return the mask of every
-        key so far ([B, pos + T])."""
-        end = self.pos + new.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        if self.key_mask is None:  # everything cached so far was a real token
-            self.key_mask = torch.ones(self.k.shape[1], self.max_len, dtype=torch.bool, device=self.k.device)
-        self.key_mask[:, self.pos:end] = new
-        return self.key_mask[:, :end]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Row i takes the cached history of row `index[i]` ([B] long, repeats allowed): beam search
-        moves each beam's history to the beams that continue it. Only the filled positions are copied."""
-        n = self.pos
-        self.k[:, :, :, :n] = self.k[:, index, :, :n]
-        self.v[:, :, :, :n] = self.v[:, index, :, :n]
-        if self.key_mask is not None:
-            self.key_mask[:, :n] = self.key_mask[index, :n]
+    def commit(self) -> None:
+        """End the step: every row's length and position move past its new tokens."""
+        if self.step is None:
+            raise RuntimeError("KVCache.commit() without begin()")
+        self.lengths.copy_(self.step.new_lengths)
+        self.positions.copy_(self.step.new_positions)
+        self.step = None
 
     def advance(self, n: int) -> None:
-        self.pos += n
+        """Every row moves n slots and positions, for writes made outside `append` (FastDecoder)."""
+        self.lengths += n
+        self.positions += n
+
+    # -- rows -----------------------------------------------------------------------------------
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i takes the cached history of row `index[i]` ([B] long, repeats allowed): beam search
+        moves each beam's history to the beams that continue it. Only the filled slots are copied."""
+        n = self.pos
+        idx = index.to(self.k.device)
+        self.k[:, :, :, :n] = self.k[:, idx, :, :n]
+        self.v[:, :, :, :n] = self.v[:, idx, :, :n]
+        if self.key_mask is not None:
+            self.key_mask[:, :n] = self.key_mask[idx, :n]
+        cpu = index.cpu()
+        self.lengths, self.positions = self.lengths[cpu].clone(), self.positions[cpu].clone()
+
+    def keep(self, index: torch.Tensor | list[int], extra: int = 0) -> None:
+        """Keep only rows `index` (in that order; e.g. the rows still decoding), with room for `extra`
+        more slots past the longest (0: the capacity stays). The filled slots are copied into new,
+        smaller buffers, so the rows that left free their memory."""
+        cpu = torch.as_tensor(index, dtype=torch.long).cpu()
+        idx = cpu.to(self.k.device)
+        n = self.pos
+        max_len = n + extra if extra else self.max_len
+        shape = (self.k.shape[0], len(cpu), self.k.shape[2], max_len, self.k.shape[4])
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k[:, :, :, :n] = self.k[:, idx, :, :n]
+        v[:, :, :, :n] = self.v[:, idx, :, :n]
+        self.k, self.v, self.max_len = k, v, max_len
+        if self.key_mask is not None:
+            mask = torch.ones(len(cpu), max_len, dtype=torch.bool, device=self.k.device)
+            mask[:, :n] = self.key_mask[idx, :n]
+            self.key_mask = mask
+        self.lengths, self.positions = self.lengths[cpu].clone(), self.positions[cpu].clone()
+
+    def clear(self, rows: int | list[int]) -> None:
+        """Empty rows (their sequences ended), leaving free slots for new sequences."""
+        self.lengths[rows] = 0
+        self.positions[rows] = 0
+        if self.key_mask is not None:
+            self.key_mask[rows] = True
+
+    def row(self, i: int) -> KVCache:
+        """A one-row cache sharing row `i`'s memory and bookkeeping: prefill a new sequence into a free
+        row with `model(prompt, kv_cache=cache.row(i))` while the other rows keep theirs."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, i:i + 1], self.v[:, i:i + 1], self.max_len
+        view.lengths, view.positions = self.lengths[i:i + 1], self.positions[i:i + 1]  # views: updated in place
+        view.key_mask = self.key_mask[i:i + 1] if self.key_mask is not None else None
+        view.step, view._parent_rows = None, True
+        return view
 
     def reset(self) -> None:
-        self.pos = 0
+        self.lengths.zero_()
+        self.positions.zero_()
         self.key_mask = None
+        self.step = None

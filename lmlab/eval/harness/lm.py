@@ -12,7 +12,8 @@ to the continuation, the two are encoded together and split where the encoding o
 stops matching (the longest common prefix, which also handles word tokenizers that close each line
 with `</s>`). Scoring runs padded batches of `batch_size` sequences, longest first; each row is right-
 padded, which a causal model cannot see, so a row's scores do not depend on its batch. Generation
-left-pads the prompts and decodes the batch with one KV cache; rows leave the batch as they finish.
+is the engine's one decoding loop (lmlab/generate/engine.py, greedy): the prompts of a batch decode
+together with one KV cache, and rows leave the batch as they finish.
 
 Speed (a 135M model on one CPU thread is ~0.5 s per 5-shot item otherwise): the output layer (49k
 words for SmolLM2, a fifth of its FLOPs) runs only at the positions that are scored or decoded
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.nn.kv_cache import KVCache
+from lmlab.generate.engine import SamplingConfig, generate_texts
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class TorchLM(LM):
     """A causal lmlab model (`model(input_ids).logits`) with its tokenizer.
 
-    `prefix` goes before every text: lmlab-trained models see `</s>` before each document, as in
-    training and perplexity evaluation; a GGUF model gets its BOS only if the file asks for one.
+    `prefix` goes before every text: the model's own BOS (`LoadedModel.bos`, lmlab/io/load.py; lmlab-
+    trained models see `</s>` before each document, as in training and perplexity evaluation).
     `dtype=torch.bfloat16` runs the forward passes under autocast."""
 
     def __init__(self, model: nn.Module, tokenizer, *, prefix: Sequence[int] = (), batch_size: int = 16,
@@ -183,8 +184,8 @@ class TorchLM(LM):
                 xmask = torch.zeros(len(rows), longest - 1, dtype=torch.long)
                 for j, (_, _, cont) in enumerate(rows):
                     xs[j, :len(cont) - 1], xmask[j, :len(cont) - 1] = torch.tensor(cont[:-1]), 1
-                big = _expand_cache(self.model, cache, torch.tensor([r for r, _, _ in rows]), longest - 1)
-                rest = F.log_softmax(self._forward(xs, 0, kv_cache=big, attention_mask=xmask.to(self.device))
+                cache.keep([r for r, _, _ in rows], extra=longest - 1)  # a copy per continuation
+                rest = F.log_softmax(self._forward(xs, 0, kv_cache=cache, attention_mask=xmask.to(self.device))
                                      .float(), dim=-1)
             for j, (r, i, cont) in enumerate(rows):
                 lp = first[r:r + 1] if rest is None else torch.cat([first[r:r + 1], rest[j, :len(cont) - 1]])
@@ -248,90 +249,31 @@ class TorchLM(LM):
                     out[i] = t
         return out
 
-    @torch.no_grad()
     def _greedy(self, prompts: list[list[int]], args: GenArgs) -> list[str]:
+        """Greedy continuations of `prompts`, decoded together by the engine's loop (lmlab/generate/engine.py)."""
         keep = self.block_size - args.max_new_tokens
         if keep < 1:
             raise LmlabError(f"max_new_tokens {args.max_new_tokens} leaves no room in block_size {self.block_size}")
         prompts = [(p or [self.eos_id])[-keep:] for p in prompts]
-        B, width = len(prompts), max(len(p) for p in prompts)
-        new: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        cached = hasattr(self.model, "make_kv_cache")
-        if cached:  # left-padded prompts, one KV cache for the batch
-            x = torch.full((B, width), self.eos_id, dtype=torch.long)
-            mask = torch.zeros(B, width, dtype=torch.long)
-            for r, p in enumerate(prompts):
-                x[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
-            cache = self.model.make_kv_cache(B, width + args.max_new_tokens)
-            logits = self._forward(x, 1, kv_cache=cache, attention_mask=mask.to(self.device))
-        rows = list(range(B))  # the prompt of each row of the batch still being decoded
-        for step in range(args.max_new_tokens):
-            if not cached:  # e.g. the NPLM: recompute each row's window
-                with self._autocast():
-                    logits = torch.cat([self.model(torch.tensor([(p + n)[-self.block_size:]], device=self.device))
-                                        .logits[:, -1:] for p, n in zip(prompts, new)])
-            nxt = logits[:, -1].float().argmax(-1).tolist()
-            for r, t in zip(rows, nxt):
-                if done[r]:
-                    continue
-                if t == self.eos_id:
-                    done[r] = True
-                    continue
-                new[r].append(t)
-                done[r] = cut_at_stop(self.tokenizer.decode(new[r], skip_special=True), args.until)[1]
-            if all(done) or step == args.max_new_tokens - 1:
-                break
-            if cached:
-                live = [j for j, r in enumerate(rows) if not done[r]]
-                if len(live) < len(rows):  # finished rows leave: one row rambling to max_new_tokens
-                    # would otherwise keep the whole batch decoding
-                    cache = _expand_cache(self.model, cache, torch.tensor(live), args.max_new_tokens - step - 1)
-                    rows, nxt = [rows[j] for j in live], [nxt[j] for j in live]
-                logits = self._forward(torch.tensor(nxt)[:, None], kv_cache=cache)
-        return [cut_at_stop(self.tokenizer.decode(n, skip_special=True), args.until)[0] for n in new]
-
-
-def _expand_cache(model: nn.Module, cache: KVCache, index: torch.Tensor, extra: int) -> KVCache:
-    """A cache whose row j holds row `index[j]` of `cache`, with room for `extra` more positions."""
-    n = cache.pos
-    big = model.make_kv_cache(len(index), n + extra)
-    idx = index.to(cache.k.device)
-    big.k[:, :, :, :n] = cache.k[:, idx, :, :n]
-    big.v[:, :, :, :n] = cache.v[:, idx, :, :n]
-    if cache.key_mask is not None:
-        big.update_mask(cache.key_mask[idx, :n])
-    big.advance(n)
-    return big
+        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0, stop=list(args.until))
+        with self._autocast():
+            return generate_texts(self.model, self.tokenizer, prompts, cfg)
 
 
 def load_lm(path: str | Path, *, batch_size: int = 16, dtype: torch.dtype | None = None,
             device: str = "cpu") -> LM:
-    """An `LM` for a GGUF file, an ARPA n-gram file, a Hugging Face model directory or an lmlab
-    run/checkpoint directory."""
-    p = str(path)
-    name = Path(p).name
-    if p.endswith((".arpa", ".arpa.gz")):
+    """An `LM` for any model `lmlab.io.load.load_model` opens (GGUF, ARPA, Hugging Face directory, lmlab
+    run/checkpoint), at full precision (`dtype` runs the forward passes under autocast), with the
+    model's own BOS before every text (`LoadedModel.bos`)."""
+    from lmlab.io.load import load_model
+
+    p = Path(path)
+    loaded = load_model(p, device=device, precision="fp32")  # scoring: the reference precision
+    if loaded.kind == "arpa":
         from lmlab.eval.harness.ngram_lm import NGramLM
-        from lmlab.io.arpa import read_arpa
 
-        return NGramLM(read_arpa(p), name=name)
-    if p.endswith(".gguf"):
-        from lmlab.io.gguf.read import load_gguf, open_gguf, read_metadata
-
-        model, tok = load_gguf(p)
-        add_bos = bool(read_metadata(open_gguf(p)).get("tokenizer.ggml.add_bos_token", False))
-        return TorchLM(model.to(device), tok, prefix=[tok.bos_id] if add_bos else [], batch_size=batch_size,
-                       dtype=dtype, name=name)
-    if (Path(p) / "config.json").is_file():
-        from lmlab.io.hf import load_hf_dir
-
-        model, tok = load_hf_dir(p)
-        if tok is None:
-            raise LmlabError(f"{p} has no tokenizer.json; in-context evaluation needs the tokenizer")
-        return TorchLM(model.to(device), tok, prefix=[], batch_size=batch_size, dtype=dtype, name=name)
-    from lmlab.train.checkpoint import load_checkpoint
-
-    model, _, tok, ckpt = load_checkpoint(p, device=device)
-    # lmlab models are trained on documents each closed by </s>: a new text follows a </s>
-    return TorchLM(model, tok, prefix=[tok.eos_id], batch_size=batch_size, dtype=dtype, name=name)
+        return NGramLM(loaded.model, name=p.name)
+    if loaded.tokenizer is None:
+        raise LmlabError(f"{p} has no tokenizer.json; in-context evaluation needs the tokenizer")
+    return TorchLM(loaded.model, loaded.tokenizer, prefix=loaded.bos, batch_size=batch_size, dtype=dtype,
+                   name=p.name)

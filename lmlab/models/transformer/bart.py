@@ -119,7 +119,12 @@ class BART(nn.Module):
                decoder_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `decoder_input_ids` (continuing the cache, if given); `attention_mask` is the
         encoder's padding mask, `decoder_mask` the decoder inputs' own (for a bidirectional decoder)."""
-        past = kv_cache.pos if kv_cache is not None else 0
+        past = 0
+        if kv_cache is not None:  # every row (beam) of a BART decode has the same length
+            past = kv_cache.uniform()
+            if past is None:
+                raise ValueError("BART decodes rows of one length: the KV cache's rows differ")
+            kv_cache.begin(decoder_input_ids.shape[1])
         x = self._embed(decoder_input_ids, self.dec_wpe, self.dec_norm_emb, start=past)
         cross_mask = self_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -130,7 +135,7 @@ class BART(nn.Module):
             x = block(x, layer_idx=i, kv_cache=kv_cache, attn_mask=self_mask, cross_kv=cross_kv[i],
                       cross_mask=cross_mask)
         if kv_cache is not None:
-            kv_cache.advance(decoder_input_ids.shape[1])
+            kv_cache.commit()
         return self.lm_head(x) + self.final_logits_bias
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,

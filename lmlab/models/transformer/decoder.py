@@ -72,46 +72,54 @@ class DecoderLM(nn.Module):
         return KVCache(len(self.blocks), batch_size, attn.n_kv_head, max_len or self.config.block_size,
                        attn.head_dim, dtype=dtype or p.dtype, device=p.device)
 
-    def _key_mask(self, attention_mask: torch.Tensor | None, kv_cache: KVCache | None, B: int, T: int,
-                  past: int) -> torch.Tensor | None:
-        """Which keys ([B, past + T]) are real tokens, or None when none is padding."""
-        if attention_mask is None:
-            if kv_cache is None or kv_cache.key_mask is None:
-                return None
-            new = torch.ones(B, T, dtype=torch.bool, device=kv_cache.key_mask.device)
-        else:
-            new = attention_mask.to(torch.bool)
-            if past and new.shape == (B, past + T):  # transformers-style mask over all tokens so far
-                new = new[:, past:]
-            if new.shape != (B, T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                                 f"{(B, T)}" + (f" or {(B, past + T)}" if past else ""))
-            if (kv_cache is None or kv_cache.key_mask is None) and bool(new.all()):
-                return None  # keeps the fast causal path
-        return kv_cache.update_mask(new) if kv_cache is not None else new
-
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
         """`logits_to_keep` > 0 computes the logits of the last that many positions only (generation
-        needs the last one: the output layer is a sixth of a 135M model's prefill FLOPs)."""
+        needs the last one: the output layer is a sixth of a 135M model's prefill FLOPs).
+
+        With `kv_cache` every row continues its own cached sequence (lmlab/nn/kv_cache.py: each row has
+        its own length and position); `attention_mask` then covers the new tokens ([B, T]) or, as
+        `transformers` passes it, every token so far ([B, length + T], rows of equal length)."""
         B, T = input_ids.shape
-        past = kv_cache.pos if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-        key_mask = self._key_mask(attention_mask, kv_cache, B, T, past)
-        if position_ids is None:
-            if key_mask is None:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # [1, T]: shared
-            else:
-                position_ids = position_ids_from_mask(key_mask)[:, past:]
+        if kv_cache is not None:
+            past = kv_cache.pos
+            new = None
+            if attention_mask is not None:
+                new = attention_mask.to(torch.bool)
+                if past and new.shape == (B, past + T):  # transformers-style mask over all tokens so far
+                    new = new[:, past:]
+                if new.shape != (B, T):
+                    raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                     f"{(B, T)}" + (f" or {(B, past + T)}" if past else ""))
+            step = kv_cache.begin(T, new)
+            if int(kv_cache.positions.max()) + T > self.config.block_size:
+                kv_cache.step = None
+                raise ValueError(f"sequence of {int(kv_cache.positions.max()) + T} tokens exceeds block_size "
+                                 f"{self.config.block_size}")
+            if position_ids is None:
+                position_ids = step.position_ids
+            attn_mask = None  # the cache's step carries it
+        else:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            key_mask = None
+            if attention_mask is not None:
+                if attention_mask.shape != (B, T):
+                    raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, T)}")
+                key_mask = attention_mask.to(torch.bool)
+                if bool(key_mask.all()):
+                    key_mask = None  # keeps the fast causal path
+            if position_ids is None:
+                position_ids = (torch.arange(T, device=input_ids.device)[None] if key_mask is None
+                                else position_ids_from_mask(key_mask))
+            attn_mask = padding_mask(key_mask, T) if key_mask is not None else None
         x = self.drop(self.embed(input_ids, position_ids))
-        attn_kw = {"kv_cache": kv_cache, "rotary": self.rotary(position_ids),
-                   "attn_mask": padding_mask(key_mask, T) if key_mask is not None else None}
+        attn_kw = {"kv_cache": kv_cache, "rotary": self.rotary(position_ids), "attn_mask": attn_mask}
         for i, block in enumerate(self.blocks):
             x = block(x, layer_idx=i, **attn_kw)
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.commit()
         x = self.norm_f(x)
         if targets is not None and self.config.loss_chunk_size > 0:
             # training: the loss without materialising the logits (see lmlab/nn/loss.py)
