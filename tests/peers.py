@@ -76,7 +76,8 @@ def require_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        missing(name, f"import {name} failed ({e})")
+        error = e  # (reported below, outside this block: no "during handling of the above exception")
+    missing(name, f"import {name} failed ({error})")
 
 
 def find_binary(name: str) -> str | None:
