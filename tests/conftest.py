@@ -3,11 +3,19 @@ import os
 from pathlib import Path
 
 import pytest
+from peers import check_marks
 
 from lmlab.data.prepare import PrepareConfig, prepare
 from lmlab.data.sources import Corpus
 
 os.environ.setdefault("LMLAB_NO_TENSORBOARD", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """`@needs(...)` marks (tests/peers.py): a missing peer skips the test, or fails it under
+    $LMLAB_REQUIRE_PEERS, before its fixtures are set up."""
+    check_marks(item)
 
 
 @pytest.fixture(scope="session")

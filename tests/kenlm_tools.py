@@ -1,21 +1,19 @@
-"""Finding and running KenLM's command-line tools (built by .ci/build_kenlm.sh) in tests."""
+"""Running KenLM's command-line tools (built by .ci/build_kenlm.sh) in tests; finding them is tests/peers.py's
+(`$KENLM_BIN` when set, else `$PATH`, else /usr/local/bin)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from peers import needs, require_binary
+
+needs_lmplz = needs("lmplz")
 
 
-def kenlm_tool(name: str) -> str | None:
-    path = shutil.which(name) or os.path.join(os.environ.get("KENLM_BIN", "/usr/local/bin"), name)
-    return path if os.access(path, os.X_OK) else None
-
-
-needs_lmplz = pytest.mark.skipif(kenlm_tool("lmplz") is None, reason="lmplz not built (bash .ci/build_kenlm.sh)")
+def kenlm_tool(name: str) -> str:
+    """The path of `lmplz` or `query`, or skip (fail under $LMLAB_REQUIRE_PEERS) naming it."""
+    return require_binary(name)
 
 
 def run_lmplz(lines: list[str], order: int, tmp: Path, *extra: str) -> tuple[Path, str]:

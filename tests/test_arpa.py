@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from kenlm_tools import needs_lmplz, run_lmplz
+from peers import require_module
 
 from lmlab.errors import LmlabError
 from lmlab.io.arpa import read_arpa, write_arpa
@@ -28,7 +29,7 @@ def test_write_read_round_trip(docs_lines, tmp_path):
 
 @needs_lmplz
 def test_reads_lmplz_arpa_like_kenlm(docs_lines, tmp_path):
-    kenlm = pytest.importorskip("kenlm")
+    kenlm = require_module("kenlm")
     arpa, _ = run_lmplz(docs_lines[:2000], 5, tmp_path)
     ours, ref = read_arpa(arpa), kenlm.Model(str(arpa))
     test = docs_lines[2000:2300]
@@ -65,7 +66,7 @@ ngram 3=2
 
 
 def test_reads_hand_written_arpa_like_kenlm(tmp_path):
-    kenlm = pytest.importorskip("kenlm")
+    kenlm = require_module("kenlm")
     path = tmp_path / "hand.arpa"
     path.write_text(HAND)
     ours, ref = read_arpa(path), kenlm.Model(str(path))

@@ -6,9 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration
-from transformers import BartConfig as HFBartConfig
+from peers import require_module
 
 from lmlab.cli import main
 from lmlab.data.denoise import DenoiseConfig, DenoisingWindows, corrupt, infill, permute_sentences
@@ -18,6 +16,10 @@ from lmlab.generate.seq2seq import greedy_generate
 from lmlab.io.hf import from_hf, load_hf_dir, save_hf_dir
 from lmlab.models.transformer.bart import BART, BartConfig
 from lmlab.train.checkpoint import load_checkpoint
+
+transformers = require_module("transformers")
+from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration  # noqa: E402
+from transformers import BartConfig as HFBartConfig  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 V, TOL = 64, {"rtol": 1e-5, "atol": 1e-5}

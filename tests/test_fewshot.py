@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from peers import require_module
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
@@ -363,7 +364,7 @@ def test_cli_fewshot_smoke(char_data, tmp_path, capsys, words_file):
     assert [r["acc"] for r in res["results"] if r["model"] == "days.arpa" and r["task"] == "days"] == [1.0, 1.0]
     md = (out / "results.md").read_text()
     assert "## analogy" in md and "| tiny |" in md and "| days.arpa |" in md
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["fewshot", "--model", str(run), "--tasks", "nosuchtask", "--out", str(out)]) == 2

@@ -4,10 +4,11 @@
 import numpy as np
 import pytest
 import torch
+from peers import require_module
 
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
+gguf = require_module("gguf")
+transformers = require_module("transformers")
+require_module("accelerate")  # transformers' GGUF loading needs it
 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,

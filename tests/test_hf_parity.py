@@ -4,10 +4,8 @@ import json
 
 import pytest
 import torch
-import transformers
+from peers import require_module
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
-from transformers import LlamaConfig as HFLlamaConfig
 
 from lmlab.errors import LmlabError
 from lmlab.generate.engine import SamplingConfig, generate_ids
@@ -15,6 +13,10 @@ from lmlab.io.hf import config_from_hf, from_hf, load_hf_dir, save_hf_dir, state
 from lmlab.models.transformer.gpt import GPT, GPTConfig
 from lmlab.models.transformer.llama import Llama, LlamaConfig
 from lmlab.tokenizers import BPETokenizer
+
+transformers = require_module("transformers")
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig as HFLlamaConfig  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 V, TOL = 64, {"rtol": 1e-5, "atol": 1e-5}

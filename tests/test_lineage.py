@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from peers import require_module
 
 from lmlab.cli import main
 
@@ -21,7 +22,7 @@ def corpus(docs_lines, tmp_path_factory):
 
 def kenlm_perplexity(arpa, path) -> tuple[float, float]:
     """Perplexity with and without OOVs as KenLM's query computes it, from the kenlm module's scores."""
-    kenlm = pytest.importorskip("kenlm")
+    kenlm = require_module("kenlm")
     model = kenlm.Model(str(arpa))
     total = total_oov = 0.0
     tokens = oovs = 0

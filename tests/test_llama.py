@@ -2,6 +2,7 @@ import json
 import math
 
 import torch
+from peers import require_module
 
 from lmlab.cli import main
 from lmlab.generate.engine import SamplingConfig, generate_ids
@@ -63,6 +64,7 @@ def test_left_padding_gives_the_logits_of_the_unpadded_sequence():
 
 
 def test_smollm2_preset_has_the_published_size():
+    require_module("transformers")
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 

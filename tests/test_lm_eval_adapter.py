@@ -10,8 +10,9 @@ import string
 
 import pytest
 import torch
+from peers import require_module
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = require_module("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lmlab.cli import main  # noqa: E402

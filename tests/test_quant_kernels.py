@@ -5,11 +5,12 @@ decoding attention over a strided grouped-query KV cache, and RoPE with the cach
 import pytest
 import torch
 import torch.nn.functional as F
+from peers import needs
 
 from lmlab.nn import quant_kernels as qk
 from lmlab.nn.position import RotaryEmbedding
 
-pytestmark = pytest.mark.skipif(not qk.available(), reason="block kernels need numba")
+pytestmark = needs("kernels")
 
 
 def q4_1_blocks(n: int, k: int, gen: torch.Generator):

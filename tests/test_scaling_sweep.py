@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from peers import require_module
 
 from lmlab.errors import LmlabError
 from lmlab.scaling.sweep import SweepConfig, lr_for, planned_compute, run_config, shape_for, sweep
@@ -103,12 +104,12 @@ def test_train_longer_runs_each_budget_and_plots(char_data, tmp_path, capsys):
     assert [round(r["D"], -3) for r in rows] == [4000, 8000]
     assert rows[1]["val_loss"] < rows[0]["val_loss"]  # training longer lowers the loss
     assert rows[0]["predicted_loss"] == pytest.approx(float(law.loss(rows[0]["N"], rows[0]["D"])))
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     assert (out / "train_longer.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fit_writes_plots(tmp_path):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     import numpy as np
 
     from lmlab.cli import main

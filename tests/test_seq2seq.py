@@ -7,9 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import BartConfig as HFBartConfig
-from transformers import BartForConditionalGeneration
+from peers import require_module
 
 from lmlab.cli import main
 from lmlab.data.objectives import make_sampler
@@ -21,6 +19,10 @@ from lmlab.errors import LmlabError
 from lmlab.generate.seq2seq import Seq2SeqConfig, generate
 from lmlab.io.hf import from_hf
 from lmlab.models.transformer.bart import BART, BartConfig
+
+transformers = require_module("transformers")
+from transformers import BartConfig as HFBartConfig  # noqa: E402
+from transformers import BartForConditionalGeneration  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 V = 64

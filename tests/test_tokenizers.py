@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from peers import require_module
 
 from lmlab.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer, train_tokenizer
 from lmlab.tokenizers.base import ROLES
@@ -46,7 +47,7 @@ def test_bpe_directory_loads_in_transformers_format(tmp_path):
     tok.save(str(tmp_path))
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert cfg["eos_token"] == "</s>" and cfg["mask_token"] == "<mask>"
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
     assert hf.eos_token_id == tok.eos_id
     assert hf.encode(TEXT, add_special_tokens=False) == tok.encode(TEXT)

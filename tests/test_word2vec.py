@@ -3,6 +3,7 @@ the same evaluation numbers on the same vectors, and files that each reads from 
 
 import numpy as np
 import pytest
+from peers import require_module
 
 from lmlab.cli import main
 from lmlab.data.sentences import read_sentences
@@ -12,7 +13,7 @@ from lmlab.io.word2vec import load_word2vec, save_word2vec
 from lmlab.models.word2vec.keyed_vectors import KeyedVectors, neighbour_overlap
 from lmlab.models.word2vec.model import Vocab, Word2Vec, Word2VecConfig, tokenize
 
-gensim = pytest.importorskip("gensim")
+gensim = require_module("gensim")
 from gensim.models import KeyedVectors as GKV  # noqa: E402
 from gensim.models import Word2Vec as GW2V  # noqa: E402
 
