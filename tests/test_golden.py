@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from golden.compute import FAMILIES, NGRAM_ORDERS, ngram, prepare_data, smollm2, train_family
+from peers import smollm2_gguf
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "golden.json").read_text(encoding="utf-8"))
 
@@ -77,7 +78,7 @@ def test_kneser_ney_perplexity_and_arpa(order):
 
 @pytest.fixture(scope="module")
 def smol():
-    return smollm2()
+    return smollm2(smollm2_gguf())  # the peer policy: skip, or fail in CI, when it is missing
 
 
 def test_smollm2_bos_handling_is_as_recorded(smol):

@@ -253,13 +253,13 @@ def smollm2_path() -> Path:
     return path
 
 
-def smollm2() -> dict:
+def smollm2(path: Path | None = None) -> dict:
     from lmlab.eval.harness.lm import load_lm
     from lmlab.generate.engine import SamplingConfig, generate_ids
     from lmlab.io.gguf.read import open_gguf, read_metadata
     from lmlab.io.load import load_model
 
-    path = smollm2_path()
+    path = path or smollm2_path()
     with one_thread():
         lm = load_lm(path, batch_size=4)
         tok = lm.tokenizer
