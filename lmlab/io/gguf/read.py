@@ -13,7 +13,7 @@ llama.cpp's converter reorders the rows of each head of `attn_q` / `attn_k` so t
 adjacent pairs (x0, x1), (x2, x3), ... (GPT-J style); our RoPE, like Hugging Face Llama's, rotates the
 two halves of a head (x_i, x_{i + d/2}). `unpermute_qk` undoes that reordering.
 
-The weights are mapped to Hugging Face names and go through the Llama adapter in lmlab/io/hf.py, so
+The weights are mapped to Hugging Face names and go through the Llama adapter in lmlab/io/hf/llama.py, so
 shape checks and the fused q/k/v and gate/up layouts live in one place.
 """
 

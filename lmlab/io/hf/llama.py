@@ -1,0 +1,64 @@
+"""Hugging Face adapter: Llama (LlamaForCausalLM)."""
+
+from __future__ import annotations
+
+import re
+
+from lmlab.io.hf.adapter import Adapter, Param, get, register, unsupported
+from lmlab.models.transformer.llama import LlamaConfig
+
+
+def config_from_hf(hf: dict) -> LlamaConfig:
+    n_embd, n_head = get(hf, "hidden_size"), get(hf, "num_attention_heads")
+    if get(hf, "hidden_act", "silu") != "silu":
+        raise unsupported(hf, "hidden_act", hf["hidden_act"])
+    for key in ("attention_bias", "mlp_bias"):
+        if get(hf, key, False):
+            raise unsupported(hf, key, hf[key])
+    if get(hf, "head_dim", n_embd // n_head) * n_head != n_embd:
+        raise unsupported(hf, "head_dim", hf["head_dim"])
+    # transformers >= 5 keeps the RoPE settings in "rope_parameters", older versions at the top level
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise unsupported(hf, "rope_type", rope.get("rope_type", rope.get("type")))
+    return LlamaConfig(vocab_size=get(hf, "vocab_size"), block_size=get(hf, "max_position_embeddings"),
+                       n_layer=get(hf, "num_hidden_layers"), n_head=n_head,
+                       n_kv_head=get(hf, "num_key_value_heads", n_head), n_embd=n_embd,
+                       mlp_hidden=get(hf, "intermediate_size"),
+                       rope_theta=float(rope.get("rope_theta") or get(hf, "rope_theta", 10000.0)),
+                       norm_eps=get(hf, "rms_norm_eps", 1e-6), tie_embeddings=get(hf, "tie_word_embeddings", False),
+                       dropout=get(hf, "attention_dropout", 0.0), init_std=get(hf, "initializer_range", 0.02))
+
+
+def config_to_hf(c: LlamaConfig) -> dict:
+    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size, "hidden_size": c.n_embd,
+            "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head, "head_dim": c.n_embd // c.n_head, "hidden_act": "silu",
+            "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": c.dropout, "initializer_range": c.init_std,
+            # both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta
+            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
+
+
+def params(c: LlamaConfig) -> list[Param]:
+    kv = c.n_kv_head * (c.n_embd // c.n_head)
+    out = [Param("wte.weight", ("model.embed_tokens.weight",))]
+    for i in range(c.n_layer):
+        h = f"model.layers.{i}"
+        out += [Param(f"blocks.{i}.norm1.weight", (f"{h}.input_layernorm.weight",)),
+                Param(f"blocks.{i}.attn.qkv.weight", tuple(f"{h}.self_attn.{p}_proj.weight" for p in "qkv"),
+                      sizes=(c.n_embd, kv, kv)),
+                Param(f"blocks.{i}.attn.proj.weight", (f"{h}.self_attn.o_proj.weight",)),
+                Param(f"blocks.{i}.norm2.weight", (f"{h}.post_attention_layernorm.weight",)),
+                Param(f"blocks.{i}.mlp.up.weight", (f"{h}.mlp.gate_proj.weight", f"{h}.mlp.up_proj.weight"),
+                      sizes=(c.mlp_hidden, c.mlp_hidden)),  # our SwiGLU Linear is [gate | up]
+                Param(f"blocks.{i}.mlp.down.weight", (f"{h}.mlp.down_proj.weight",))]
+    out.append(Param("norm_f.weight", ("model.norm.weight",)))
+    if not c.tie_embeddings:
+        out.append(Param("lm_head.weight", ("lm_head.weight",)))
+    return out
+
+
+ADAPTER = register(Adapter(
+    "llama", "llama", "LlamaForCausalLM", config_from_hf, config_to_hf, params,
+    ignore=re.compile(r"rotary_emb\.inv_freq$")))
