@@ -52,4 +52,3 @@ def setup_logging(verbosity: int = 0) -> None:
         root.setLevel(logging.WARNING)
     level = logging.INFO if verbosity == 0 else logging.DEBUG if verbosity > 0 else logging.WARNING
     logging.getLogger("lmlab").setLevel(level)
-    logging.captureWarnings(True)  # warnings.warn from libraries: one logged line each
