@@ -300,7 +300,8 @@ def lineage(cfg: LineageConfig) -> list[Rung]:
 
     def done(r: Rung) -> None:
         rungs.append(r)
-        log.info(f"{r.name:<12} test perplexity {r.perplexity:10.2f}  ({r.seconds:.1f} s{', ' + r.note if r.note else ''})")
+        note = f", {r.note}" if r.note else ""
+        log.info(f"{r.name:<12} test perplexity {r.perplexity:10.2f}  ({r.seconds:.1f} s{note})")
 
     done(unigram_rung(data_dir))
     for n in cfg.orders:
