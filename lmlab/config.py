@@ -204,7 +204,7 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
                 valid = ", ".join(k for k in node)
-                raise LmlabError(f"unknown config section '{where}'. Valid keys here: {valid}")
+                raise LmlabError(f"unknown config section '{where}' (in --{key}). Valid keys here: {valid}")
             node = child
         node[parts[-1]] = CliValue(raw)
     return from_dict(type(cfg), data)

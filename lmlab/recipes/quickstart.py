@@ -64,17 +64,18 @@ def quickstart(out: str = "", data: str = "data/stdlib-docs", steps: int = 0,
     caller prints the comparison table and the sample)."""
     t0 = time.time()
     data_dir = Path(data)
+    run_dir = Path(out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise LmlabError(f"run directory {run_dir} already exists; choose another --out")
+    # the options are checked before any work
+    cfg = apply_overrides(recipe(str(data_dir), str(run_dir), steps or RECIPE_STEPS), overrides or [])
+
     log.info(f"== 1/4 data: the built-in stdlib-docs corpus ({python_tag()}) -> {data_dir}")
     if (data_dir / "meta.json").is_file():
         meta = read_meta(data_dir)
         log.info(f"reusing {data_dir} ({meta['splits']['train']['n_tokens']:,} training tokens)")
     else:
         prepare(PrepareConfig(source="stdlib-docs", out=str(data_dir), tokenizer="bpe", vocab_size=4096))
-
-    run_dir = Path(out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise LmlabError(f"run directory {run_dir} already exists; choose another --out")
-    cfg = apply_overrides(recipe(str(data_dir), str(run_dir), steps or RECIPE_STEPS), overrides or [])
     log.info(f"== 2/4 train a small GPT ({cfg.train.max_steps} steps, {cfg.train.dtype}) -> {run_dir}")
     log.info(dump_yaml(cfg).rstrip("\n"))
     trainer = Trainer(cfg, run_dir)
