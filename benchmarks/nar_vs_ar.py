@@ -49,7 +49,7 @@ def train(family: str, data: Path, pairs: Path, out: Path, args) -> tuple[torch.
         f"train.eval_interval={args.steps}", "train.eval_iters=4", "train.log_interval=50", "train.progress=false",
         f"train.dtype={args.dtype}", f"train.threads={args.threads}", f"train.ckpt_interval={args.steps}"]
     cfg = apply_overrides(cfg, overrides)
-    trainer = Trainer(cfg, out, log=lambda *a: None)
+    trainer = Trainer(cfg, out, quiet=True)
     t0 = time.perf_counter()
     summary = trainer.fit()
     seconds = time.perf_counter() - t0
@@ -164,7 +164,7 @@ def main() -> None:
             test = [q for q in word_pairs(task, 2 * args.n_test, seed=1) if q["source"] not in seen][:args.n_test]
             pairs = write_jsonl(train_pairs, root / "pairs.jsonl")
             prepare(PrepareConfig(source=str(pairs), jsonl_field="source", out=str(root / "data"), tokenizer="word",
-                                  min_count=1, vocab_size=0), log=lambda *a: None)
+                                  min_count=1, vocab_size=0))
             print(f"== {task}", flush=True)
             bart, bart_info = train("bart", root / "data", pairs, root / "bart", args)
             cmlm, cmlm_info = train("cmlm", root / "data", pairs, root / "cmlm", args)

@@ -140,7 +140,7 @@ def loss_curves(steps: int) -> dict:
                                               min_lr=2e-4, warmup_steps=30, eval_interval=0, eval_iters=20,
                                               ckpt_interval=0, log_interval=10, progress=False, dtype=dtype))
             t0 = time.perf_counter()
-            summary = Trainer(cfg, cfg.train.out_dir, log=lambda *a: None).fit()
+            summary = Trainer(cfg, cfg.train.out_dir, quiet=True).fit()
             out[dtype] = {"val_loss": summary["val_loss"], "train_loss": summary["loss"],
                           "seconds": time.perf_counter() - t0}
     fp32 = out["float32"]["val_loss"]

@@ -4,11 +4,19 @@ A config is a tree of dataclasses. `from_dict` builds one from plain data and re
 with the list of valid ones; `apply_overrides` takes `["model.n_layer=4", "train.lr=1e-3"]`.
 A dataclass field typed with a *polymorphic* base (one that defines `resolve_class(data)`) picks its
 concrete subclass from the data, so `model: {family: gpt, ...}` builds a GPTConfig.
+
+Command-line values are parsed by the type the field declares, never by YAML's rules: a `str` field
+keeps the exact text (`--train.out_dir=no` is "no", `007` is "007"), an `int` must be an integer,
+a `bool` is true/false/yes/no/on/off/1/0, a list is comma-separated, an Optional field takes
+`null` or `none`. A bad value is an error naming the key.
+
+Why not jsonargparse, tyro or draccus: see docs/config.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -36,8 +44,74 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+class CliValue(str):
+    """A value typed on the command line: parsed by the field's declared type (see the module docstring)."""
+
+
+_NULLS = ("null", "none", "~")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _parse_cli(text: str, tp: Any, optional: bool, where: str) -> Any:
+    """Parse a command-line string strictly as type `tp` (already unwrapped from Optional)."""
+    if optional and text.strip().lower() in _NULLS:
+        return None
+    if dataclasses.is_dataclass(tp):
+        raise LmlabError(f"config key '{where}' is a section, not a value; set its keys as --{where}.KEY=VALUE")
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        body = text.strip()
+        if body.startswith("[") and body.endswith("]"):
+            body = body[1:-1]
+        (item_tp, *_) = typing.get_args(tp) or (str,)
+        item_tp, item_opt = _unwrap_optional(item_tp)
+        items = [_parse_cli(v.strip(), item_tp, item_opt, where) for v in body.split(",") if v.strip() != ""]
+        return tuple(items) if origin is tuple else items
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        for a in allowed:
+            if str(a) == text or (isinstance(a, bool) and text.lower() in (_TRUE if a else _FALSE)):
+                return a
+        raise LmlabError(f"config key '{where}' must be one of {list(allowed)}, got {text!r}")
+    if tp is str:
+        return str(text)
+    if tp is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise LmlabError(f"config key '{where}' expects a boolean (true/false), got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:  # 1e6 and 2.0 are integers written as floats; 2.5 is not
+            f = float(text)
+        except ValueError:
+            f = math.nan
+        if math.isfinite(f) and f.is_integer():
+            return int(f)
+        raise LmlabError(f"config key '{where}' expects an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise LmlabError(f"config key '{where}' expects a number, got {text!r}") from None
+    if tp is Any:  # no declared type to go by: a YAML scalar is the best guess
+        return yaml.safe_load(text)
+    if origin is dict or tp is dict:
+        value = yaml.safe_load(text)
+        if not isinstance(value, dict):
+            raise LmlabError(f"config key '{where}' must be a mapping such as {{a: 1}}, got {text!r}")
+        return value
+    raise LmlabError(f"config key '{where}' has type {tp!r}, which cannot be set from the command line")
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     tp, optional = _unwrap_optional(tp)
+    if isinstance(value, CliValue):
+        return _parse_cli(str(value), tp, optional, where)
     if value is None:
         if optional or tp is Any:
             return None
@@ -114,16 +188,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value: YAML scalar rules (so 1e-3, true, null, [1, 2] work)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def apply_overrides(cfg: T, overrides: list[str]) -> T:
-    """Return a copy of `cfg` with dotted `key=value` overrides applied (validated as a whole)."""
+    """Return a copy of `cfg` with dotted `key=value` overrides applied (validated as a whole). Each value
+    is parsed by the declared type of its field (`CliValue`), so a string stays exactly as typed."""
     data = to_dict(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -137,9 +204,9 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
                 valid = ", ".join(k for k in node)
-                raise LmlabError(f"unknown config section '{where}'. Valid keys here: {valid}")
+                raise LmlabError(f"unknown config section '{where}' (in --{key}). Valid keys here: {valid}")
             node = child
-        node[parts[-1]] = parse_value(raw)
+        node[parts[-1]] = CliValue(raw)
     return from_dict(type(cfg), data)
 
 

@@ -35,16 +35,14 @@ def docs_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def char_data(docs_jsonl, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "char"
-    prepare(PrepareConfig(source=str(docs_jsonl), out=str(out), tokenizer="char", min_count=1, vocab_size=0),
-            log=lambda *a: None)
+    prepare(PrepareConfig(source=str(docs_jsonl), out=str(out), tokenizer="char", min_count=1, vocab_size=0))
     return out
 
 
 @pytest.fixture(scope="session")
 def bpe_data(docs_jsonl, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "bpe"
-    prepare(PrepareConfig(source=str(docs_jsonl), out=str(out), tokenizer="bpe", vocab_size=512),
-            log=lambda *a: None)
+    prepare(PrepareConfig(source=str(docs_jsonl), out=str(out), tokenizer="bpe", vocab_size=512))
     return out
 
 

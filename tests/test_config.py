@@ -58,3 +58,57 @@ def test_shipped_yaml_recipes_load():
     for f in files:
         cfg = from_dict(RunConfig, load_yaml(f))
         assert isinstance(cfg.model, GPTConfig) and cfg.train.max_steps > 0
+
+
+# -- command-line values are parsed by the field's declared type, not by YAML 1.1 ----------------
+
+
+def test_string_fields_keep_the_exact_text():
+    assert apply_overrides(RunConfig(), ["train.out_dir=no"]).train.out_dir == "no"
+    assert apply_overrides(RunConfig(), ["train.out_dir=007"]).train.out_dir == "007"
+    assert apply_overrides(RunConfig(), ["train.out_dir=null"]).train.out_dir == "null"
+    assert apply_overrides(RunConfig(), ["data.dir=[a, b]"]).data.dir == "[a, b]"
+
+
+def test_numbers_and_booleans_are_strict():
+    cfg = apply_overrides(RunConfig(), ["train.lr=1e-3", "train.max_steps=1e3", "model.n_layer=007",
+                                        "train.progress=no"])
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
+    assert cfg.model.n_layer == 7
+    assert cfg.train.progress is False
+    for bad, key in (["model.n_layer=2.5", "model.n_layer"], ["model.n_layer=four", "model.n_layer"],
+                     ["train.lr=fast", "train.lr"], ["train.progress=maybe", "train.progress"]):
+        with pytest.raises(LmlabError, match=key.replace(".", r"\.")):
+            apply_overrides(RunConfig(), [bad])
+
+
+def test_lists_optional_and_literal_values():
+    import dataclasses
+    from typing import Literal
+
+    from lmlab.config import CliValue, from_dict
+
+    @dataclasses.dataclass
+    class C:
+        sizes: list[float] = dataclasses.field(default_factory=list)
+        names: list[str] = dataclasses.field(default_factory=list)
+        limit: int | None = 3
+        mode: Literal["ar", "nar"] = "ar"
+
+    cfg = apply_overrides(C(), ["sizes=1e5,3e5", "names=[no, 007]", "limit=none", "mode=nar"])
+    assert cfg.sizes == [1e5, 3e5] and cfg.names == ["no", "007"] and cfg.limit is None and cfg.mode == "nar"
+    assert apply_overrides(C(), ["limit=null"]).limit is None
+    assert apply_overrides(C(), ["limit=12"]).limit == 12
+    with pytest.raises(LmlabError, match="'mode' must be one of"):
+        apply_overrides(C(), ["mode=fast"])
+    with pytest.raises(LmlabError, match="'sizes' expects a number"):
+        apply_overrides(C(), ["sizes=1,two"])
+    # values from a YAML file keep YAML's types (saved run configs load as before)
+    assert from_dict(C, {"sizes": [1, 2], "limit": None}).sizes == [1.0, 2.0]
+    assert isinstance(CliValue("x"), str)
+
+
+def test_a_section_is_not_a_value():
+    with pytest.raises(LmlabError, match="'model' is a section"):
+        apply_overrides(RunConfig(), ["model=gpt"])

@@ -10,7 +10,7 @@ from test_fewshot import TOK, _model, one_thread  # noqa: E402,F401
 
 import lmlab.eval.harness.fewshot as fewshot
 import lmlab.eval.harness.lm as lm_module
-from lmlab.cli.fewshot import run_fewshot
+from lmlab.eval.harness.fewshot import run_fewshot
 from lmlab.eval.harness.lm import GenArgs, TorchLM
 
 
@@ -75,7 +75,7 @@ def _tiny_lm(path, **kw):
 def test_interrupted_run_continues_and_a_finished_run_does_no_model_calls(tmp_path, monkeypatch):
     monkeypatch.setattr(lm_module, "load_lm", _tiny_lm)
     tasks, shots = ["arithmetic_2d+", "days", "counting"], [0, 1]
-    full = run_fewshot(["m"], tasks, shots, items=3, out=tmp_path / "full", log=lambda *a: None)
+    full = run_fewshot(["m"], tasks, shots, items=3, out=tmp_path / "full")
 
     real, done = fewshot.evaluate_task, []
 
@@ -88,13 +88,13 @@ def test_interrupted_run_continues_and_a_finished_run_does_no_model_calls(tmp_pa
     out = tmp_path / "resumed"
     monkeypatch.setattr(fewshot, "evaluate_task", dies_at_the_third_cell)
     with pytest.raises(KeyboardInterrupt):
-        run_fewshot(["m"], tasks, shots, items=3, out=out, log=lambda *a: None)
+        run_fewshot(["m"], tasks, shots, items=3, out=out)
     assert len(list((out / "cells").glob("*.json"))) == 2 and not (out / "results.json").exists()
 
     ran = []
     monkeypatch.setattr(fewshot, "evaluate_task", lambda lm, task, k, seed=0: ran.append((task.name, k))
                         or real(lm, task, k, seed))
-    resumed = run_fewshot(["m"], tasks, shots, items=3, out=out, log=lambda *a: None)
+    resumed = run_fewshot(["m"], tasks, shots, items=3, out=out)
     assert ran == [(t, k) for t in tasks for k in shots][2:]  # only the cells that were not done
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(full)
@@ -103,14 +103,14 @@ def test_interrupted_run_continues_and_a_finished_run_does_no_model_calls(tmp_pa
         raise AssertionError("a finished run loaded the model")
 
     monkeypatch.setattr(lm_module, "load_lm", no_model)
-    again = run_fewshot(["m"], tasks, shots, items=3, out=out, log=lambda *a: None)
+    again = run_fewshot(["m"], tasks, shots, items=3, out=out)
     assert again == resumed
     results = json.loads((out / "results.json").read_text())["results"]
     assert strip(results) == strip(full) and len(results) == len(tasks) * len(shots)
     # other settings are other cells: more items are computed again, not taken from the cache
     monkeypatch.setattr(lm_module, "load_lm", _tiny_lm)
     ran.clear()
-    run_fewshot(["m"], tasks[:1], shots[:1], items=4, out=out, log=lambda *a: None)
+    run_fewshot(["m"], tasks[:1], shots[:1], items=4, out=out)
     assert ran == [(tasks[0], 0)]
 
 
@@ -149,5 +149,5 @@ def test_a_changed_task_is_not_taken_from_the_cache(tmp_path):
 
     cache = fewshot.CellCache(tmp_path, {"seed": 0})
     for t in (task("x"), task("x"), task("z")):
-        fewshot.evaluate_model(load, "tiny", "m", [t], [1], cache=cache, log=lambda *a: None)
+        fewshot.evaluate_model(load, "tiny", "m", [t], [1], cache=cache)
     assert len(loads) == 2 and len(list(tmp_path.glob("*.json"))) == 2

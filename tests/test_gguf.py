@@ -200,7 +200,10 @@ def test_cli_eval_text_file_matches_transformers(tiny, tmp_path, block, stride):
     assert main(args + (["--stride", str(stride)] if stride else [])) == 0
     got = json.loads(out.read_text())
     # the same sliding windows, scored by transformers: each window predicts its last `stride` targets
-    ids = [V - 2] + hf_tok(data.read_text(), add_special_tokens=False).input_ids
+    # the file's own BOS rule (io.load: tokenizer.ggml.add_bos_token); without a BOS the first token is context
+    from lmlab.io.load import load_model
+
+    ids = load_model(path).bos + hf_tok(data.read_text(), add_special_tokens=False).input_ids
     n, stride = len(ids) - 1, stride or block // 2
     nll, pos = [], 0
     while pos < n:

@@ -116,7 +116,7 @@ def cmlm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmlm")
     pairs = write_jsonl(reversal_pairs(1000, seed=0, vocab=8, min_words=3, max_words=5), root / "pairs.jsonl")
     prepare(PrepareConfig(source=str(pairs), jsonl_field="source", out=str(root / "data"), tokenizer="word",
-                          min_count=1, vocab_size=0), log=lambda *a: None)
+                          min_count=1, vocab_size=0))
     run = root / "run"
     rc = main(["train", "--data", str(root / "data"), "--out", str(run), "--model", "cmlm-tiny",
                f"--data.seq2seq={pairs}", "--model.block_size=8", "--model.dropout=0.0", "--model.n_layer=1",

@@ -7,8 +7,9 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path, capsys):
     run, data = tmp_path / "run", tmp_path / "data"
     assert main(["quickstart", "--out", str(run), "--data", str(data), "--steps", "12",
                  "--train.eval_interval=0", "--model.n_layer=1"]) == 0
-    out = capsys.readouterr().out
-    assert "== 4/4 sample" in out and "unigram" in out
+    out, err = capsys.readouterr()
+    assert "== 4/4 sample" in err and "== 1/4 data" in err  # progress on stderr
+    assert "unigram" in out and "sample (" in out and "lmlab generate" in out  # results on stdout
     result = json.loads((run / "quickstart.json").read_text())
     assert result["val"]["perplexity"] < result["unigram"]["perplexity"] * 1.5
     meta = json.loads((data / "meta.json").read_text())

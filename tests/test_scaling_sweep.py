@@ -22,7 +22,7 @@ def test_shapes_hit_the_target_size():
 def test_sweep_runs_resumes_and_tabulates(char_data, tmp_path):
     cfg = SweepConfig(data=str(char_data), out=str(tmp_path / "sweep"), sizes=[2e4, 4e4], tokens=[4096, 8192],
                       block_size=32, batch_size=8, dtype="float32", eval_tokens=2000)
-    results = sweep(cfg, log=lambda *a: None)
+    results = sweep(cfg)
     assert len(results) == 4 and all(r["D"] in (4096, 8192) for r in results)
     by = {(r["N"], r["D"]): r["val_loss"] for r in results}
     sizes = sorted({r["N"] for r in results})
@@ -32,16 +32,16 @@ def test_sweep_runs_resumes_and_tabulates(char_data, tmp_path):
     # a finished run is skipped: its result file is reused as is
     run = run_config(cfg, 2e4, 4096)
     stamp = (tmp_path / "sweep" / run.train.out_dir.split("/")[-1] / "result.json").read_text()
-    assert sweep(cfg, log=lambda *a: None) == results
+    assert sweep(cfg) == results
     assert (tmp_path / "sweep" / run.train.out_dir.split("/")[-1] / "result.json").read_text() == stamp
     # a compute cap drops the grid points above it (here: every run on the larger budget)
     cfg.max_compute = 1.5 * max(planned_compute(cfg, n, 4096) for n in cfg.sizes)
-    capped = sweep(cfg, log=lambda *a: None)
+    capped = sweep(cfg)
     assert len(capped) == 2 and all(r["D"] == 4096 for r in capped)
     assert len(json.loads((tmp_path / "sweep" / "results.json").read_text())) == 2
     # two worker processes train the same runs to the same losses (up to thread-count rounding)
     cfg.out, cfg.workers, cfg.max_compute, cfg.tokens = str(tmp_path / "parallel"), 2, 0.0, [4096]
-    parallel = sweep(cfg, log=lambda *a: None)
+    parallel = sweep(cfg)
     assert [r["name"] for r in parallel] == [r["name"] for r in capped]
     assert [r["val_loss"] for r in parallel] == pytest.approx([r["val_loss"] for r in capped], rel=1e-3)
     assert all((tmp_path / "parallel" / r["name"] / "result.json").is_file() for r in parallel)
@@ -50,10 +50,10 @@ def test_sweep_runs_resumes_and_tabulates(char_data, tmp_path):
 def test_sweep_refuses_too_many_epochs(char_data, tmp_path):
     cfg = SweepConfig(data=str(char_data), out=str(tmp_path / "s"), sizes=[3e4], tokens=[1e9], block_size=32)
     with pytest.raises(LmlabError, match="epochs"):
-        sweep(cfg, log=lambda *a: None)
+        sweep(cfg)
     cfg.tokens, cfg.max_compute = [4096], 1.0  # a cap that leaves nothing to train is an error, not an empty table
     with pytest.raises(LmlabError, match="max_compute"):
-        sweep(cfg, log=lambda *a: None)
+        sweep(cfg)
     assert not (tmp_path / "s" / "results.json").exists()
 
 
@@ -132,9 +132,9 @@ def test_interrupted_run_is_not_recorded_as_a_result(char_data, tmp_path):
     run = run_config(cfg, 2e4, 4096)
     run.train.stop_at_step = 3  # what Ctrl-C does mid-run: a checkpoint, then the loop ends early
     with pytest.raises(LmlabError, match="resume"):
-        run_one(cfg, run, log=lambda *a: None)
+        run_one(cfg, run, quiet=True)
     run_dir = tmp_path / "s" / run.train.out_dir.split("/")[-1]
     assert not (run_dir / "result.json").exists()
     run.train.stop_at_step = 0
-    r = run_one(cfg, run, log=lambda *a: None)
+    r = run_one(cfg, run, quiet=True)
     assert r["resumed"] and r["steps"] == run.train.max_steps and r["D"] == 4096

@@ -126,7 +126,7 @@ def reversal(tmp_path_factory):
     root = tmp_path_factory.mktemp("reversal")
     pairs = write_jsonl(reversal_pairs(2000, seed=0, vocab=8, min_words=3, max_words=5), root / "pairs.jsonl")
     prepare(PrepareConfig(source=str(pairs), jsonl_field="source", out=str(root / "data"), tokenizer="word",
-                          min_count=1, vocab_size=0), log=lambda *a: None)
+                          min_count=1, vocab_size=0))
     return pairs, root / "data"
 
 

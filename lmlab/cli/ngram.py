@@ -31,9 +31,7 @@ def query_lines(model: NGramModel, path: str | None) -> Perplexity:
         return model.perplexity(f)
 
 
-def cmd_ngram(args, rest: list[str]) -> int:
-    if rest:
-        raise LmlabError(f"unexpected arguments: {' '.join(rest)} (see lmlab ngram --help)")
+def run(args, rest: list[str]) -> int:
     from lmlab.io.arpa import read_arpa, write_arpa
 
     if args.action == "build":
@@ -62,7 +60,7 @@ def cmd_ngram(args, rest: list[str]) -> int:
 
 def add_parser(add) -> None:
     """Register `lmlab ngram` with the CLI's `add(name, func, help, epilog)`."""
-    sp = add("ngram", cmd_ngram, "Build an n-gram language model (ARPA) or score text with one.",
+    sp = add("ngram", run, "Build an n-gram language model (ARPA) or score text with one.",
              "examples:\n"
              "  lmlab ngram build corpus.txt --order 5 --out corpus.arpa     modified Kneser-Ney, as lmplz\n"
              "  lmlab ngram build data/docs --order 3 --out docs.arpa        a prepared data directory's train split\n"

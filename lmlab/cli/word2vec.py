@@ -71,9 +71,7 @@ def _similar(args) -> None:
         print(f"{word}: " + ", ".join(f"{w} {s:.3f}" for w, s in near))
 
 
-def cmd_word2vec(args, rest: list[str]) -> int:
-    if rest:
-        raise LmlabError(f"unexpected arguments: {' '.join(rest)} (see lmlab word2vec --help)")
+def run(args, rest: list[str]) -> int:
     if args.action == "train":
         if not args.corpus or not args.out:
             raise LmlabError("train needs --corpus SOURCE and --out VECTORS.bin")
@@ -91,7 +89,7 @@ def cmd_word2vec(args, rest: list[str]) -> int:
 
 def add_parser(add) -> None:
     """Register `lmlab word2vec` with the CLI's `add(name, func, help, epilog)`."""
-    sp = add("word2vec", cmd_word2vec, "Train word2vec vectors (skip-gram / CBOW), evaluate them, find neighbours.",
+    sp = add("word2vec", run, "Train word2vec vectors (skip-gram / CBOW), evaluate them, find neighbours.",
              "examples:\n"
              "  lmlab word2vec train --corpus stdlib-docs --out docs.bin --sg 1 --workers 2\n"
              "  lmlab word2vec train --corpus kjv.txt --out kjv.txt.vec --min_count 5 --epochs 5\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from lmlab.data.sources import Corpus
 from lmlab.errors import LmlabError
 from lmlab.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from lmlab.utils.atomic import atomic_dir, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 FORMAT = "lmlab-tokens-v1"
@@ -106,7 +109,7 @@ def assign_splits(corpus: Corpus, seed: int, val_fraction: float, test_fraction:
     return split
 
 
-def prepare(cfg: PrepareConfig, *, force: bool = False, log=print) -> Path:
+def prepare(cfg: PrepareConfig, *, force: bool = False) -> Path:
     out = Path(cfg.out or default_out(cfg.source))
     if out.exists() and not force:
         raise LmlabError(f"data directory {out} already exists; pass --force to rebuild it, or choose --out")
@@ -114,7 +117,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, log=print) -> Path:
     t0 = time.time()
     provenance = corpus.describe()
     split_of = assign_splits(corpus, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    log(f"corpus {cfg.source}: {len(split_of)} documents "
+    log.info(f"corpus {cfg.source}: {len(split_of)} documents "
         f"({int((split_of == 0).sum())} train / {int((split_of == 1).sum())} val / {int((split_of == 2).sum())} test)")
 
     with atomic_dir(out, replace=force) as tmp:
@@ -163,7 +166,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False, log=print) -> Path:
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     if splits["train"]["n_tokens"] == 0:
         raise LmlabError(f"corpus '{cfg.source}' produced no training tokens")
-    log(f"wrote {out}: " + ", ".join(f"{s} {splits[s]['n_tokens']:,} tokens" for s in SPLITS)
+    log.info(f"wrote {out}: " + ", ".join(f"{s} {splits[s]['n_tokens']:,} tokens" for s in SPLITS)
         + f" (vocab {tok.vocab_size}, {dtype.name})")
     return out
 

@@ -126,3 +126,29 @@ def unigram_baseline(train: TokenSplit, heldout: TokenSplit) -> EvalResult:
     logp = np.log(counts + 1.0) - math.log(counts.sum() + vocab)
     toks = heldout.tokens()
     return EvalResult(heldout.split, len(toks), heldout.n_bytes, float(-logp[toks].mean()))
+
+
+def score_text(model: nn.Module, tokenizer, text: str, *, bos: list[int], block_size: int,
+               stride: int | None = None, batch_size: int = 8, max_tokens: int = 0,
+               name: str = "text") -> EvalResult:
+    """Sliding-window loss of a whole text under a model that brings its own tokenizer: windows of
+    `block_size` tokens, each scoring its last `stride` (default block_size // 2). `bos` is what the
+    model reads before a text (lmlab.io.load's one BOS rule); with none, the first token is only
+    context and is not scored (its bytes are left out of bits per byte too)."""
+    ids = np.array(tokenizer.encode(text), dtype=np.int64)
+    n_bytes = len(text.encode("utf-8"))
+    if max_tokens and len(ids) > max_tokens:
+        n_bytes = round(n_bytes * max_tokens / len(ids))  # approximate: proportional share
+        ids = ids[:max_tokens]
+    if not bos:
+        if len(ids) == 0:
+            return EvalResult(name, 0, 0, float("nan"))
+        n_bytes -= len(tokenizer.decode([int(ids[0])]).encode("utf-8"))
+        prefix, ids = [int(ids[0])], ids[1:]
+    else:
+        prefix = [int(b) for b in bos]
+    # token_nll takes one token of context: the others of a longer prefix are scored and dropped
+    extra = np.array(prefix[1:], dtype=np.int64)
+    nll = token_nll(model, np.concatenate([extra, ids]), bos=prefix[0], block_size=block_size,
+                    stride=stride or block_size // 2, batch_size=batch_size)[len(extra):]
+    return EvalResult(name, len(ids), n_bytes, float(nll.mean()) if len(nll) else float("nan"))

@@ -15,6 +15,7 @@ built-in stdlib-docs) is split by document and its vocabulary is the training wo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import numpy as np
 from lmlab.config import to_dict
 from lmlab.errors import LmlabError
 from lmlab.utils.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -135,14 +138,14 @@ def prepare_fixed_splits(folder: Path, out: Path) -> Path:
     return out
 
 
-def prepare_data(cfg: LineageConfig, out: Path, log=print) -> Path:
+def prepare_data(cfg: LineageConfig, out: Path) -> Path:
     folder = Path(cfg.corpus)
     if folder.is_dir() and not (folder / "meta.json").is_file() and any(folder.glob("*.txt")):
         return prepare_fixed_splits(folder, out)
     from lmlab.data.prepare import PrepareConfig, prepare
 
     return prepare(PrepareConfig(source=cfg.corpus, out=str(out), tokenizer="word", vocab_size=cfg.vocab_size,
-                                 min_count=cfg.min_count, seed=cfg.seed), force=True, log=log)
+                                 min_count=cfg.min_count, seed=cfg.seed), force=True)
 
 
 # ------------------------------------------------------------------------------------------ rungs
@@ -205,8 +208,8 @@ def unigram_rung(data_dir: Path) -> Rung:
                 "add-one")
 
 
-def neural_rung(name: str, model_cfg, rung: RungConfig, data_dir: Path, run_dir: Path, cfg: LineageConfig,
-                log=print) -> Rung:
+def neural_rung(name: str, model_cfg, rung: RungConfig, data_dir: Path, run_dir: Path,
+                cfg: LineageConfig) -> Rung:
     from lmlab.data.stream import TokenSplit
     from lmlab.eval.perplexity import evaluate_split
     from lmlab.train.config import DataConfig, RunConfig, TrainConfig
@@ -221,7 +224,7 @@ def neural_rung(name: str, model_cfg, rung: RungConfig, data_dir: Path, run_dir:
                                       weight_decay=rung.weight_decay, eval_interval=max(rung.steps, 1), eval_iters=5,
                                       ckpt_interval=0, keep_checkpoints=1, log_interval=max(rung.steps // 5, 1),
                                       progress=False))
-    trainer = Trainer(run, run_dir, log=lambda *a: None)
+    trainer = Trainer(run, run_dir, quiet=True)
     trainer.fit()
     if trainer.step < rung.steps:  # Ctrl-C / SIGTERM: a half-trained rung is not a result
         raise LmlabError(f"{name} stopped at step {trainer.step} of {rung.steps}; the ladder is incomplete")
@@ -276,18 +279,20 @@ def bar_plot(rungs: list[Rung], title: str) -> bytes | None:
     return buf.getvalue()
 
 
-def lineage(cfg: LineageConfig, log=print) -> list[Rung]:
+def lineage(cfg: LineageConfig) -> list[Rung]:
+    """Train and score every rung; write lineage.json, lineage.md (and lineage.png) into cfg.out. The
+    caller prints `table(rungs)`."""
     from lmlab.models.nplm import NPLMConfig
     from lmlab.models.transformer.gpt import GPTConfig
 
     t0 = time.time()
     out = Path(cfg.out)
     data_dir = out / "data"
-    log(f"== data: {cfg.corpus} -> {data_dir} (word level, </s> per line)")
-    prepare_data(cfg, data_dir, log=log)
+    log.info(f"== data: {cfg.corpus} -> {data_dir} (word level, </s> per line)")
+    prepare_data(cfg, data_dir)
     meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
     vocab = meta["vocab_size"]
-    log(f"vocabulary {vocab:,}; " + ", ".join(f"{s} {v['n_tokens']:,} tokens" for s, v in meta["splits"].items()))
+    log.info(f"vocabulary {vocab:,}; " + ", ".join(f"{s} {v['n_tokens']:,} tokens" for s, v in meta["splits"].items()))
     if meta["splits"]["test"]["n_tokens"] == 0:
         raise LmlabError(f"{cfg.corpus}: the test split is empty")
 
@@ -295,7 +300,8 @@ def lineage(cfg: LineageConfig, log=print) -> list[Rung]:
 
     def done(r: Rung) -> None:
         rungs.append(r)
-        log(f"{r.name:<12} test perplexity {r.perplexity:10.2f}  ({r.seconds:.1f} s{', ' + r.note if r.note else ''})")
+        note = f", {r.note}" if r.note else ""
+        log.info(f"{r.name:<12} test perplexity {r.perplexity:10.2f}  ({r.seconds:.1f} s{note})")
 
     done(unigram_rung(data_dir))
     for n in cfg.orders:
@@ -305,10 +311,10 @@ def lineage(cfg: LineageConfig, log=print) -> list[Rung]:
                                         hidden=cfg.nplm_hidden, direct=cfg.nplm_direct,
                                         tie_embeddings=cfg.nplm_tied,
                                         dropout=cfg.nplm.dropout, pad_id=eos),
-                     cfg.nplm, data_dir, out / "nplm", cfg, log))
+                     cfg.nplm, data_dir, out / "nplm", cfg))
     done(neural_rung("GPT", GPTConfig(vocab_size=vocab, n_layer=cfg.gpt_layers, n_head=cfg.gpt_heads,
                                       n_embd=cfg.gpt_embd, dropout=cfg.gpt.dropout),
-                     cfg.gpt, data_dir, out / "gpt", cfg, log))
+                     cfg.gpt, data_dir, out / "gpt", cfg))
 
     title = f"{cfg.corpus}: vocabulary {vocab:,}, {meta['splits']['test']['n_tokens']:,} test tokens"
     md = (f"# Perplexity ladder\n\n{title} (every token including `</s>` counted; `<unk>` an ordinary word).\n\n"
@@ -321,8 +327,7 @@ def lineage(cfg: LineageConfig, log=print) -> list[Rung]:
     png = bar_plot(rungs, title)
     if png is not None:
         atomic_write_bytes(out / "lineage.png", png)
-    log("\n" + table(rungs))
-    log(f"wrote {out / 'lineage.json'}, {out / 'lineage.md'}" + (f", {out / 'lineage.png'}" if png else
-                                                                  " (no plot: matplotlib is not installed)")
-        + f" in {time.time() - t0:.0f} s")
+    log.info(f"wrote {out / 'lineage.json'}, {out / 'lineage.md'}" + (f", {out / 'lineage.png'}" if png else
+                                                                       " (no plot: matplotlib is not installed)")
+             + f" in {time.time() - t0:.0f} s")
     return rungs

@@ -1,12 +1,13 @@
 """`lmlab quickstart`: the whole pipeline in a few minutes on a laptop CPU.
 
 Prepares the built-in `stdlib-docs` corpus (BPE, 4096 tokens), trains a small GPT, compares its
-validation perplexity with a unigram model of the same tokens, and prints a sample.
+validation perplexity with a unigram model of the same tokens, and samples from it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from lmlab.tokenizers import load_tokenizer
 from lmlab.train.config import DataConfig, RunConfig, TrainConfig
 from lmlab.train.trainer import Trainer
 from lmlab.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 RECIPE_STEPS = 400
 
@@ -56,47 +59,45 @@ def recipe(data_dir: str, run_dir: str, steps: int) -> RunConfig:
 
 
 def quickstart(out: str = "", data: str = "data/stdlib-docs", steps: int = 0,
-               overrides: list[str] | None = None) -> int:
+               overrides: list[str] | None = None) -> dict:
+    """Run the four steps, logging progress; return quickstart.json's content plus "run_dir" (the
+    caller prints the comparison table and the sample)."""
     t0 = time.time()
     data_dir = Path(data)
-    print(f"== 1/4 data: the built-in stdlib-docs corpus ({python_tag()}) -> {data_dir}")
-    if (data_dir / "meta.json").is_file():
-        meta = read_meta(data_dir)
-        print(f"reusing {data_dir} ({meta['splits']['train']['n_tokens']:,} training tokens)")
-    else:
-        prepare(PrepareConfig(source="stdlib-docs", out=str(data_dir), tokenizer="bpe", vocab_size=4096))
-
     run_dir = Path(out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise LmlabError(f"run directory {run_dir} already exists; choose another --out")
+    # the options are checked before any work
     cfg = apply_overrides(recipe(str(data_dir), str(run_dir), steps or RECIPE_STEPS), overrides or [])
-    print(f"== 2/4 train a small GPT ({cfg.train.max_steps} steps, {cfg.train.dtype}) -> {run_dir}")
-    print(dump_yaml(cfg), end="")
+
+    log.info(f"== 1/4 data: the built-in stdlib-docs corpus ({python_tag()}) -> {data_dir}")
+    if (data_dir / "meta.json").is_file():
+        meta = read_meta(data_dir)
+        log.info(f"reusing {data_dir} ({meta['splits']['train']['n_tokens']:,} training tokens)")
+    else:
+        prepare(PrepareConfig(source="stdlib-docs", out=str(data_dir), tokenizer="bpe", vocab_size=4096))
+    log.info(f"== 2/4 train a small GPT ({cfg.train.max_steps} steps, {cfg.train.dtype}) -> {run_dir}")
+    log.info(dump_yaml(cfg).rstrip("\n"))
     trainer = Trainer(cfg, run_dir)
-    print(f"{trainer.model.num_params() / 1e6:.2f}M parameters without embeddings, "
-          f"{trainer.model.num_params(non_embedding=False) / 1e6:.2f}M with")
+    log.info(f"{trainer.model.num_params() / 1e6:.2f}M parameters without embeddings, "
+             f"{trainer.model.num_params(non_embedding=False) / 1e6:.2f}M with")
     trainer.fit()
     model = trainer.model.eval()
 
-    print("== 3/4 evaluate on the validation split (every token)")
+    log.info("== 3/4 evaluate on the validation split (every token)")
     val = TokenSplit(data_dir, "val")
     ours = evaluate_split(model, val, block_size=cfg.model.block_size, batch_size=16)
     uni = unigram_baseline(TokenSplit(data_dir, "train"), val)
     ratio = ours.perplexity / uni.perplexity
-    print(f"{'model':<10}{'loss':>8}{'perplexity':>12}{'bits/byte':>11}")
-    for name, r in (("unigram", uni), ("gpt", ours)):
-        print(f"{name:<10}{r.loss:>8.3f}{r.perplexity:>12.2f}{r.bits_per_byte:>11.3f}")
-    verdict = "reached" if ratio <= 0.5 else "did NOT reach"
-    print(f"GPT perplexity is {ratio:.1%} of the unigram baseline's: {verdict} the goal of at most 50%")
 
-    print("== 4/4 sample (temperature 0.8, top-k 40)")
+    log.info(f"== 4/4 sample ({SAMPLE_SETTINGS})")
     tok = load_tokenizer(data_dir)
     sample = generate_text(model, tok, "The", SamplingConfig(max_new_tokens=80, temperature=0.8, top_k=40, seed=0))
-    print("The" + sample)
     elapsed = time.time() - t0
     result = {"val": ours.as_dict(), "unigram": uni.as_dict(), "perplexity_ratio": ratio,
               "seconds": elapsed, "sample": "The" + sample, "dtype": cfg.train.dtype}
     atomic_write_text(run_dir / "quickstart.json", json.dumps(result, indent=2))
-    print(f"done in {elapsed:.0f} s; results in {run_dir / 'quickstart.json'}; try "
-          f"`lmlab generate {run_dir} \"The json module\"`")
-    return 0 if math.isfinite(ours.loss) else 1
+    return {**result, "run_dir": str(run_dir), "finite": math.isfinite(ours.loss)}
+
+
+SAMPLE_SETTINGS = "temperature 0.8, top-k 40"

@@ -6,12 +6,15 @@ matplotlib is imported lazily with the Agg backend, so plotting works without a 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from lmlab.scaling.fit import ISOFLOP_TOLERANCE, ChinchillaLaw, KaplanLaw
 from lmlab.utils.atomic import atomic_open
+
+log = logging.getLogger(__name__)
 
 
 def _pyplot():
@@ -133,7 +136,7 @@ def write_sweep_plots(runs: list[dict], law: ChinchillaLaw, out_dir: Path,
     try:
         _pyplot()
     except ImportError:
-        print("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+        log.warning("matplotlib is not installed: skipping the plots (pip install matplotlib)")
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     return [loss_vs_compute(runs, law, out_dir / "loss_vs_compute.png"),

@@ -19,6 +19,7 @@ Kaplan et al. 2020 (Fig. 5) find loss nearly independent of shape at fixed N onc
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -38,6 +39,8 @@ from lmlab.train.trainer import Trainer
 from lmlab.utils.atomic import atomic_write_text
 
 MAX_EPOCHS = 4.0  # Muennighoff et al. 2023: up to ~4 epochs of repeated data cost little
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -121,13 +124,15 @@ def run_config(cfg: SweepConfig, n_target: float, d_target: float) -> RunConfig:
                           keep_checkpoints=1, log_interval=max(1, steps // 50), progress=False))
 
 
-def run_one(cfg: SweepConfig, run: RunConfig, log=print) -> dict:
+def run_one(cfg: SweepConfig, run: RunConfig, *, quiet: bool = False) -> dict:
+    """Train (or resume) one grid point and evaluate it; a finished run's result.json is read back.
+    `quiet`: the trainer's own notes go to the debug level."""
     run_dir = Path(run.train.out_dir)
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.time()
-    trainer = Trainer(run, run_dir, log=log)
+    trainer = Trainer(run, run_dir, quiet=quiet)
     resumed = trainer.resume() is not None
     trainer.fit()
     if trainer.step < run.train.max_steps:  # stopped by Ctrl-C / SIGTERM: resumable, not a result
@@ -151,11 +156,7 @@ def run_one(cfg: SweepConfig, run: RunConfig, log=print) -> dict:
     return result
 
 
-def _quiet(*args) -> None:
-    pass
-
-
-def sweep(cfg: SweepConfig, log=print) -> list[dict]:
+def sweep(cfg: SweepConfig) -> list[dict]:
     train_tokens = TokenSplit(cfg.data, "train").n_tokens
     plan = []
     for n in cfg.sizes:
@@ -164,7 +165,7 @@ def sweep(cfg: SweepConfig, log=print) -> list[dict]:
                 raise LmlabError(f"a budget of {d:.0e} tokens is over {MAX_EPOCHS:g} epochs of {cfg.data} "
                                  f"({train_tokens:,} training tokens); use a larger corpus or smaller budgets")
             if cfg.max_compute > 0 and planned_compute(cfg, n, d) > cfg.max_compute:
-                log(f"skip N{n:.2g}-D{d:.2g}: 6ND = {planned_compute(cfg, n, d):.3g} is over max_compute")
+                log.info(f"skip N{n:.2g}-D{d:.2g}: 6ND = {planned_compute(cfg, n, d):.3g} is over max_compute")
                 continue
             plan.append(run_config(cfg, n, d))
     if cfg.workers < 1:
@@ -176,27 +177,27 @@ def sweep(cfg: SweepConfig, log=print) -> list[dict]:
         for run in plan:
             run.train.threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     if cfg.workers == 1:  # one run after another, each announced as it starts
-        results = [_report(run_one(cfg, _announce(run, log), log=_quiet), log) for run in plan]
+        results = [_report(run_one(cfg, _announce(run), quiet=True)) for run in plan]
     else:  # spawn: a forked child would inherit torch's thread pool
         with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, cfg, _announce(run, log), log=_quiet) for run in plan]
-            results = [_report(f.result(), log) for f in futures]
+            futures = [pool.submit(run_one, cfg, _announce(run), quiet=True) for run in plan]
+            results = [_report(f.result()) for f in futures]
     write_table(results, Path(cfg.out))
     return results
 
 
-def _announce(run: RunConfig, log) -> RunConfig:
-    log(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
+def _announce(run: RunConfig) -> RunConfig:
+    log.info(f"run {Path(run.train.out_dir).name}: L{run.model.n_layer} d{run.model.n_embd}, "
         f"{run.train.max_steps} steps, lr {run.train.lr:.2e}")
     return run
 
 
-def _report(r: dict, log) -> dict:
-    log(f"  {r['name']}: N={r['N']:,} D={r['D']:,} val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
+def _report(r: dict) -> dict:
+    log.info(f"  {r['name']}: N={r['N']:,} D={r['D']:,} val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
     return r
 
 
-def train_longer(cfg: SweepConfig, n_target: float, budgets: list[float], log=print) -> list[dict]:
+def train_longer(cfg: SweepConfig, n_target: float, budgets: list[float]) -> list[dict]:
     """Fixed N, growing D: each budget is its own run with its own cosine schedule, since losses read
     off the middle of one long cosine run are biased upwards (Hoffmann et al. 2022, Appendix A)."""
     train_tokens = TokenSplit(cfg.data, "train").n_tokens
@@ -206,8 +207,8 @@ def train_longer(cfg: SweepConfig, n_target: float, budgets: list[float], log=pr
             raise LmlabError(f"a budget of {d:.3g} tokens is over {MAX_EPOCHS:g} epochs of {cfg.data} "
                              f"({train_tokens:,} training tokens); choose a smaller N or fewer multiples")
         run = run_config(cfg, n_target, d)
-        log(f"run {Path(run.train.out_dir).name}: {run.train.max_steps} steps")
-        rows.append(_report(run_one(cfg, run, log=_quiet), log))
+        log.info(f"run {Path(run.train.out_dir).name}: {run.train.max_steps} steps")
+        rows.append(_report(run_one(cfg, run, quiet=True)))
     write_table(rows, Path(cfg.out))
     return rows
 
@@ -222,3 +223,34 @@ def write_table(results: list[dict], out: Path) -> None:
                      f"{r['C_counted']:.3g} | {r['val_loss']:.4f} | {r['seconds']:.0f} | {r['tok_per_s']:,.0f} | "
                      f"L{r['n_layer']} d{r['n_embd']} h{r['n_head']} | {r['lr']:.2e} |")
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+
+
+def train_longer_against_fit(cfg: SweepConfig, fit: dict, n_target: float,
+                             multiples: list[float]) -> tuple[list[dict], str, list[Path]]:
+    """`lmlab scaling longer`: one run per multiple of the fit's compute-optimal D for `n_target`, each
+    compared with the fitted Chinchilla law. Writes longer.json, longer.md and (with matplotlib) a plot
+    into cfg.out; returns (rows, the markdown table, the files written)."""
+    from lmlab.scaling.fit import ChinchillaLaw
+    from lmlab.scaling.plots import train_longer as plot_longer
+
+    law = ChinchillaLaw(**fit["chinchilla"])
+    d_opt = float(law.optimal_tokens(n_target))
+    log.info(f"N={n_target:.3g}: compute-optimal D = {d_opt:.3g} tokens by the fit; budgets x"
+             + ",".join(f"{m:g}" for m in multiples))
+    rows = train_longer(cfg, n_target, [m * d_opt for m in multiples])
+    for r, m in zip(rows, multiples, strict=True):
+        r["multiple"] = m
+        r["predicted_loss"] = float(law.loss(r["N"], r["D"]))
+    out = Path(cfg.out)
+    atomic_write_text(out / "longer.json", json.dumps(rows, indent=2))
+    lines = ["| x D* | D | val loss | law's prediction | error |", "|---|---|---|---|---|"]
+    lines += [f"| {r['multiple']:g} | {r['D']:,} | {r['val_loss']:.4f} | {r['predicted_loss']:.4f} | "
+              f"{(r['predicted_loss'] - r['val_loss']) / r['val_loss']:+.2%} |" for r in rows]
+    table = "\n".join(lines)
+    atomic_write_text(out / "longer.md", table + "\n")
+    written = [out / "longer.md"]
+    try:
+        written.append(plot_longer(rows, law, out / "train_longer.png"))
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+    return rows, table, written

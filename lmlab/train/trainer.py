@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -32,6 +33,8 @@ from lmlab.train.config import RunConfig
 from lmlab.train.optim import make_optimizer
 from lmlab.train.schedule import lr_at
 from lmlab.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
@@ -69,8 +72,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, log=print):
-        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, quiet: bool = False):
+        """`quiet`: the trainer's notes (resumed, validation loss, stopped) go to the debug level, as for the
+        many small runs of a scaling sweep or the lineage ladder."""
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self._level = logging.DEBUG if quiet else logging.INFO
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
@@ -121,7 +127,7 @@ class Trainer:
             kept = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
             atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
-        self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+        log.log(self._level, f"resumed from {ckpt} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return ckpt
 
     def save(self, info: dict[str, Any] | None = None) -> Path:
@@ -177,6 +183,11 @@ class Trainer:
         old_handlers = ({s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
                         if threading.current_thread() is threading.main_thread() else {})
         bar = _progress(t.progress, self.step, t.max_steps)
+        redirect = contextlib.ExitStack()
+        if bar is not None:  # log lines go above the bar, not through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect.enter_context(logging_redirect_tqdm())
         self.model.train()
         last = {"loss": float("nan")}
         window_t, window_tokens = time.perf_counter(), 0
@@ -218,8 +229,7 @@ class Trainer:
                     val = self.evaluate()
                     last["val_loss"] = val
                     self._log_metrics({"step": self.step, "val_loss": val})
-                    (bar.write if bar is not None else self.log)(
-                        f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
+                    log.log(self._level, f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
                 if t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0 and self.step < end:
                     self.save({"loss": last["loss"]})
         finally:
@@ -227,6 +237,7 @@ class Trainer:
                 signal.signal(s, h)
             if bar is not None:
                 bar.close()
+            redirect.close()
         summary: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "loss": last["loss"]}
         if self.step >= t.max_steps:
             summary["val_loss"] = self.evaluate()
@@ -237,7 +248,7 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
         if self._stop_requested:
-            self.log(f"stopped at step {self.step}; continue with `lmlab train --resume {self.run_dir}`")
+            log.log(self._level, f"stopped at step {self.step}; continue with `lmlab train --resume {self.run_dir}`")
         return summary
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import re
@@ -31,6 +32,8 @@ from lmlab.errors import LmlabError
 from lmlab.eval.harness.lm import LM, GenArgs, cut_at_stop
 from lmlab.eval.tasks import Item, Task
 from lmlab.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def demonstrations(task: Task, index: int, k: int, seed: int) -> list[Item]:
@@ -100,13 +103,13 @@ def _distinct(task: Task) -> int:
     return len({it.context for it in task.items})
 
 
-def evaluate(lm: LM, tasks: list[Task], shots: list[int], seed: int = 0, log=print) -> list[ShotResult]:
+def evaluate(lm: LM, tasks: list[Task], shots: list[int], seed: int = 0) -> list[ShotResult]:
     """Every task at every k."""
     out = []
     for task in tasks:
         for k in shots:
             r = evaluate_task(lm, task, k, seed)
-            _log_result(lm.name, r, log)
+            _log_result(lm.name, r)
             out.append(r)
     return out
 
@@ -145,8 +148,7 @@ class CellCache:
 
 
 def evaluate_model(load: Callable[[], LM], name: str, path: str, tasks: list[Task], shots: list[int],
-                   seed: int = 0, *, cache: CellCache | None = None, extra: dict | None = None,
-                   log=print) -> list[dict]:
+                   seed: int = 0, *, cache: CellCache | None = None, extra: dict | None = None) -> list[dict]:
     """Result rows (ShotResult.summary() with model, path, params and `extra`) of one model on every
     task at every k. `load` is called at the first cell not in `cache`, so a finished model is never
     loaded; each computed cell goes into `cache` as soon as it is done."""
@@ -157,15 +159,15 @@ def evaluate_model(load: Callable[[], LM], name: str, path: str, tasks: list[Tas
             cell = cache.get(name, path, task, k) if cache is not None else None
             if cell is not None:
                 rows.append(cell["row"])
-                log(f"{name} {task.name} {k}-shot: done before (acc {cell['row']['acc']:.3f})")
+                log.info(f"{name} {task.name} {k}-shot: done before (acc {cell['row']['acc']:.3f})")
                 continue
             if lm is None:
                 t0 = time.perf_counter()
                 lm = load()
                 lm.name = name
-                log(f"loaded {path} as {name} ({time.perf_counter() - t0:.1f}s)")
+                log.info(f"loaded {path} as {name} ({time.perf_counter() - t0:.1f}s)")
             r = evaluate_task(lm, task, k, seed)
-            _log_result(lm.name, r, log)
+            _log_result(lm.name, r)
             row = {"model": name, "path": path, "params": lm.params, **(extra or {}), **r.summary()}
             if cache is not None:
                 cache.put(name, path, task, k, row, r.items)
@@ -173,6 +175,38 @@ def evaluate_model(load: Callable[[], LM], name: str, path: str, tasks: list[Tas
     return rows
 
 
-def _log_result(name: str, r: ShotResult, log) -> None:
+def _log_result(name: str, r: ShotResult) -> None:
     norm = f", acc_norm {r.acc_norm:.3f}" if r.acc_norm is not None else ""
-    log(f"{name} {r.task} {r.shots}-shot: acc {r.acc:.3f} ± {r.acc_stderr:.3f}{norm} (n={r.n}, {r.seconds:.1f}s)")
+    log.info(f"{name} {r.task} {r.shots}-shot: acc {r.acc:.3f} ± {r.acc_stderr:.3f}{norm} (n={r.n}, {r.seconds:.1f}s)")
+
+
+def run_fewshot(models: list[str], tasks: list[str], shots: list[int], *, items: int = 200, seed: int = 0,
+                out: str | Path = "runs/fewshot", batch_size: int = 16, bf16: bool = False,
+                words_file: str | None = None, device: str = "cpu", names: list[str] | None = None) -> list[dict]:
+    """Evaluate every model on every task at every k; write results.json, results.md and plots to `out`.
+    Finished cells are kept in `out/cells/`: a rerun with the same settings skips them."""
+    import torch
+
+    from lmlab.eval.harness import lm as lm_module
+    from lmlab.eval.harness.report import write_results
+    from lmlab.eval.tasks import expand, load_task
+
+    if items < 1:
+        raise LmlabError("--items must be at least 1")
+    task_list = [load_task(t, items, seed, words_file=words_file) for t in expand(tasks)]
+    key = {"items": items, "seed": seed, "bf16": bf16, "words_file": words_file}  # what decides the numbers
+    cache = CellCache(Path(out) / "cells", key)
+    rows: list[dict] = []
+    for i, path in enumerate(models):
+        name = names[i] if names and i < len(names) else Path(path).name  # load_lm's default name
+
+        def load(path=path):
+            return lm_module.load_lm(path, batch_size=batch_size, dtype=torch.bfloat16 if bf16 else None,
+                                     device=device)
+
+        rows += evaluate_model(load, name, str(path), task_list, shots, seed, cache=cache)
+    config = {"models": [str(m) for m in models], "tasks": [t.name for t in task_list], "shots": shots,
+              "items": items, "seed": seed, "bf16": bf16}
+    for p in write_results(out, rows, config):
+        log.info(f"wrote {p}")
+    return rows

@@ -9,19 +9,22 @@ optional: without it the plots are skipped with a message.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from lmlab.utils.atomic import atomic_write_bytes, atomic_write_text
 
+log = logging.getLogger(__name__)
 
-def write_results(out: str | Path, rows: list[dict], config: dict, log=print) -> list[Path]:
+
+def write_results(out: str | Path, rows: list[dict], config: dict) -> list[Path]:
     """`rows`: ShotResult.summary() dicts with `model` and `params` added."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
     atomic_write_text(written[0], json.dumps({"config": config, "results": rows}, indent=2) + "\n")
     atomic_write_text(written[1], markdown(rows, config))
-    written += plot(rows, out, log)
+    written += plot(rows, out)
     return written
 
 
@@ -56,13 +59,13 @@ def markdown(rows: list[dict], config: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out: Path, log=print) -> list[Path]:
+def plot(rows: list[dict], out: Path) -> list[Path]:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+        log.warning("matplotlib is not installed: skipping the plots (pip install matplotlib)")
         return []
     import io
     import math

@@ -1,0 +1,96 @@
+"""`lmlab eval MODEL`: loss, perplexity and bits per byte (lmlab/eval/perplexity.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmlab.cli._args import model_argument, take_model
+from lmlab.errors import LmlabError
+
+
+def run(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmlab.io.load import load_model, model_kind
+
+    path = take_model(args, "eval")
+    kind = model_kind(path)
+    if kind == "arpa":
+        raise LmlabError(f"score text with an ARPA n-gram model by `lmlab ngram query {path} --data FILE.txt`")
+    text_file = args.data is not None and Path(args.data).is_file()
+    if kind != "lmlab" and not text_file:
+        raise LmlabError(f"{path} brings its own tokenizer: give --data FILE.txt, a UTF-8 text file to score")
+    # scoring: the reference precision for GGUF files; lmlab and HF weights as stored
+    loaded = load_model(path, precision="fp32" if kind == "gguf" else None)
+    out = _eval_text_file(args, loaded) if text_file else _eval_split(args, loaded)
+    if args.json:
+        from lmlab.utils.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=2))
+    return 0
+
+
+def _eval_split(args: argparse.Namespace, loaded) -> dict:
+    import torch
+
+    from lmlab.data.stream import TokenSplit
+    from lmlab.eval.perplexity import evaluate_split, unigram_baseline
+
+    model = loaded.model
+    data_dir = args.data or (loaded.run_config or {}).get("data", {}).get("dir")
+    if not data_dir:
+        raise LmlabError(f"{loaded.path}: no data directory recorded; give --data DIR or --data FILE.txt")
+    split = TokenSplit(data_dir, args.split)
+    if split.meta["vocab_size"] > model.config.vocab_size:
+        raise LmlabError(f"{data_dir} was tokenized with a larger vocabulary than the model's")
+    res = evaluate_split(model, split, block_size=model.config.block_size, stride=args.stride,
+                         batch_size=args.batch_size, max_tokens=args.max_tokens,
+                         autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    out = {"checkpoint": str(loaded.checkpoint or loaded.path), "data": str(data_dir), **res.as_dict()}
+    print(f"{out['checkpoint']} on {data_dir} [{args.split}]: {res.tokens:,} tokens, loss {res.loss:.4f}, "
+          f"perplexity {res.perplexity:.2f}, {res.bits_per_byte:.4f} bits/byte")
+    if args.baseline:
+        u = unigram_baseline(TokenSplit(data_dir, "train"), split).as_dict()
+        out["unigram"] = u
+        print(f"unigram baseline: perplexity {u['perplexity']:.2f}, {u['bits_per_byte']:.4f} bits/byte")
+    return out
+
+
+def _eval_text_file(args: argparse.Namespace, loaded) -> dict:
+    """Sliding-window perplexity of a text file (each window of --block_size tokens scores its last --stride)."""
+    from lmlab.eval.perplexity import score_text
+
+    if args.baseline or args.bf16:
+        raise LmlabError(f"--{'baseline' if args.baseline else 'bf16'} needs a prepared data directory, "
+                         "not a text file")
+    path = Path(args.data)
+    text = path.read_text(encoding="utf-8")
+    block = min(args.block_size or 1024, loaded.model.config.block_size)
+    stride = args.stride or block // 2
+    res = score_text(loaded.model, loaded.tokenizer, text, bos=loaded.bos, block_size=block, stride=stride,
+                     batch_size=args.batch_size, max_tokens=args.max_tokens, name=path.name)
+    print(f"{loaded.path} on {path}: {res.tokens:,} tokens, loss {res.loss:.4f}, perplexity {res.perplexity:.2f}, "
+          f"{res.bits_per_byte:.4f} bits/byte (window {block}, stride {stride})")
+    return {"model": str(loaded.path), "data": str(path), **res.as_dict()}
+
+
+def add_parser(add) -> None:
+    sp = add("eval", run, "Loss, perplexity and bits per byte of a model on held-out text.",
+             "A run or checkpoint directory is scored on a split of its prepared data (or of --data DIR);\n"
+             "any model (also a .gguf file or a Hugging Face directory) scores a UTF-8 text file\n"
+             "given by --data FILE.txt in sliding windows. Every token is scored once. Bits per byte\n"
+             "divide the total loss by the text's UTF-8 bytes, so models with different tokenizers compare.\n\n"
+             "examples:\n  lmlab eval runs/<run>                       test split of the run's own data\n"
+             "  lmlab eval runs/<run> --split val --stride 64 --baseline --json eval.json\n"
+             "  lmlab eval SmolLM2-135M.Q8_0.gguf --data wiki.test.txt --block_size 512")
+    model_argument(sp, "run directory (latest checkpoint), checkpoint directory, .gguf file or HF directory")
+    sp.add_argument("--data", help="a data directory (default: the one the run was trained on) or a text file")
+    sp.add_argument("--split", default="test", help="data directory: train | val | test (default: test)")
+    sp.add_argument("--block_size", type=int, default=0, help="text file: window length (default 1024)")
+    sp.add_argument("--stride", type=int, default=None,
+                    help="sliding-window stride (default: block_size; for a text file block_size / 2)")
+    sp.add_argument("--batch_size", type=int, default=8)
+    sp.add_argument("--max_tokens", type=int, default=0, help="score only the first N tokens (0: all)")
+    sp.add_argument("--bf16", action="store_true", help="data directory: run the model under bfloat16 autocast")
+    sp.add_argument("--baseline", action="store_true", help="data directory: also report a unigram model's figures")
+    sp.add_argument("--json", help="write the results to this JSON file")
