@@ -4,7 +4,6 @@ spelling, and the option groups several commands have (precision, sampling)."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 
 from lmlab.errors import LmlabError
@@ -69,10 +68,3 @@ def add_sampling(sp: argparse.ArgumentParser, *, max_new_tokens: int, temperatur
     sp.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     sp.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     sp.add_argument("--seed", type=int, default=None)
-
-
-def bos_kw(fn, bos: list[int]) -> dict:
-    """{"bos": bos} if `fn` takes the `bos` keyword (the one BOS rule of lmlab.io.load).
-    Transitional: stream_text and ChatSession gain `bos=` in the decode-loop rework of the same
-    issue; once that is merged, pass bos=loaded.bos directly and delete this."""
-    return {"bos": bos} if "bos" in inspect.signature(fn).parameters else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmlab.cli._args import add_precision, add_sampling, bos_kw, model_argument, take_model
+from lmlab.cli._args import add_precision, add_sampling, model_argument, take_model
 
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
@@ -22,7 +22,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         from lmlab.serve.chat import ChatSession
 
         loaded = load_model(name, precision=args.precision)
-        session = ChatSession(loaded.model, loaded.tokenizer, system=args.system, **bos_kw(ChatSession, loaded.bos))
+        session = ChatSession(loaded.model, loaded.tokenizer, system=args.system, bos=loaded.bos)
         cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed)
     while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmlab.cli._args import add_precision, add_sampling, bos_kw, deprecated
+from lmlab.cli._args import add_precision, add_sampling, deprecated
 from lmlab.errors import LmlabError
 
 
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop or []])
     pieces = stream_text(model, tok, args.prompt, cfg, use_cache=not args.no_cache,
-                         **bos_kw(stream_text, loaded.bos))
+                         bos=loaded.bos)
     first = next(pieces, "")  # a bad prompt (e.g. longer than the context) fails before any output
     sys.stdout.write(args.prompt + first)
     for piece in pieces:

@@ -21,8 +21,8 @@ from lmlab.data.stream import TokenSplit
 from lmlab.errors import LmlabError
 from lmlab.eval.perplexity import evaluate_split, unigram_baseline
 from lmlab.generate.engine import SamplingConfig, generate_text
+from lmlab.io.load import load_model
 from lmlab.models.transformer.gpt import GPTConfig
-from lmlab.tokenizers import load_tokenizer
 from lmlab.train.config import DataConfig, RunConfig, TrainConfig
 from lmlab.train.trainer import Trainer
 from lmlab.utils.atomic import atomic_write_text
@@ -91,8 +91,9 @@ def quickstart(out: str = "", data: str = "data/stdlib-docs", steps: int = 0,
     ratio = ours.perplexity / uni.perplexity
 
     log.info(f"== 4/4 sample ({SAMPLE_SETTINGS})")
-    tok = load_tokenizer(data_dir)
-    sample = generate_text(model, tok, "The", SamplingConfig(max_new_tokens=80, temperature=0.8, top_k=40, seed=0))
+    saved = load_model(run_dir)  # the run as every command loads it (its tokenizer, its BOS rule)
+    sample = generate_text(saved.model, saved.tokenizer, "The",
+                           SamplingConfig(max_new_tokens=80, temperature=0.8, top_k=40, seed=0), bos=saved.bos)
     elapsed = time.time() - t0
     result = {"val": ours.as_dict(), "unigram": uni.as_dict(), "perplexity_ratio": ratio,
               "seconds": elapsed, "sample": "The" + sample, "dtype": cfg.train.dtype}

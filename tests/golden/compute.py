@@ -177,7 +177,7 @@ def train_family(name: str, data: dict[str, Path], run_dir: Path) -> dict:
         cfg_data = DataConfig(dir=str(data["char"]))
     cfg = RunConfig(model=model, data=cfg_data, train=TrainConfig(out_dir=str(run_dir), **TRAIN))
     with one_thread():
-        Trainer(cfg, run_dir, log=lambda *a: None).fit()
+        Trainer(cfg, run_dir, quiet=True).fit()
     rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1)), rows
