@@ -11,8 +11,6 @@ from lmlab.data.stream import RandomWindows, SequentialWindows, TokenSplit
 from lmlab.errors import LmlabError
 from lmlab.tokenizers import load_tokenizer
 
-QUIET = {"log": lambda *a: None}
-
 
 def _docs(n=30):
     return [f"Document number {i} talks about topic {i % 7}.\nIt has a second line {i * 13}." for i in range(n)]
@@ -23,7 +21,7 @@ def test_shards_round_trip_every_document_once(tmp_path):
     docs = _docs()
     src.write_text("\n".join(json.dumps({"body": d}) for d in docs))
     out = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "d"), tokenizer="char", jsonl_field="body",
-                                val_fraction=0.1, test_fraction=0.1, shard_tokens=500), **QUIET)
+                                val_fraction=0.1, test_fraction=0.1, shard_tokens=500))
     meta = read_meta(out)
     tok = load_tokenizer(out)
     assert meta["dtype"] == "uint16"
@@ -42,9 +40,9 @@ def test_shards_round_trip_every_document_once(tmp_path):
 def test_split_is_deterministic_and_seeded(tmp_path):
     src = tmp_path / "c.txt"
     src.write_text("\n\n".join(_docs(40)))
-    a = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "a"), tokenizer="char"), **QUIET)
-    b = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "b"), tokenizer="char"), **QUIET)
-    c = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "c"), tokenizer="char", seed=7), **QUIET)
+    a = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "a"), tokenizer="char"))
+    b = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "b"), tokenizer="char"))
+    c = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "c"), tokenizer="char", seed=7))
     val = lambda d: TokenSplit(d, "val").tokens().tolist()  # noqa: E731
     assert val(a) == val(b)
     assert val(a) != val(c)
@@ -56,7 +54,7 @@ def test_large_vocabulary_uses_uint32(tmp_path):
     src = tmp_path / "many.txt"
     src.write_text("\n".join(" ".join(words[i:i + 100]) for i in range(0, len(words), 100)))
     out = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "d"), tokenizer="word", min_count=1,
-                                vocab_size=0, doc_split="line"), **QUIET)
+                                vocab_size=0, doc_split="line"))
     meta = read_meta(out)
     assert meta["vocab_size"] > 2**16 and meta["dtype"] == "uint32"
     ts = TokenSplit(out, "train")
@@ -150,7 +148,7 @@ def test_bad_corpora_give_clear_errors_and_write_nothing(tmp_path, case):
     expected = {"missing": "not found", "empty": "empty", "blank": "empty", "latin1": "not valid UTF-8",
                 "jsonl_field": r"in.jsonl:2: no field 'text'", "no_glob_match": "no files match"}[case]
     with pytest.raises(LmlabError, match=expected):
-        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "out")), **QUIET)
+        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "out")))
     assert _no_leftovers(tmp_path)
 
 
@@ -164,17 +162,17 @@ def test_tokenizer_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prep.ShardWriter, "close", boom)
     with pytest.raises(LmlabError, match="disk on fire"):
-        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "out"), tokenizer="char"), **QUIET)
+        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "out"), tokenizer="char"))
     assert _no_leftovers(tmp_path)
 
 
 def test_existing_data_dir_is_not_overwritten(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("\n\n".join(_docs()))
-    out = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "d"), tokenizer="char"), **QUIET)
+    out = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "d"), tokenizer="char"))
     stamp = (out / "meta.json").read_bytes()
     with pytest.raises(LmlabError, match="already exists"):
-        prepare(PrepareConfig(source=str(src), out=str(out), tokenizer="word"), **QUIET)
+        prepare(PrepareConfig(source=str(src), out=str(out), tokenizer="word"))
     assert (out / "meta.json").read_bytes() == stamp
 
 
@@ -182,4 +180,4 @@ def test_too_few_documents(tmp_path):
     src = tmp_path / "one.txt"
     src.write_text("just one paragraph")
     with pytest.raises(LmlabError, match="too few"):
-        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "out")), **QUIET)
+        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "out")))
