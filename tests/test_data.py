@@ -181,3 +181,25 @@ def test_too_few_documents(tmp_path):
     src.write_text("just one paragraph")
     with pytest.raises(LmlabError, match="too few"):
         prepare(PrepareConfig(source=str(src), out=str(tmp_path / "out")))
+
+
+def test_given_split_files_are_prepared_whole(tmp_path):
+    """--splits=files: each of a folder's train/valid/test files is one split, encoded whole (PTB's setup)."""
+    src = tmp_path / "corpus"
+    src.mkdir()
+    lines = {"train": "a b c\nb c d\n", "valid": "a d\n", "test": "c c e\n"}
+    for name, text in lines.items():
+        (src / f"toy.{name}.txt").write_text(text, encoding="utf-8")
+    out = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "d"), splits="files", tokenizer="word",
+                                min_count=1, vocab_size=0))
+    meta, tok = read_meta(out), load_tokenizer(out)
+    assert "e" not in tok.stoi  # the tokenizer knows the training words only
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        assert TokenSplit(out, split).tokens().tolist() == tok.encode(lines[name])
+        assert meta["splits"][split]["n_docs"] == lines[name].count("\n")
+    (src / "toy.dev.txt").write_text("x\n", encoding="utf-8")  # a second validation file: ambiguous
+    with pytest.raises(LmlabError, match="exactly one val file"):
+        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "e"), splits="files", tokenizer="word"))
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(LmlabError, match="unknown splits"):
+        prepare(PrepareConfig(source=str(src), out=str(tmp_path / "f"), splits="random"))

@@ -22,7 +22,9 @@ def add_parser(add) -> None:
              "  stdlib-docs  English docstrings and help topics of this Python's standard library\n"
              "  stdlib-code  the standard library's source code (~30 MB)\n\n"
              "options (defaults shown):\n" + "\n".join(describe(PrepareConfig)) +
-             "\n\nexample: lmlab prepare notes/ --out data/notes --tokenizer=char")
+             "\n\nexamples:\n  lmlab prepare notes/ --out data/notes --tokenizer=char\n"
+             "  lmlab prepare ../shared/data/ptb --splits=files --tokenizer=word --min_count=1 --vocab_size=0\n"
+             "      (given train/valid/test files, each one split)")
     sp.add_argument("source", nargs="?", default="stdlib-docs", help="text to prepare (default: stdlib-docs)")
     sp.add_argument("--force", action="store_true", help="rebuild the data directory if it exists")
     for f in dataclasses.fields(PrepareConfig):

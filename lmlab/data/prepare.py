@@ -44,6 +44,8 @@ class PrepareConfig:
     test_fraction: float = 0.05
     seed: int = 1337
     shard_tokens: int = 50_000_000    # tokens per shard file
+    splits: str = "hash"              # hash: documents split by a seeded hash of their text | files: the
+                                      # source is a folder of given train/valid/test .txt files (as PTB)
 
 
 def default_out(source: str) -> str:
@@ -113,6 +115,10 @@ def prepare(cfg: PrepareConfig, *, force: bool = False) -> Path:
     out = Path(cfg.out or default_out(cfg.source))
     if out.exists() and not force:
         raise LmlabError(f"data directory {out} already exists; pass --force to rebuild it, or choose --out")
+    if cfg.splits == "files":
+        return _prepare_split_files(cfg, out, force)
+    if cfg.splits != "hash":
+        raise LmlabError(f"unknown splits '{cfg.splits}': hash (a seeded hash per document) or files")
     corpus = Corpus(cfg.source, doc_split=cfg.doc_split, jsonl_field=cfg.jsonl_field)
     t0 = time.time()
     provenance = corpus.describe()
@@ -152,22 +158,80 @@ def prepare(cfg: PrepareConfig, *, force: bool = False) -> Path:
         for s in SPLITS:
             n_tokens = sum(sh["n_tokens"] for sh in writers[s].shards)
             splits[s] = {"shards": writers[s].shards, "n_tokens": n_tokens, **stats[s]}
-        meta = {
-            "format": FORMAT,
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "eos_id": eos,
-                          "specials": tok.specials.as_dict()},
-            "corpus": provenance,
-            "splits": splits,
-            "prepare": to_dict(cfg) | {"out": str(out)},
-            "seconds": round(time.time() - t0, 2),
-        }
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
+        _write_meta(tmp, out, cfg, tok, dtype, provenance, splits, t0)
+    return out
+
+
+def _write_meta(tmp: Path, out: Path, cfg: PrepareConfig, tok: Tokenizer, dtype: np.dtype, corpus: dict,
+                splits: dict, t0: float) -> None:
     if splits["train"]["n_tokens"] == 0:
         raise LmlabError(f"corpus '{cfg.source}' produced no training tokens")
+    meta = {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "eos_id": tok.eos_id,
+                      "specials": tok.specials.as_dict()},
+        "corpus": corpus,
+        "splits": splits,
+        "prepare": to_dict(cfg) | {"out": str(out)},
+        "seconds": round(time.time() - t0, 2),
+    }
+    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     log.info(f"wrote {out}: " + ", ".join(f"{s} {splits[s]['n_tokens']:,} tokens" for s in SPLITS)
-        + f" (vocab {tok.vocab_size}, {dtype.name})")
+             + f" (vocab {tok.vocab_size}, {dtype.name})")
+
+
+# file names that mark a given split ("ptb.train.txt", "valid.txt", "wiki.test.tokens.txt", ...)
+SPLIT_FILES = {"train": ("train",), "val": ("valid", "val", "dev"), "test": ("test",)}
+
+
+def split_files(folder: Path) -> dict[str, Path]:
+    """train/val/test text files of a folder, found by name (ptb.train.txt, valid.txt, ...)."""
+    texts = sorted(folder.glob("*.txt"))
+    found = {}
+    for split, names in SPLIT_FILES.items():
+        hits = [p for p in texts if any(n in p.name.lower().split(".") or p.stem.lower().endswith(n)
+                                        for n in names)]
+        if len(hits) != 1:
+            raise LmlabError(f"{folder}: need exactly one {split} file among {[p.name for p in texts]} "
+                             f"(a .txt file whose name contains {' or '.join(names)}); found {len(hits)}")
+        found[split] = hits[0]
+    return found
+
+
+def _prepare_split_files(cfg: PrepareConfig, out: Path, force: bool) -> Path:
+    """`splits=files`: each given file is one split, tokenized whole (a word tokenizer closes each line
+    with </s>, as KenLM and Mikolov's PTB setup read it); the tokenizer is trained on the train file."""
+    t0 = time.time()
+    folder = Path(cfg.source)
+    if not folder.is_dir():
+        raise LmlabError(f"--splits=files needs a folder of train/valid/test .txt files, not {folder}")
+    files = split_files(folder)
+    try:
+        texts = {s: files[s].read_text(encoding="utf-8") for s in SPLITS}
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"{folder}: a split file is not UTF-8 text ({e})") from None
+    if not texts["train"].split():
+        raise LmlabError(f"{files['train']} holds no text")
+    with atomic_dir(out, replace=force) as tmp:
+        if cfg.tokenizer in ("char", "word", "bpe"):
+            tok = train_tokenizer(cfg.tokenizer, [texts["train"]], vocab_size=cfg.vocab_size,
+                                  min_count=cfg.min_count)
+        else:
+            tok = load_tokenizer(cfg.tokenizer)
+        tok.save(str(tmp))
+        dtype = token_dtype(tok.vocab_size)
+        splits = {}
+        for s in SPLITS:
+            w = ShardWriter(tmp, s, dtype, cfg.shard_tokens)
+            ids = np.asarray(tok.encode(texts[s]), dtype=np.int64)
+            w.write(ids)
+            w.close()
+            splits[s] = {"shards": w.shards, "n_tokens": len(ids), "n_docs": texts[s].count("\n"),
+                         "n_bytes": len(texts[s].encode("utf-8"))}
+        corpus = {"source": str(folder), "files": {s: str(p) for s, p in files.items()}}
+        _write_meta(tmp, out, cfg, tok, dtype, corpus, splits, t0)
     return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from lmlab.config import to_dict
 from lmlab.errors import LmlabError
-from lmlab.utils.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from lmlab.utils.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -90,60 +90,14 @@ def quick(cfg: LineageConfig) -> LineageConfig:
 
 # ------------------------------------------------------------------------------------------ data
 
-SPLIT_FILES = {"train": ("train",), "val": ("valid", "val", "dev"), "test": ("test",)}
-
-
-def split_files(folder: Path) -> dict[str, Path]:
-    """train/val/test text files of a folder, found by name (ptb.train.txt, valid.txt, ...)."""
-    texts = sorted(folder.glob("*.txt"))
-    found = {}
-    for split, names in SPLIT_FILES.items():
-        hits = [p for p in texts if any(n in p.name.lower().split(".") or p.stem.lower().endswith(n)
-                                        for n in names)]
-        if len(hits) != 1:
-            raise LmlabError(f"{folder}: need exactly one {split} file among {[p.name for p in texts]} "
-                             f"(a .txt file whose name contains {' or '.join(names)}); found {len(hits)}")
-        found[split] = hits[0]
-    return found
-
-
-def prepare_fixed_splits(folder: Path, out: Path) -> Path:
-    """A data directory (lmlab-tokens-v1, as `lmlab prepare` writes) from given split files, with a
-    word tokenizer holding every training word (min_count 1, no cap)."""
-    from lmlab.data.prepare import FORMAT, ShardWriter, token_dtype
-    from lmlab.tokenizers.vocab import WordTokenizer
-
-    files = split_files(folder)
-    texts = {s: p.read_text(encoding="utf-8") for s, p in files.items()}
-    if not texts["train"].split():
-        raise LmlabError(f"{files['train']} holds no words")
-    tok = WordTokenizer.train([texts["train"]], min_count=1)
-    dtype = token_dtype(tok.vocab_size)
-    with atomic_dir(out, replace=True) as tmp:
-        tok.save(str(tmp))
-        splits = {}
-        for s, text in texts.items():
-            w = ShardWriter(tmp, s, dtype, 1 << 30)
-            ids = np.asarray(tok.encode(text), dtype=np.int64)
-            w.write(ids)
-            w.close()
-            splits[s] = {"shards": w.shards, "n_tokens": len(ids), "n_docs": text.count("\n"),
-                         "n_bytes": len(text.encode("utf-8"))}
-        meta = {"format": FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-                "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "eos_id": tok.eos_id,
-                              "specials": tok.specials.as_dict()},
-                "corpus": {"source": str(folder), "files": {s: str(p) for s, p in files.items()}},
-                "splits": splits}
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
-    return out
-
-
 def prepare_data(cfg: LineageConfig, out: Path) -> Path:
-    folder = Path(cfg.corpus)
-    if folder.is_dir() and not (folder / "meta.json").is_file() and any(folder.glob("*.txt")):
-        return prepare_fixed_splits(folder, out)
     from lmlab.data.prepare import PrepareConfig, prepare
 
+    folder = Path(cfg.corpus)
+    if folder.is_dir() and not (folder / "meta.json").is_file() and any(folder.glob("*.txt")):
+        # given splits (PTB): a word tokenizer holding every training word (min_count 1, no cap)
+        return prepare(PrepareConfig(source=str(folder), out=str(out), splits="files", tokenizer="word",
+                                     vocab_size=0, min_count=1), force=True)
     return prepare(PrepareConfig(source=cfg.corpus, out=str(out), tokenizer="word", vocab_size=cfg.vocab_size,
                                  min_count=cfg.min_count, seed=cfg.seed), force=True)
 
