@@ -125,7 +125,7 @@ class Eliza:
 
 
 class ElizaSession:
-    """`lmlab chat --model eliza`: ChatSession's interface (`reply` streams the answer)."""
+    """`lmlab chat eliza`: ChatSession's interface (`reply` streams the answer)."""
 
     greeting = S.GREETING
 
