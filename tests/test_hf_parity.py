@@ -208,7 +208,7 @@ def test_mismatched_weights_and_configs_are_clear_errors(tmp_path):
     with pytest.raises(LmlabError, match="model.layers.2.mlp.up_proj.weight"):
         state_dict_from_hf({**sd, "model.layers.2.mlp.up_proj.weight": torch.zeros(48, 32)}, cfg)
     with pytest.raises(LmlabError, match="rope_type"):
-        config_from_hf({**cfg_dict, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
+        config_from_hf({**cfg_dict, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}})
     with pytest.raises(LmlabError, match="attention_bias"):
         config_from_hf({**cfg_dict, "attention_bias": True})
     with pytest.raises(LmlabError, match="model_type 'bloom'"):

@@ -5,11 +5,23 @@ token's position, so attention scores depend on relative positions only. Pairs f
 *half-split* layout of Hugging Face Llama (feature i pairs with i + head_dim/2, `rotate_half`), not
 the interleaved (2i, 2i+1) layout of Meta's original code; HF checkpoints store q/k weights permuted
 for this layout, so no permutation is needed when loading them.
+
+RoPE scaling stretches a model's positions past the context it was trained on, with Hugging Face's
+`rope_type`s and parameter names (`rope_scaling` in a config.json, `rope_parameters` in transformers 5):
+- `linear`: positions divided by `factor` (Chen et al. 2023, "Position Interpolation");
+- `dynamic`: NTK-aware base stretching once a forward reaches past `max_position_embeddings`
+  (bloc97/emozilla's "dynamic NTK"), base * (factor * L / max_pos - (factor - 1))^(d / (d - 2));
+- `yarn`: per-frequency blend of interpolation and extrapolation between `beta_fast` and `beta_slow`
+  rotations, and cos/sin scaled by 0.1 ln(factor) + 1 (Peng et al. 2023, "YaRN", eqs. 18-23);
+- `llama3`: low frequencies divided by `factor`, high ones kept, a smooth ramp between (Meta's
+  Llama 3.1 `apply_scaling`: factor 8, low_freq_factor 1, high_freq_factor 4, original context 8192).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,25 +40,96 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, d: int, theta: float, s: dict[str, Any]) -> torch.Tensor:
+    """YaRN's blend: dimensions that rotate more than `beta_fast` times over the original context keep
+    their frequency, those under `beta_slow` are interpolated, a linear ramp between (YaRN sec. 3.2)."""
+    factor, orig = s["factor"], s["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over `orig`
+        return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    factor, orig = s["factor"], s["original_max_position_embeddings"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def yarn_attention_factor(s: dict[str, Any]) -> float:
+    """YaRN's cos/sin scale, sqrt(1/t) = 0.1 ln(s) + 1 (YaRN eq. 22; DeepSeek's mscale variant)."""
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])
+
+
 class RotaryEmbedding:
     """cos/sin tables for given position ids; holds no parameters (nothing to save or load).
 
     The inverse frequencies theta^(-2i/d) are recomputed per call in float32 (d/2 numbers), so a model
-    built on the meta device or moved between devices needs no buffer bookkeeping.
+    built on the meta device or moved between devices needs no buffer bookkeeping. `scaling` is a Hugging
+    Face rope-scaling dict (see the module docstring); `dynamic` stretches from its
+    `original_max_position_embeddings`, else from `max_position`.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None,
+                 max_position: int = 0):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = dict(scaling or {})
+        self.rope_type = self.scaling.get("rope_type", self.scaling.get("type", "default"))
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unknown RoPE scaling type '{self.rope_type}' (known: {', '.join(ROPE_TYPES)})")
+        self.max_position = max_position
+        self.attention_factor = yarn_attention_factor(self.scaling) if self.rope_type == "yarn" else 1.0
+
+    def inv_freq(self, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+        """The d/2 inverse frequencies for a forward whose furthest position is `seq_len - 1`."""
+        d, theta, s = self.head_dim, self.theta, self.scaling
+        orig = s.get("original_max_position_embeddings", self.max_position)
+        if self.rope_type == "dynamic" and seq_len > orig:
+            theta = theta * ((s["factor"] * seq_len / orig) - (s["factor"] - 1)) ** (d / (d - 2))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
+        if self.rope_type == "linear":
+            return inv_freq / s["factor"]
+        if self.rope_type == "yarn":
+            return _yarn_inv_freq(inv_freq, d, theta, s)
+        if self.rope_type == "llama3":
+            return _llama3_inv_freq(inv_freq, s)
+        return inv_freq
 
     def cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] positions -> float32 cos, sin of shape [B, 1, T, head_dim] (broadcast over heads)."""
-        d = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float, device=position_ids.device) / d))
-        freqs = position_ids[..., None].float() * inv_freq  # [B, T, d/2]
+        # only dynamic NTK depends on how far this forward reaches (one host sync, that type only)
+        seq_len = int(position_ids.max()) + 1 if self.rope_type == "dynamic" and position_ids.numel() else 0
+        freqs = position_ids[..., None].float() * self.inv_freq(seq_len, position_ids.device)  # [B, T, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        if self.attention_factor != 1.0:
+            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         return emb.cos(), emb.sin()
 
     def rotary(self, position_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

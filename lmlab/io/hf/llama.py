@@ -6,6 +6,7 @@ import re
 
 from lmlab.io.hf.adapter import Adapter, Param, get, register, unsupported
 from lmlab.models.transformer.llama import LlamaConfig
+from lmlab.nn.position import ROPE_TYPES
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:
@@ -17,27 +18,50 @@ def config_from_hf(hf: dict) -> LlamaConfig:
             raise unsupported(hf, key, hf[key])
     if get(hf, "head_dim", n_embd // n_head) * n_head != n_embd:
         raise unsupported(hf, "head_dim", hf["head_dim"])
-    # transformers >= 5 keeps the RoPE settings in "rope_parameters", older versions at the top level
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise unsupported(hf, "rope_type", rope.get("rope_type", rope.get("type")))
-    return LlamaConfig(vocab_size=get(hf, "vocab_size"), block_size=get(hf, "max_position_embeddings"),
+    rope, scaling = rope_settings(hf)
+    block_size = get(hf, "max_position_embeddings")
+    if scaling and scaling["rope_type"] == "dynamic":
+        # dynamic NTK stretches past max_position_embeddings: our context is the stretched one
+        block_size = int(block_size * scaling["factor"])
+    return LlamaConfig(vocab_size=get(hf, "vocab_size"), block_size=block_size,
                        n_layer=get(hf, "num_hidden_layers"), n_head=n_head,
                        n_kv_head=get(hf, "num_key_value_heads", n_head), n_embd=n_embd,
                        mlp_hidden=get(hf, "intermediate_size"),
                        rope_theta=float(rope.get("rope_theta") or get(hf, "rope_theta", 10000.0)),
+                       rope_scaling=scaling,
                        norm_eps=get(hf, "rms_norm_eps", 1e-6), tie_embeddings=get(hf, "tie_word_embeddings", False),
                        dropout=get(hf, "attention_dropout", 0.0), init_std=get(hf, "initializer_range", 0.02))
 
 
 def config_to_hf(c: LlamaConfig) -> dict:
-    return {"vocab_size": c.vocab_size, "max_position_embeddings": c.block_size, "hidden_size": c.n_embd,
+    scaling = dict(c.rope_scaling or {})
+    max_pos = scaling.pop("original_max_position_embeddings") if scaling.get("rope_type") == "dynamic" else c.block_size
+    return {"vocab_size": c.vocab_size, "max_position_embeddings": max_pos, "hidden_size": c.n_embd,
             "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.n_embd // c.n_head, "hidden_act": "silu",
             "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
             "mlp_bias": False, "attention_dropout": c.dropout, "initializer_range": c.init_std,
-            # both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta
-            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
+            # both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta and rope_scaling
+            "rope_theta": c.rope_theta, "rope_scaling": scaling or None,
+            "rope_parameters": {"rope_type": "default", **scaling, "rope_theta": c.rope_theta}}
+
+
+def rope_settings(hf: dict) -> tuple[dict, dict | None]:
+    """(the config's RoPE dict, lmlab's `rope_scaling` or None). transformers >= 5 keeps the settings in
+    "rope_parameters", 4.x in "rope_scaling" (where the type was once spelt "type") and a top-level
+    rope_theta."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = rope.pop("type", None) or rope.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise unsupported(hf, "rope_type", kind)
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise unsupported(hf, "partial_rotary_factor", rope["partial_rotary_factor"])
+    if kind == "default":
+        return rope, None
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} | {"rope_type": kind}
+    if kind in ("yarn", "llama3", "dynamic"):  # transformers falls back to max_position_embeddings
+        scaling.setdefault("original_max_position_embeddings", get(hf, "max_position_embeddings"))
+    return rope, scaling
 
 
 def params(c: LlamaConfig) -> list[Param]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +31,9 @@ class LlamaConfig(ModelConfig):
     n_embd: int = 384
     mlp_hidden: int = 1024        # SwiGLU width ("intermediate_size"); ~8/3 n_embd keeps GELU's cost
     rope_theta: float = 10000.0   # RoPE base (Su et al. 2021); Llama 3 uses 500000
+    # RoPE scaling as Hugging Face spells it (lmlab/nn/position.py), e.g. {"rope_type": "llama3",
+    # "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -46,7 +50,8 @@ class Llama(DecoderLM):
         super().__init__(config, norm="rmsnorm",
                          block={"n_kv_head": config.n_kv_head, "mlp_hidden": config.mlp_hidden,
                                 "activation": "swiglu", "bias": False})
-        self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
+        self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta, config.rope_scaling,
+                                    max_position=config.block_size)
 
     def rotary(self, position_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.rope.rotary(position_ids)
