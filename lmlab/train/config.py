@@ -22,6 +22,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda | mps
     dtype: str = "float32"          # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
     compile: bool = False           # torch.compile the model (applied from outside it)
+    checkpointing: bool = False     # recompute each block's activations in the backward pass (less memory)
     threads: int = 0                # torch CPU threads (0: torch's default)
     batch_size: int = 16
     grad_accum: int = 1             # micro-batches per optimizer step

@@ -29,6 +29,7 @@ from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_weights
 from lmlab.models.registry import build
 from lmlab.train.checkpoint import load_trainer_state, save_checkpoint
+from lmlab.train.checkpointing import checkpoint_blocks
 from lmlab.train.config import RunConfig
 from lmlab.train.optim import make_optimizer
 from lmlab.train.schedule import lr_at
@@ -100,7 +101,9 @@ class Trainer:
                                     t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq)
         self.step = 0
         self.tokens_seen = 0
-        # Applied from outside the model; the checkpoint always saves the plain module.
+        # Applied from outside the model; the checkpoint always saves the plain module's names.
+        if t.checkpointing:
+            checkpoint_blocks(self.model)
         self.forward = torch.compile(self.model) if t.compile else self.model
         self._stop_requested = False
 
