@@ -4,7 +4,8 @@ The projection of queries, keys and values is a single fused matmul (n_head + 2 
 and the attention itself is `scaled_dot_product_attention`, which picks a fused kernel where one
 exists, except when training in bf16 on CPU, where plain batched matmuls are faster
 (`causal_matmul_attention`). Position information other than additive embeddings (e.g. RoPE)
-enters through `rotary`.
+enters through `rotary`. `backend` picks another kernel from lmlab/nn/attention_backends.py:
+`eager` (the reference math) or `sliding_window` (local window + global tokens, banded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.nn.attention_backends import ATTENTION_BACKENDS, sliding_window_attention, window_mask
 from lmlab.nn.kv_cache import KVCache
 
 # SDPA shares each key/value head among n_head / n_kv_head query heads itself since PyTorch 2.5,
@@ -27,8 +29,14 @@ class Attention(nn.Module):
     sdpa = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, bias: bool = True,
-                 dropout: float = 0.0, causal: bool = True):
+                 dropout: float = 0.0, causal: bool = True, backend: str = "sdpa", window: int = 0,
+                 n_global: int = 0):
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend '{backend}' (known: {', '.join(ATTENTION_BACKENDS)})")
+        if backend == "sliding_window" and (window < 1 or not causal):
+            raise ValueError("sliding_window attention needs window >= 1 and causal attention")
+        self.backend, self.window, self.n_global = backend, window, n_global
         self.n_head = n_head
         self.n_kv_head = n_kv_head or n_head
         if n_embd % n_head or n_head % self.n_kv_head:
@@ -54,10 +62,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, kv_cache: KVCache | None = None, layer_idx: int = 0,
                 rotary: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                attn_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Self-attention over `x`, or with `cross_kv` (from `cross_kv(memory)`) cross-attention:
-        queries from `x`, keys/values fixed (no cache, no causality, no rotary)."""
+        queries from `x`, keys/values fixed (no cache, no causality, no rotary). `key_mask` ([B, T], True
+        = real token) is the padding `attn_mask` was built from, for backends that never build a [T, S]
+        mask."""
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         if cross_kv is not None:
@@ -78,6 +88,10 @@ class Attention(nn.Module):
             qk, v = (t.transpose(1, 2) for t in heads.split([nh + nkv, nkv], dim=2))
             q, k = rotary(qk).split([nh, nkv], dim=1)
         past, mask, complete = 0, attn_mask, False
+        dropout_p = self.dropout if self.training else 0.0
+        if self.backend == "sliding_window":
+            return self.proj(self._windowed(q, k, v, kv_cache, layer_idx, key_mask, dropout_p)
+                             .transpose(1, 2).reshape(B, T, nh * hd))
         if kv_cache is not None:
             k, v = kv_cache.append(layer_idx, k, v)
             step = kv_cache.step
@@ -99,14 +113,34 @@ class Attention(nn.Module):
                 S = k.shape[2]
                 causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 mask = causal if mask is None else (mask & causal)
-        dropout_p = self.dropout if self.training else 0.0
-        if is_causal and not gqa and dropout_p == 0.0 and _matmul_attention_wins(q, k):
+        if self.backend == "eager":
+            y = ATTENTION_BACKENDS["eager"](q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+        elif is_causal and not gqa and dropout_p == 0.0 and _matmul_attention_wins(q, k):
             y = causal_matmul_attention(q, k, v)
         else:
             y = self.sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                           **({"enable_gqa": True} if gqa else {}))
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.proj(y)
+
+    def _windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
+                  layer_idx: int, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        """Sliding-window + global attention: banded over a whole sequence; with a KV cache, a decode
+        step attends through the window mask of its own positions (O(S) per new token)."""
+        opts = {"window": self.window, "n_global": self.n_global, "dropout_p": dropout_p}
+        if kv_cache is None:
+            return sliding_window_attention(q, k, v, key_mask=key_mask, **opts)
+        k, v = kv_cache.append(layer_idx, k, v)
+        step = kv_cache.step
+        if step.attn_mask is not None:
+            raise ValueError("sliding-window attention with a KV cache needs rows of equal length without "
+                             "padding (decode such prompts one at a time)")
+        past, T, S = step.start, q.shape[2], k.shape[2]
+        if past == 0 and T == S:  # a prefill: banded
+            return sliding_window_attention(q, k, v, **opts)
+        mask = window_mask(torch.arange(past, past + T, device=q.device), torch.arange(S, device=q.device),
+                           self.window, self.n_global)
+        return ATTENTION_BACKENDS["sdpa"](q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def _matmul_attention_wins(q: torch.Tensor, k: torch.Tensor) -> bool:

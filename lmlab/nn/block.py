@@ -17,11 +17,12 @@ class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, *, n_kv_head: int | None = None, mlp_hidden: int | None = None,
                  activation: str = "gelu_tanh", norm: str = "layernorm", norm_eps: float = 1e-5,
                  bias: bool = True, dropout: float = 0.0, causal: bool = True, post_norm: bool = False,
-                 cross_attention: bool = False):
+                 cross_attention: bool = False, attention: dict | None = None):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = make_norm(norm, n_embd, norm_eps, bias)
-        self.attn = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=causal)
+        # `attention`: the self-attention's backend options (backend, window, n_global)
+        self.attn = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=causal, **(attention or {}))
         if cross_attention:
             self.norm_cross = make_norm(norm, n_embd, norm_eps, bias)
             self.cross = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=False)

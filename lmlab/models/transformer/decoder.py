@@ -12,6 +12,7 @@ the positions of its unpadded self, as `transformers.generate` computes them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,31 @@ from lmlab.nn.kv_cache import KVCache
 from lmlab.nn.loss import linear_cross_entropy
 from lmlab.nn.norm import make_norm
 from lmlab.nn.position import position_ids_from_mask
+
+
+@dataclass(kw_only=True)
+class AttentionConfig:
+    """Which attention the decoder families run (lmlab/nn/attention_backends.py), mixed into their configs.
+
+    `sliding_window` > 0 gives the layers a local window of that many positions plus `global_tokens`
+    global ones (Longformer); with `global_every` = m, every m-th layer attends fully instead (the
+    local/global alternation of Gemma 2 is m = 2)."""
+
+    attention: str = "sdpa"       # eager | sdpa | sliding_window (set by sliding_window > 0)
+    sliding_window: int = 0       # w: keys i - w < j <= i (0: full causal attention)
+    global_tokens: int = 0        # the first g positions attend and are attended everywhere (causally)
+    global_every: int = 0         # every m-th layer full attention (0: every layer windowed)
+
+
+def layer_attention(c: ModelConfig, i: int) -> dict:
+    """The `Attention` options of layer i under `c` (an `AttentionConfig`)."""
+    backend = getattr(c, "attention", "sdpa")
+    window = getattr(c, "sliding_window", 0)
+    if backend == "sliding_window" and window <= 0:
+        raise ValueError("attention='sliding_window' needs sliding_window > 0 (the window length)")
+    if window <= 0 or (c.global_every and (i + 1) % c.global_every == 0):
+        return {"backend": "sdpa" if backend == "sliding_window" else backend}
+    return {"backend": "sliding_window", "window": window, "n_global": c.global_tokens}
 
 
 class DecoderLM(nn.Module):
@@ -41,8 +67,9 @@ class DecoderLM(nn.Module):
         self.wpe = wpe
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c.n_embd, c.n_head, norm=norm, norm_eps=c.norm_eps, dropout=c.dropout, causal=True, **block)
-            for _ in range(c.n_layer))
+            Block(c.n_embd, c.n_head, norm=norm, norm_eps=c.norm_eps, dropout=c.dropout, causal=True,
+                  attention=layer_attention(c, i), **block)
+            for i in range(c.n_layer))
         self.norm_f = make_norm(norm, c.n_embd, c.norm_eps, block.get("bias", True))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -116,6 +143,8 @@ class DecoderLM(nn.Module):
             attn_mask = padding_mask(key_mask, T) if key_mask is not None else None
         x = self.drop(self.embed(input_ids, position_ids))
         attn_kw = {"kv_cache": kv_cache, "rotary": self.rotary(position_ids), "attn_mask": attn_mask}
+        if kv_cache is None and key_mask is not None:
+            attn_kw["key_mask"] = key_mask  # for backends that never build a [T, T] mask
         for i, block in enumerate(self.blocks):
             x = block(x, layer_idx=i, **attn_kw)
         if kv_cache is not None:

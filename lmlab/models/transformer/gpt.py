@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from lmlab.models.base import ModelConfig
-from lmlab.models.transformer.decoder import DecoderLM
+from lmlab.models.transformer.decoder import AttentionConfig, DecoderLM
 
 
 @dataclass(kw_only=True)
-class GPTConfig(ModelConfig):
+class GPTConfig(AttentionConfig, ModelConfig):
     family: str = "gpt"
     n_layer: int = 6
     n_head: int = 6

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from lmlab.models.base import ModelConfig
-from lmlab.models.transformer.decoder import DecoderLM
+from lmlab.models.transformer.decoder import AttentionConfig, DecoderLM
 from lmlab.nn.position import RotaryEmbedding
 
 
 @dataclass(kw_only=True)
-class LlamaConfig(ModelConfig):
+class LlamaConfig(AttentionConfig, ModelConfig):
     family: str = "llama"
     n_layer: int = 6
     n_head: int = 6

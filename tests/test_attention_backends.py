@@ -1,0 +1,121 @@
+"""Attention backends (lmlab/nn/attention_backends.py): each equals the eager reference, forward and
+gradients; sliding-window + global attention is banded (no [T, T] tensor) and wired into the decoders."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmlab.models.registry import build, preset
+from lmlab.nn.attention_backends import ATTENTION_BACKENDS, eager_attention, sliding_window_attention, window_mask
+
+
+def _qkv(B=2, H=4, H_kv=2, T=37, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, d, generator=g, requires_grad=True) for h in (H, H_kv, H_kv)]
+
+
+def _grads(y, inputs):
+    return torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), inputs)
+
+
+@pytest.mark.parametrize("window, n_global, chunk", [(1, 0, 0), (5, 0, 0), (5, 3, 0), (5, 9, 3), (8, 2, 16),
+                                                      (64, 0, 0), (4, 40, 0)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sliding_window_equals_eager_with_its_mask(window, n_global, chunk, padded):
+    q, k, v = _qkv()
+    T = q.shape[2]
+    key_mask = None
+    mask = window_mask(torch.arange(T), torch.arange(T), window, n_global)[None, None]
+    if padded:  # row 1 left-padded by 6, as the engine batches prompts: its global tokens start after them
+        key_mask = torch.ones(2, T, dtype=torch.bool)
+        key_mask[1, :6] = False
+        shifted = window_mask(torch.arange(T) - 6, torch.arange(T) - 6, window, n_global)
+        mask = torch.stack([mask[0, 0], shifted])[:, None]
+        own = torch.eye(T, dtype=torch.bool)
+        mask = mask & (key_mask[:, None, None, :] | own)
+    want = eager_attention(q, k, v, attn_mask=mask)
+    got = sliding_window_attention(q, k, v, window=window, n_global=n_global, key_mask=key_mask, chunk=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(got, (q, k, v)), _grads(want, (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_equals_eager():
+    q, k, v = _qkv()
+    for causal in (False, True):
+        want = eager_attention(q, k, v, is_causal=causal)
+        got = ATTENTION_BACKENDS["sdpa"](q, k, v, is_causal=causal)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(_grads(got, (q, k, v)), _grads(want, (q, k, v))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_sliding_window_never_builds_a_quadratic_tensor():
+    T, w, g, d = 16384, 256, 16, 16
+    q, k, v = (torch.randn(1, 1, T, d, requires_grad=True) for _ in range(3))
+    with _LargestTensor() as mode:
+        y = sliding_window_attention(q, k, v, window=w, n_global=g)
+        y.sum().backward()
+    # chunks of w queries against a band of 2w - 1 keys (and g global ones): about 2 T w elements
+    assert mode.largest <= 3 * T * w, mode.largest
+    assert mode.largest < T * T / 20  # a [T, T] score matrix would be 268M elements
+
+
+@pytest.mark.parametrize("family", ["tiny", "llama-tiny"])
+def test_decoders_run_the_backends(family):
+    cfg = preset(family)
+    cfg.vocab_size = 53
+    torch.manual_seed(0)
+    plain = build(cfg).eval()
+    x = torch.randint(0, 53, (2, 40))
+
+    def variant(**kw):
+        m = build(type(cfg)(**{**cfg.__dict__, **kw})).eval()
+        m.load_state_dict(plain.state_dict())
+        return m
+
+    with torch.no_grad():
+        want = plain(x).logits
+        torch.testing.assert_close(variant(attention="eager")(x).logits, want, rtol=1e-5, atol=1e-5)
+        # a window as long as the sequence is full causal attention
+        torch.testing.assert_close(variant(sliding_window=64)(x).logits, want, rtol=1e-5, atol=1e-5)
+        windowed = variant(sliding_window=8, global_tokens=2)
+        local = windowed(x).logits
+        assert (local[:, 8:] - want[:, 8:]).abs().max() > 1e-3  # the window matters past it
+        torch.testing.assert_close(local[:, :8], want[:, :8], rtol=1e-5, atol=1e-5)
+        # generation with the KV cache: a prefill, then one token at a time, equals the whole sequence
+        cache = windowed.make_kv_cache(2, 40)
+        steps = [windowed(x[:, :12], kv_cache=cache).logits]
+        steps += [windowed(x[:, t:t + 1], kv_cache=cache).logits for t in range(12, 40)]
+        torch.testing.assert_close(torch.cat(steps, 1), local, rtol=1e-5, atol=1e-5)
+        # every other layer global (Gemma 2's alternation) is its own model
+        alternating = variant(sliding_window=8, global_tokens=2, global_every=2)
+        assert [b.attn.backend for b in alternating.blocks] == ["sliding_window", "sdpa"]
+
+
+def test_padded_batch_through_a_windowed_model():
+    cfg = preset("llama-tiny")
+    cfg.vocab_size, cfg.sliding_window, cfg.global_tokens = 53, 6, 1
+    torch.manual_seed(0)
+    m = build(cfg).eval()
+    a, b = torch.randint(0, 53, (1, 30)), torch.randint(0, 53, (1, 22))
+    x = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        batched = m(x, attention_mask=mask).logits
+        torch.testing.assert_close(batched[0], m(a).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[1, 8:], m(b).logits[0], rtol=1e-5, atol=1e-5)
