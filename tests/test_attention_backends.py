@@ -119,3 +119,50 @@ def test_padded_batch_through_a_windowed_model():
         batched = m(x, attention_mask=mask).logits
         torch.testing.assert_close(batched[0], m(a).logits[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched[1, 8:], m(b).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_alibi_slopes_are_the_papers():
+    from lmlab.nn.position import alibi_slopes
+
+    assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    # 12 heads: the 8-head sequence, then every other slope of the 16-head one
+    want = [2.0 ** -i for i in range(1, 9)] + [2.0 ** -(k / 2) for k in (1, 3, 5, 7)]
+    assert alibi_slopes(12).tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_alibi_attention_is_the_biased_reference():
+    from lmlab.nn.attention import Attention
+
+    torch.manual_seed(0)
+    att = Attention(32, 4, alibi=True).eval()
+    x = torch.randn(2, 11, 32)
+    with torch.no_grad():
+        q, k, v = (t.view(2, 11, 4, 8).transpose(1, 2) for t in att.qkv(x).split(32, dim=-1))
+        i = torch.arange(11)
+        dist = (i[:, None] - i[None, :]).float()
+        bias = -att.alibi_slopes[:, None, None] * dist.clamp(min=0)
+        want = eager_attention(q, k, v, attn_mask=bias.masked_fill(dist < 0, float("-inf")))
+        want = att.proj(want.transpose(1, 2).reshape(2, 11, 32))
+        torch.testing.assert_close(att(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_alibi_gpt_backends_cache_and_padding_agree():
+    cfg = preset("tiny")
+    cfg.vocab_size, cfg.position = 53, "alibi"
+    torch.manual_seed(0)
+    m = build(cfg).eval()
+    assert m.wpe is None  # no position table
+    eager = build(type(cfg)(**{**cfg.__dict__, "attention": "eager"})).eval()
+    eager.load_state_dict(m.state_dict())
+    x = torch.randint(0, 53, (2, 30))
+    with torch.no_grad():
+        full = m(x).logits
+        torch.testing.assert_close(eager(x).logits, full, rtol=1e-5, atol=1e-5)
+        cache = m.make_kv_cache(2, 30)
+        steps = [m(x[:, :9], kv_cache=cache).logits] + [m(x[:, t:t + 1], kv_cache=cache).logits
+                                                        for t in range(9, 30)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+        padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), x[1:, :25]], 1)
+        mask = torch.ones(1, 30, dtype=torch.long)
+        mask[0, :5] = 0
+        torch.testing.assert_close(m(padded, attention_mask=mask).logits[0, 5:], full[1, :25], rtol=1e-5, atol=1e-5)

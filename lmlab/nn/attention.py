@@ -18,6 +18,7 @@ from torch import nn
 
 from lmlab.nn.attention_backends import ATTENTION_BACKENDS, sliding_window_attention, window_mask
 from lmlab.nn.kv_cache import KVCache
+from lmlab.nn.position import alibi_slopes
 
 # SDPA shares each key/value head among n_head / n_kv_head query heads itself since PyTorch 2.5,
 # without the copies repeat_interleave makes (half the time of a decode step's attention on CPU)
@@ -30,13 +31,16 @@ class Attention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, bias: bool = True,
                  dropout: float = 0.0, causal: bool = True, backend: str = "sdpa", window: int = 0,
-                 n_global: int = 0):
+                 n_global: int = 0, alibi: bool = False):
         super().__init__()
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend '{backend}' (known: {', '.join(ATTENTION_BACKENDS)})")
         if backend == "sliding_window" and (window < 1 or not causal):
             raise ValueError("sliding_window attention needs window >= 1 and causal attention")
         self.backend, self.window, self.n_global = backend, window, n_global
+        if alibi and (backend == "sliding_window" or not causal):
+            raise ValueError("ALiBi is supported on causal attention with the eager or sdpa backend")
+        self.alibi_slopes = alibi_slopes(n_head) if alibi else None  # a constant, not a parameter
         self.n_head = n_head
         self.n_kv_head = n_kv_head or n_head
         if n_embd % n_head or n_head % self.n_kv_head:
@@ -101,6 +105,8 @@ class Attention(nn.Module):
                 complete = True
             else:
                 past = step.start
+        if self.alibi_slopes is not None:
+            mask, complete = self._alibi_mask(q, k.shape[2], kv_cache, mask), True
         gqa = nkv != nh
         if gqa and not _SDPA_GQA:
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
@@ -122,6 +128,30 @@ class Attention(nn.Module):
                           **({"enable_gqa": True} if gqa else {}))
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.proj(y)
+
+    def _alibi_mask(self, q: torch.Tensor, S: int, kv_cache: KVCache | None,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+        """ALiBi (Press et al. 2022): head h adds -m_h (i - j) to the score of query i and key j, with
+        causality and `mask` folded in, as one float mask [B or 1, H, T, S]. Distances are counted in
+        cache slots, which equal positions because each row's tokens sit in consecutive slots."""
+        T, dev = q.shape[2], q.device
+        if kv_cache is None:
+            q_slot = torch.arange(S - T, S, device=dev)
+        elif kv_cache.step.slots is not None:  # rows at different lengths
+            q_slot = kv_cache.step.slots
+        else:
+            q_slot = kv_cache.step.start + torch.arange(T, device=dev)
+        dist = q_slot[..., :, None] - torch.arange(S, device=dev)  # [(B,) T, S]
+        allowed = dist >= 0
+        if mask is not None:
+            allowed = allowed & mask
+        if allowed.dim() == 2:
+            allowed = allowed[None, None]
+        elif allowed.dim() == 3:
+            allowed = allowed[:, None]
+        slopes = self.alibi_slopes.to(dev)[:, None, None]
+        bias = -slopes * dist.clamp(min=0).float().unsqueeze(-3)  # [(B,) H, T, S]
+        return bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
 
     def _windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
                   layer_idx: int, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:

@@ -151,3 +151,18 @@ class RotaryEmbedding:
             return torch.addcmul(x * c, x.roll(half, dims=-1), s)
 
         return apply
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022, sec. 3): the geometric sequence 2^(-8/n), 2^(-16/n), ...
+    for n heads; when n is not a power of two, the slopes of the closest smaller power of two followed
+    by every other slope of the next power (the paper's reference code)."""
+    def powers(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = powers(closest)
+    if closest < n_head:
+        slopes += powers(2 * closest)[0::2][:n_head - closest]
+    return torch.tensor(slopes)

@@ -30,6 +30,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 def config_to_hf(c: GPTConfig) -> dict:
+    if c.position != "learned":
+        raise LmlabError(f"GPT-2 has learned positions; a GPT with position={c.position!r} has no "
+                         "transformers equivalent")
     if not c.bias:
         raise LmlabError("GPT-2 has biases; a GPT with bias=False has no transformers equivalent")
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}.get(c.activation)

@@ -47,9 +47,10 @@ def layer_attention(c: ModelConfig, i: int) -> dict:
     window = getattr(c, "sliding_window", 0)
     if backend == "sliding_window" and window <= 0:
         raise ValueError("attention='sliding_window' needs sliding_window > 0 (the window length)")
+    alibi = {"alibi": True} if getattr(c, "position", "") == "alibi" else {}
     if window <= 0 or (c.global_every and (i + 1) % c.global_every == 0):
-        return {"backend": "sdpa" if backend == "sliding_window" else backend}
-    return {"backend": "sliding_window", "window": window, "n_global": c.global_tokens}
+        return {"backend": "sdpa" if backend == "sliding_window" else backend, **alibi}
+    return {"backend": "sliding_window", "window": window, "n_global": c.global_tokens, **alibi}
 
 
 class DecoderLM(nn.Module):

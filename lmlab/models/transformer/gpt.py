@@ -28,11 +28,15 @@ class GPTConfig(AttentionConfig, ModelConfig):
     tie_embeddings: bool = True
     init_std: float = 0.02
     loss_chunk_size: int = 512  # positions per chunk of the fused output-layer loss (0: plain logits)
+    position: str = "learned"   # learned (GPT-2's table) | alibi (Press et al. 2022: biases, no table)
 
 
 class GPT(DecoderLM):
     config_class = GPTConfig
 
     def __init__(self, config: GPTConfig):
-        super().__init__(config, norm="layernorm", wpe=nn.Embedding(config.block_size, config.n_embd),
+        if config.position not in ("learned", "alibi"):
+            raise ValueError(f"GPT position must be 'learned' or 'alibi', not '{config.position}'")
+        wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        super().__init__(config, norm="layernorm", wpe=wpe,
                          block={"activation": config.activation, "bias": config.bias})
