@@ -166,3 +166,23 @@ def test_alibi_gpt_backends_cache_and_padding_agree():
         mask = torch.ones(1, 30, dtype=torch.long)
         mask[0, :5] = 0
         torch.testing.assert_close(m(padded, attention_mask=mask).logits[0, 5:], full[1, :25], rtol=1e-5, atol=1e-5)
+
+
+def test_mistral_sliding_window_equals_transformers():
+    from peers import require_module
+
+    from lmlab.io.hf import config_to_hf, from_hf
+
+    transformers = require_module("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     sliding_window=8, tie_word_embeddings=False)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    ours = from_hf(hf.config.to_dict(), hf.state_dict())
+    assert ours.config.sliding_window == 8
+    x = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    back = config_to_hf(ours.config)
+    assert back["model_type"] == "mistral" and back["sliding_window"] == 8

@@ -55,6 +55,7 @@ class Adapter:
     params: Callable[[Any], list[Param]]
     ignore: re.Pattern = re.compile(r"$^")           # HF buffers that are not weights
     normalize: Callable[[str], str] = str             # HF key -> its canonical spelling
+    also_reads: tuple[str, ...] = ()                  # other model_types with the same weights
 
 
 ADAPTERS: dict[str, Adapter] = {}  # lmlab family -> its adapter
@@ -74,7 +75,7 @@ def _adapter(family: str) -> Adapter:
 def _adapter_for_hf(hf: dict) -> Adapter:
     mt = hf.get("model_type")
     for a in ADAPTERS.values():
-        if a.model_type == mt:
+        if a.model_type == mt or mt in a.also_reads:
             return a
     raise LmlabError(f"HF model_type '{mt}' is not supported (supported: "
                      f"{', '.join(a.model_type for a in ADAPTERS.values())})")

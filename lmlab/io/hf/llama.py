@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from lmlab.errors import LmlabError
 from lmlab.io.hf.adapter import Adapter, Param, get, register, unsupported
 from lmlab.models.transformer.llama import LlamaConfig
 from lmlab.nn.position import ROPE_TYPES
@@ -19,6 +20,8 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     if get(hf, "head_dim", n_embd // n_head) * n_head != n_embd:
         raise unsupported(hf, "head_dim", hf["head_dim"])
     rope, scaling = rope_settings(hf)
+    # Mistral is Llama with a sliding window (key j visible to query i when i - j < sliding_window)
+    window = get(hf, "sliding_window", None) if hf.get("model_type") == "mistral" else None
     block_size = get(hf, "max_position_embeddings")
     if scaling and scaling["rope_type"] == "dynamic":
         # dynamic NTK stretches past max_position_embeddings: our context is the stretched one
@@ -28,12 +31,17 @@ def config_from_hf(hf: dict) -> LlamaConfig:
                        n_kv_head=get(hf, "num_key_value_heads", n_head), n_embd=n_embd,
                        mlp_hidden=get(hf, "intermediate_size"),
                        rope_theta=float(rope.get("rope_theta") or get(hf, "rope_theta", 10000.0)),
-                       rope_scaling=scaling,
+                       rope_scaling=scaling, sliding_window=window or 0,
                        norm_eps=get(hf, "rms_norm_eps", 1e-6), tie_embeddings=get(hf, "tie_word_embeddings", False),
                        dropout=get(hf, "attention_dropout", 0.0), init_std=get(hf, "initializer_range", 0.02))
 
 
 def config_to_hf(c: LlamaConfig) -> dict:
+    if c.global_tokens or c.global_every:
+        raise LmlabError("global tokens and local/global layer patterns have no transformers Llama/Mistral "
+                         "equivalent")
+    window = {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+              "sliding_window": c.sliding_window} if c.sliding_window else {}
     scaling = dict(c.rope_scaling or {})
     max_pos = scaling.pop("original_max_position_embeddings") if scaling.get("rope_type") == "dynamic" else c.block_size
     return {"vocab_size": c.vocab_size, "max_position_embeddings": max_pos, "hidden_size": c.n_embd,
@@ -43,7 +51,7 @@ def config_to_hf(c: LlamaConfig) -> dict:
             "mlp_bias": False, "attention_dropout": c.dropout, "initializer_range": c.init_std,
             # both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta and rope_scaling
             "rope_theta": c.rope_theta, "rope_scaling": scaling or None,
-            "rope_parameters": {"rope_type": "default", **scaling, "rope_theta": c.rope_theta}}
+            "rope_parameters": {"rope_type": "default", **scaling, "rope_theta": c.rope_theta}, **window}
 
 
 def rope_settings(hf: dict) -> tuple[dict, dict | None]:
@@ -85,4 +93,5 @@ def params(c: LlamaConfig) -> list[Param]:
 
 ADAPTER = register(Adapter(
     "llama", "llama", "LlamaForCausalLM", config_from_hf, config_to_hf, params,
-    ignore=re.compile(r"rotary_emb\.inv_freq$")))
+    ignore=re.compile(r"rotary_emb\.inv_freq$"),
+    also_reads=("mistral",)))
