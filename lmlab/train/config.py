@@ -23,8 +23,9 @@ class TrainConfig:
     dtype: str = "float32"          # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
     compile: bool = False           # torch.compile the model (applied from outside it)
     checkpointing: bool = False     # recompute each block's activations in the backward pass (less memory)
+    parallel: str = "ddp"           # under torchrun: ddp (data parallel) | none; one process: ignored
     threads: int = 0                # torch CPU threads (0: torch's default)
-    batch_size: int = 16
+    batch_size: int = 16            # the global micro-batch (split across torchrun processes)
     grad_accum: int = 1             # micro-batches per optimizer step
     max_steps: int = 1000
     stop_at_step: int = 0           # stop early (with a checkpoint) without changing the schedule

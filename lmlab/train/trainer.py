@@ -31,6 +31,7 @@ from lmlab.models.registry import build
 from lmlab.train.checkpoint import load_trainer_state, save_checkpoint
 from lmlab.train.checkpointing import checkpoint_blocks
 from lmlab.train.config import RunConfig
+from lmlab.train.distributed import all_mean, barrier, local_rows, setup, world_from_env, wrap
 from lmlab.train.optim import make_optimizer
 from lmlab.train.schedule import lr_at
 from lmlab.utils.atomic import atomic_write_text
@@ -81,7 +82,8 @@ class Trainer:
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.device = pick_device(t.device)
+        self.world = world_from_env()
+        self.device = setup(self.world, pick_device(t.device), t.parallel)
         self.train_data = TokenSplit(cfg.data.dir, "train")
         self.val_data = TokenSplit(cfg.data.dir, "val")
         vocab = self.train_data.meta["vocab_size"]
@@ -104,7 +106,9 @@ class Trainer:
         # Applied from outside the model; the checkpoint always saves the plain module's names.
         if t.checkpointing:
             checkpoint_blocks(self.model)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        # data parallelism too (lmlab/train/distributed.py); evaluation runs the plain module, on rank 0
+        self.ddp = wrap(self.model, self.world, self.device, t.parallel)
+        self.forward = torch.compile(self.ddp) if t.compile else self.ddp
         self._stop_requested = False
 
     # -- state ----------------------------------------------------------------------------------
@@ -126,7 +130,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         metrics = self.run_dir / "metrics.jsonl"
-        if metrics.is_file():
+        if metrics.is_file() and self.world.main:
             kept = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
             atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
@@ -151,20 +155,23 @@ class Trainer:
         for _ in range(t.eval_iters):
             batch = sampler.next_batch()
             with autocast(self.device, t.dtype):
-                losses.append(self._run(batch).loss.item())
+                losses.append(self._run(batch, self.model).loss.item())
         self.model.train()
         return float(np.mean(losses))
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _run(self, batch):
+    def _run(self, batch, module=None):
         """The model on a batch: (inputs, targets) windows, or a dict of keyword arguments (seq2seq pairs)."""
+        module = module or self.forward
         if isinstance(batch, dict):
-            return self.forward(**{k: v.to(self.device) for k, v in batch.items()})
+            return module(**{k: v.to(self.device) for k, v in batch.items()})
         x, y = batch
-        return self.forward(x.to(self.device), y.to(self.device))
+        return module(x.to(self.device), y.to(self.device))
 
     def _log_metrics(self, row: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
@@ -178,14 +185,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-        self._tb = _tensorboard(self.run_dir)
+        if self.world.main:
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        self._tb = _tensorboard(self.run_dir) if self.world.main else None
         end = min(t.max_steps, t.stop_at_step) if t.stop_at_step > 0 else t.max_steps
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         # Ctrl-C / SIGTERM finish the current step and write a checkpoint (main thread only)
         old_handlers = ({s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
                         if threading.current_thread() is threading.main_thread() else {})
-        bar = _progress(t.progress, self.step, t.max_steps)
+        bar = _progress(t.progress and self.world.main, self.step, t.max_steps)
         redirect = contextlib.ExitStack()
         if bar is not None:  # log lines go above the bar, not through it
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -201,13 +209,18 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = 0.0
-                for _ in range(t.grad_accum):
-                    batch = self.sampler.next_batch()
-                    with autocast(self.device, t.dtype):
-                        out = self._run(batch)
-                        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-                    (loss / t.grad_accum).backward()
+                for micro in range(t.grad_accum):
+                    batch = local_rows(self.sampler.next_batch(), self.world)
+                    # gradients are averaged across processes once, on the last micro-step
+                    last_micro = micro == t.grad_accum - 1
+                    sync = contextlib.nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()
+                    with sync:
+                        with autocast(self.device, t.dtype):
+                            out = self._run(batch)
+                            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                        (loss / t.grad_accum).backward()
                     loss_sum += out.loss.item()
+                loss_sum = all_mean(loss_sum, self.world)
                 if not math.isfinite(loss_sum):
                     raise LmlabError(f"loss became {loss_sum} at step {self.step}; lower train.lr or use float32")
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -228,13 +241,16 @@ class Trainer:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:,.0f}")
                 if bar is not None:
                     bar.update(1)
-                if t.eval_interval > 0 and self.step % t.eval_interval == 0 and self.step < t.max_steps:
+                if (self.world.main and t.eval_interval > 0 and self.step % t.eval_interval == 0
+                        and self.step < t.max_steps):
                     val = self.evaluate()
                     last["val_loss"] = val
                     self._log_metrics({"step": self.step, "val_loss": val})
                     log.log(self._level, f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
                 if t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0 and self.step < end:
-                    self.save({"loss": last["loss"]})
+                    if self.world.main:
+                        self.save({"loss": last["loss"]})
+                    barrier(self.world)  # no rank runs ahead of a checkpoint it could be resumed from
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -242,6 +258,8 @@ class Trainer:
                 bar.close()
             redirect.close()
         summary: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "loss": last["loss"]}
+        if not self.world.main:  # rank 0 evaluates and writes the checkpoint
+            return summary
         if self.step >= t.max_steps:
             summary["val_loss"] = self.evaluate()
             self._log_metrics({"step": self.step, "val_loss": summary["val_loss"]})
