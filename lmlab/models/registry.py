@@ -20,6 +20,7 @@ from lmlab.models.transformer.bert import BERT, BertConfig
 from lmlab.models.transformer.cmlm import CMLM, CMLMConfig
 from lmlab.models.transformer.gpt import GPT, GPTConfig
 from lmlab.models.transformer.llama import Llama, LlamaConfig
+from lmlab.models.transformer.mixtral import Mixtral, MixtralConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gpt": Family(GPTConfig, GPT),
     "llama": Family(LlamaConfig, Llama),
+    "mixtral": Family(MixtralConfig, Mixtral),
     "bert": Family(BertConfig, BERT),
     "bart": Family(BartConfig, BART),
     "cmlm": Family(CMLMConfig, CMLM),

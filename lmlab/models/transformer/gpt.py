@@ -13,10 +13,11 @@ from torch import nn
 
 from lmlab.models.base import ModelConfig
 from lmlab.models.transformer.decoder import DecoderLM
+from lmlab.nn.moe import MoEConfig
 
 
 @dataclass(kw_only=True)
-class GPTConfig(ModelConfig):
+class GPTConfig(MoEConfig, ModelConfig):
     family: str = "gpt"
     n_layer: int = 6
     n_head: int = 6

@@ -18,11 +18,12 @@ import torch
 
 from lmlab.models.base import ModelConfig
 from lmlab.models.transformer.decoder import DecoderLM
+from lmlab.nn.moe import MoEConfig
 from lmlab.nn.position import RotaryEmbedding
 
 
 @dataclass(kw_only=True)
-class LlamaConfig(ModelConfig):
+class LlamaConfig(MoEConfig, ModelConfig):
     family: str = "llama"
     n_layer: int = 6
     n_head: int = 6
