@@ -71,6 +71,13 @@ def test_balancing_loss_is_k_for_uniform_probabilities_and_grows_with_imbalance(
     assert router_z_loss(uniform).item() == pytest.approx(math.log(4) ** 2)
 
 
+def test_per_layer_balancing_sees_what_pooling_over_layers_hides():
+    a, b = torch.full((10, 2), -20.0), torch.full((10, 2), -20.0)
+    a[:, 0] = b[:, 1] = 20.0  # layer a sends every token to expert 0, layer b to expert 1
+    assert load_balancing_loss([a, b], k=1, pooled=True).item() == pytest.approx(1.0, rel=1e-4)  # looks balanced
+    assert load_balancing_loss([a, b], k=1, pooled=False).item() == pytest.approx(4.0, rel=1e-4)  # 2 layers x E
+
+
 def test_each_expert_costs_flops_only_for_its_tokens():
     m = layer(n_expert_per_token=2)
     x = torch.randn(64, 32)
@@ -95,7 +102,8 @@ def test_moe_every_and_outputs_of_a_moe_gpt():
     assert out.expert_load.shape == (1, 4) and out.expert_load.sum().item() == pytest.approx(1.0)
     assert len(out.router_logits) == 1 and out.router_logits[0].shape == (24, 4)
     c = m.config
-    want = (c.moe_aux_loss_coef * load_balancing_loss(out.router_logits, 2)
+    assert not c.moe_aux_pooled  # Switch's per-layer sum by default; the Mixtral family pools as transformers
+    want = (c.moe_aux_loss_coef * load_balancing_loss(out.router_logits, 2, pooled=False)
             + c.moe_z_loss_coef * router_z_loss(out.router_logits))
     torch.testing.assert_close(out.aux_loss, want)
     assert GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32))(x).aux_loss is None  # dense: none

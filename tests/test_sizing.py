@@ -1,6 +1,12 @@
 """Model arithmetic (lmlab/models/sizing.py): counts from meta-device builds against published sizes,
 real builds and transformers; FLOPs against torch's FlopCounterMode."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peers import require_module
@@ -75,8 +81,9 @@ def test_sizing_arithmetic():
     assert s.train_bytes(devices=8) == 16 * s.params.total / 8 + 4 * s.largest_layer_params + s.activations_bytes
     assert s.activations_ckpt_bytes < s.activations_bytes / 8
     g = size(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=100, block_size=32, dropout=0.1))
-    # Korthikanti et al. 2022: 34 s b h bytes per layer for GPT with dropout (without the s^2 score terms)
-    assert g.activations_bytes == 2 * 34 * 32 * 64
+    # Korthikanti et al. 2022: 34 s b h bytes per layer for GPT with dropout (without the s^2 score terms),
+    # + 2 h for SDPA's kept output; + 6 h outside the blocks; + one layer's gradients during backward
+    assert g.activations_bytes == (2 * 36 + 6 + 36) * 32 * 64
 
 
 def test_lmlab_info_model(capsys):
@@ -84,3 +91,16 @@ def test_lmlab_info_model(capsys):
     out = capsys.readouterr().out
     assert "46.70B total with embeddings (46,702,792,704)" in out and "12.88B (27.6%) per token" in out
     assert "FSDP over 8" in out and "KV cache (bf16, 2 x 4,096) 1.0 GiB" in out and "this machine" in out
+
+
+@pytest.mark.parametrize("kind,batch", [("gpt", 16), ("mixtral", 16)])
+def test_training_memory_estimate_is_within_15_percent_of_a_measured_step(kind, batch):
+    """float32 CPU training (act_bytes=4): weights, gradients, AdamW state and activations against the
+    peak RSS of three real steps in a fresh process, minus the RSS before the model was built."""
+    probe = Path(__file__).parent / "memory_probe.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(probe.parent)])}
+    out = subprocess.run([sys.executable, str(probe), kind, str(batch)], capture_output=True, text=True, check=True,
+                         env=env)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{kind} batch {batch}: estimate {r['estimate'] / 2**20:.0f} MiB, measured {r['measured'] / 2**20:.0f} MiB")
+    assert abs(r["estimate"] / r["measured"] - 1) < 0.15

@@ -111,10 +111,13 @@ class Sizing:
 
 def _layer_activation_bytes(block: Block, act_bytes: int, dropout: bool) -> float:
     """Bytes per token that one block keeps for its backward pass (Korthikanti et al. 2022 sec. 4.1,
-    written per tensor): with 16-bit activations and dropout, 34 h for GPT."""
+    written per tensor): with 16-bit activations and dropout, 34 h for GPT (36 h here: PyTorch's SDPA
+    keeps its output besides the copy the output projection saves)."""
     attn: Attention = block.attn
     h, kv = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
-    n = h + (h + 2 * kv) + h + 2 * h  # norm output (QKV input), q k v, attention output; the two norms' inputs
+    # norm output (QKV input), q k v, SDPA's output and the projection's input (a contiguous copy of it),
+    # the two norms' inputs
+    n = h + (h + 2 * kv) + 2 * h + 2 * h
     mlp = block.mlp
     if isinstance(mlp, MoE):
         hidden, gated, k = mlp.hidden, mlp.gated, mlp.k
@@ -156,8 +159,11 @@ def size(cfg: ModelConfig, *, context: int | None = None, batch: int = 1, act_by
     per_token = [_layer_activation_bytes(b, act_bytes, dropout) for b in blocks]
     tokens = T * batch
     h = getattr(cfg, "n_embd", 0)
-    act = sum(per_token) * tokens
-    act_ckpt = (act_bytes * h * len(blocks) + max(per_token, default=0)) * tokens
+    # outside the blocks: the embedding output, the final norm's input and output (the loss keeps it);
+    # during backward one layer's activation gradients live beside the activations (its working set)
+    outside, working = 3 * h * act_bytes, max(per_token, default=0)
+    act = (sum(per_token) + outside + working) * tokens
+    act_ckpt = (act_bytes * h * len(blocks) + outside + 2 * working) * tokens  # inputs kept, one layer redone
     largest = max((sum(q.numel() for q in b.parameters()) for b in blocks), default=p.total)
     return Sizing(params=p, n_layer=len(blocks), context=T, batch=batch, flops_forward=fwd, flops_train=3 * fwd,
                   weights_bytes={k: v * p.total for k, v in WEIGHT_BYTES.items()}, kv_cache_bytes=2 * kv_values,

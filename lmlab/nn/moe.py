@@ -38,6 +38,8 @@ class MoEConfig:
     #                                    sec. 2.2), the rest skip the layer; 0: no token dropping
     moe_norm_topk: bool = True         # renormalise the k router weights to sum 1 (Mixtral); Switch keeps p_i
     moe_aux_loss_coef: float = 0.01    # load-balancing loss weight alpha = 1e-2 (Fedus et al. 2021, sec. 2.2)
+    moe_aux_pooled: bool = False       # one loss over all layers' pooled routing (transformers' Mixtral)
+    #                                    instead of Switch's one per layer, summed
     moe_z_loss_coef: float = 0.001     # router z-loss weight 1e-3 (Zoph et al. 2022, ST-MoE, eq. 5 / table 4)
 
     def is_moe_layer(self, i: int) -> bool:
@@ -107,12 +109,16 @@ class MoE(nn.Module):
         return self.drop(out.reshape(shape))
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(router_logits: list[torch.Tensor], k: int, mask: torch.Tensor | None = None,
+                        pooled: bool = True) -> torch.Tensor:
     """Switch's auxiliary loss E * sum_i f_i P_i (Fedus et al. 2021, eq. 4-6): f_i the fraction of
-    top-k assignments that go to expert i, P_i its mean router probability. f and P are pooled over
-    the MoE layers before the product, as transformers' `load_balancing_loss_func` (Mixtral) does;
-    with top-k, f sums to k, so perfectly balanced routing gives k. `mask` ([N], 1 = real token)
-    leaves padding out."""
+    top-k assignments that go to expert i, P_i its mean router probability; with top-k, f sums to k, so
+    perfectly balanced routing gives k. `pooled`: f and P pooled over the MoE layers before the product,
+    as transformers' `load_balancing_loss_func` (Mixtral) computes it; otherwise one loss per layer,
+    summed (Switch, ST-MoE), which balances every layer and not only their sum. `mask` ([N], 1 = real
+    token) leaves padding out."""
+    if not pooled:
+        return sum(load_balancing_loss([r], k, mask) for r in router_logits)
     E = router_logits[0].shape[-1]
     probs = torch.cat([r.float().softmax(-1) for r in router_logits])          # [L * N, E]
     chosen = F.one_hot(probs.topk(k, dim=-1).indices, E).sum(1).float()       # [L * N, E]

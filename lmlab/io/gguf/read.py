@@ -113,7 +113,7 @@ def config_from_gguf(meta: dict[str, Any], *, tie_embeddings: bool = True) -> Ll
     moe = {}
     if n_expert:  # Mixtral: no z-loss in its training recipe
         moe = {"n_expert": n_expert, "n_expert_per_token": int(_meta(meta, "llama.expert_used_count")),
-               "moe_z_loss_coef": 0.0}
+               "moe_z_loss_coef": 0.0, "moe_aux_pooled": True}
     return (MixtralConfig if n_expert else LlamaConfig)(
                        **moe, vocab_size=int(vocab), block_size=int(_meta(meta, "llama.context_length")),
                        n_layer=int(_meta(meta, "llama.block_count")), n_head=n_head,

@@ -30,6 +30,7 @@ def config_from_hf(hf: dict) -> MixtralConfig:
     return MixtralConfig(**{**base, "n_expert": get(hf, "num_local_experts"),
                             "n_expert_per_token": get(hf, "num_experts_per_tok"),
                             "moe_aux_loss_coef": get(hf, "router_aux_loss_coef", 0.01),
+                            "moe_aux_pooled": True,  # transformers' load_balancing_loss_func
                             "moe_z_loss_coef": 0.0})  # Mixtral trains without a z-loss
 
 

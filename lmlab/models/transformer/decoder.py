@@ -146,7 +146,8 @@ class DecoderLM(nn.Module):
         padding (`key_mask` False) is left out of the losses."""
         c, layers = self.config, self.moe_layers()
         logits = [m.router_logits for m in layers]
-        aux = c.moe_aux_loss_coef * load_balancing_loss(logits, c.n_expert_per_token, key_mask)
+        aux = c.moe_aux_loss_coef * load_balancing_loss(logits, c.n_expert_per_token, key_mask,
+                                                           pooled=c.moe_aux_pooled)
         if c.moe_z_loss_coef > 0:
             aux = aux + c.moe_z_loss_coef * router_z_loss(logits, key_mask)
         load = torch.stack([m.load for m in layers]).float()

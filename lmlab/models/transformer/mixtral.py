@@ -19,6 +19,7 @@ class MixtralConfig(LlamaConfig):
     n_expert: int = 8               # Mixtral 8x7B: 8 experts per layer, 2 active per token
     n_expert_per_token: int = 2
     rope_theta: float = 1e6         # Mixtral 8x7B's config.json
+    moe_aux_pooled: bool = True     # the auxiliary loss as transformers' MixtralForCausalLM computes it
 
 
 class Mixtral(Llama):
