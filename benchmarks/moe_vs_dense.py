@@ -65,6 +65,7 @@ def curves(run: Path) -> dict:
     loads = [r["expert_load_max"] for r in train if "expert_load_max" in r and r["step"] > WARMUP]
     if loads:
         out["expert_load_max_after_warmup"] = max(loads)
+        out["expert_load_max_second_half"] = max(r["expert_load_max"] for r in train if r["step"] > STEPS // 2)
     return out
 
 
@@ -82,10 +83,12 @@ def report() -> None:
              f"GPT 4 x 192, block {BLOCK}, batch {BATCH}, {STEPS} steps = {STEPS * TOKENS_PER_STEP:,} tokens per run, "
              f"bf16 autocast, 1 CPU thread (shared machine, nice 10), lr 2e-3 cosine to 2e-4, warm-up {WARMUP}. "
              "MoE: 8 experts of 384, top-2, aux 0.01, z 0.001. `python benchmarks/moe_vs_dense.py run && ... report`.",
-             "", "| run | final val loss | median tok/s | max expert load / mean after warm-up |", "|---|---|---|---|"]
+             "", "| run | final val loss | median tok/s | busiest expert / mean, after warm-up | same, second half |",
+             "|---|---|---|---|---|"]
     for k, v in res.items():
         lines.append(f"| {k} | {v['val'][-1][1]:.4f} | {v['tok_per_s']:,.0f} | "
-                     f"{v.get('expert_load_max_after_warmup', float('nan')):.2f} |")
+                     f"{v.get('expert_load_max_after_warmup', float('nan')):.2f} | "
+                     f"{v.get('expert_load_max_second_half', float('nan')):.2f} |")
     if all(len(v) == len(SEEDS) for v in final.values()):
         spread = max(max(v) - min(v) for v in final.values())
         gap = statistics.mean(final["dense"]) - statistics.mean(final["moe"])
