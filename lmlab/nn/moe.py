@@ -63,7 +63,7 @@ class MoE(nn.Module):
                        if cfg.moe_shared_hidden > 0 else None)
         self.drop = nn.Dropout(dropout)
         self.router_logits: torch.Tensor | None = None  # [N, E] of the last forward
-        self.load: torch.Tensor | None = None           # [E] assignments per expert in the last forward
+        self.load: torch.Tensor | None = None           # [E] assignments per expert (before capacity drops)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [N, E], top-k weights [N, k] (float32) and expert indices [N, k]."""

@@ -54,7 +54,7 @@ class DecoderLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("mlp.experts_up"):
                 nn.init.normal_(p, mean=0.0, std=c.init_std)
-            if name.endswith(("attn.proj.weight", "mlp.down.weight", "mlp.experts_down")):
+            if name.endswith(("attn.proj.weight", "mlp.down.weight", "mlp.experts_down", "mlp.shared.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layer))
 
     # -- family hooks ---------------------------------------------------------------------------
