@@ -96,9 +96,11 @@ def test_lmlab_info_model(capsys):
 @pytest.mark.parametrize("kind,batch", [("gpt", 16), ("mixtral", 16)])
 def test_training_memory_estimate_is_within_15_percent_of_a_measured_step(kind, batch):
     """float32 CPU training (act_bytes=4): weights, gradients, AdamW state and activations against the
-    peak RSS of three real steps in a fresh process, minus the RSS before the model was built."""
+    peak anonymous RSS of three real steps in a fresh process (clean environment), minus the same
+    before the model was built."""
     probe = Path(__file__).parent / "memory_probe.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(probe.parent)])}
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), str(probe.parent)])
     out = subprocess.run([sys.executable, str(probe), kind, str(batch)], capture_output=True, text=True, check=True,
                          env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
