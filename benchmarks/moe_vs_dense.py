@@ -11,17 +11,20 @@ FLOPs within 1%, tests/test_sizing.py). Same data order, schedule and seeds for 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "benchmarks" / "runs" / "moe"
-DOCS = ROOT / "docs" / "moe"
-STEPS, BATCH, BLOCK, WARMUP = 300, 16, 256, 30
+STEPS = int(os.environ.get("MOE_STEPS", 300))  # a longer run: MOE_STEPS=800 MOE_SEEDS=1 (own folders)
+SEEDS = tuple(int(s) for s in os.environ.get("MOE_SEEDS", "1,2").split(","))
+_TAG = "" if STEPS == 300 else f"-{STEPS}"
+RUNS = ROOT / "benchmarks" / "runs" / f"moe{_TAG}"
+DOCS = ROOT / "docs" / "moe" / _TAG.lstrip("-")
+BATCH, BLOCK, WARMUP = 16, 256, 30
 TOKENS_PER_STEP = BATCH * BLOCK
-SEEDS = (1, 2)
 MODEL = ["--model.family=gpt", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=192",
          f"--model.block_size={BLOCK}", "--model.dropout=0"]
 ARMS = {"dense": [], "moe": ["--model.n_expert=8", "--model.n_expert_per_token=2", "--model.moe_hidden=384"]}
