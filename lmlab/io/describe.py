@@ -57,3 +57,59 @@ def _describe_checkpoint(path: Path) -> str:
     lines.append("config:")
     lines += ["  " + ln for ln in yaml.safe_dump(cfg, sort_keys=False).splitlines()]
     return "\n".join(lines)
+
+
+def describe_model(name: str, *, context: int | None = None, batch: int = 1, devices: int = 8,
+                   vocab_size: int = 50257) -> str:
+    """`lmlab info --model PRESET`: parameters, FLOPs and memory of a preset, from its meta-device build
+    (lmlab/models/sizing.py)."""
+    from lmlab.models.registry import preset
+    from lmlab.models.sizing import GIB, size
+
+    cfg = preset(name)
+    note = ""
+    if cfg.vocab_size <= 0:  # small presets take it from the tokenizer
+        cfg.vocab_size = vocab_size
+        note = " (assumed: the preset takes its vocabulary from the tokenizer; --vocab-size)"
+    s = size(cfg, context=context, batch=batch)
+    p = s.params
+
+    def n(x: float) -> str:
+        return next(f"{x / d:.2f}{u}" for d, u in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"), (1, ""))
+                    if x >= d or d == 1)
+
+    def flop(x: float) -> str:
+        return next(f"{x / d:.1f} {u}FLOP" for d, u in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1, ""))
+                    if x >= d or d == 1)
+
+    def gib(x: float) -> str:
+        return f"{x / GIB:,.1f} GiB" if x >= GIB / 10 else f"{x / 2**20:,.1f} MiB"
+
+    moe = (f"{n(p.active)} ({p.active / p.total:.1%}) per token: experts {n(p.experts)}, "
+           f"{getattr(cfg, 'n_expert_per_token', 0)} of {getattr(cfg, 'n_expert', 0)} active"
+           if p.experts else f"{n(p.active)} (dense: all)")
+    lines = [f"model {name}: {cfg.family}, {s.n_layer} layers, n_embd {getattr(cfg, 'n_embd', '?')}, "
+             f"vocabulary {cfg.vocab_size:,}{note}",
+             f"  parameters    {n(p.total)} total with embeddings ({p.total:,}); {n(p.total - p.embedding)} without "
+             f"the {n(p.embedding)} in input embedding tables",
+             f"  active        {moe}",
+             f"  FLOPs/token   forward {flop(s.flops_forward)}, training {flop(s.flops_train)} at context "
+             f"{s.context:,} (2N + 4 L d T and 3x; N = {n(p.matmul)} active matmul weights, output layer in)",
+             f"  train memory  weights {gib(4 * p.total)} + gradients {gib(4 * p.total)} + AdamW {gib(8 * p.total)} "
+             f"(float32); activations for {batch} x {s.context:,} tokens (bf16) {gib(s.activations_bytes)}, "
+             f"{gib(s.activations_ckpt_bytes)} with checkpointing",
+             f"                total {gib(s.train_bytes())} ({gib(s.train_bytes(checkpointing=True))} checkpointed); "
+             f"FSDP over {devices}: {gib(s.train_bytes(devices=devices))} per device "
+             f"({gib(s.train_bytes(True, devices))} checkpointed)",
+             "  inference     weights " + ", ".join(f"{k} {gib(v)}" for k, v in s.weights_bytes.items())
+             + f"; KV cache (bf16, {batch} x {s.context:,}) {gib(s.kv_cache_bytes)}"]
+    m = s.machine
+    avail = m.get("ram_available", 0)
+    fits = [k for k in s.weights_bytes if s.infer_bytes(k) <= avail]
+    train = ("fits" if s.train_bytes() <= avail else "fits with checkpointing" if s.train_bytes(True) <= avail
+             else "does not fit")
+    lines.append(f"  this machine  RAM {gib(m.get('ram_total', 0))} ({gib(avail)} available)"
+                 + (f", GPU {gib(m['gpu_total'])}" if "gpu_total" in m else "")
+                 + f": inference {'fits in ' + fits[0] if fits else 'does not fit at any precision'}; "
+                 f"training {train} (one device, batch {batch})")
+    return "\n".join(lines)

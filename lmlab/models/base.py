@@ -13,7 +13,9 @@ from torch import nn
 class LMOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None           # added to `loss` by the trainer (already weighted)
+    router_logits: tuple[torch.Tensor, ...] | None = None  # MoE: per MoE layer, [B * T, n_expert]
+    expert_load: torch.Tensor | None = None        # MoE: [MoE layers, n_expert] share of the assignments
 
 
 @dataclass(kw_only=True)

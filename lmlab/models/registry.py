@@ -20,6 +20,7 @@ from lmlab.models.transformer.bert import BERT, BertConfig
 from lmlab.models.transformer.cmlm import CMLM, CMLMConfig
 from lmlab.models.transformer.gpt import GPT, GPTConfig
 from lmlab.models.transformer.llama import Llama, LlamaConfig
+from lmlab.models.transformer.mixtral import Mixtral, MixtralConfig
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,45 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gpt": Family(GPTConfig, GPT),
     "llama": Family(LlamaConfig, Llama),
+    "mixtral": Family(MixtralConfig, Mixtral),
     "bert": Family(BertConfig, BERT),
     "bart": Family(BartConfig, BART),
     "cmlm": Family(CMLMConfig, CMLM),
     "nplm": Family(NPLMConfig, NPLM),
     "ngram": Family(NGramConfig, NGramModel, built=False),
+}
+
+def _gpt3(n_layer: int, n_embd: int, n_head: int) -> GPTConfig:
+    # GPT-3 (Brown et al. 2020, table 2.1): n_ctx 2048, GPT-2's 50257-token BPE, tied embeddings. Its
+    # alternating locally banded sparse attention changes no parameter count.
+    return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257, block_size=2048)
+
+
+def _llama(n_layer: int, n_embd: int, n_head: int, n_kv_head: int, mlp_hidden: int, vocab_size: int,
+           block_size: int, rope_theta: float, cls: type[LlamaConfig] = LlamaConfig) -> LlamaConfig:
+    return cls(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head, mlp_hidden=mlp_hidden,
+               vocab_size=vocab_size, block_size=block_size, rope_theta=rope_theta, tie_embeddings=False)
+
+
+# published shapes, for `lmlab info --model` (built on the meta device; sizes are counted, never typed)
+_PUBLISHED: dict[str, ModelConfig] = {
+    "gpt3-125m": _gpt3(12, 768, 12),
+    "gpt3-350m": _gpt3(24, 1024, 16),
+    "gpt3-1.3b": _gpt3(24, 2048, 16),   # table 2.1 lists 24 heads of 128; 2048 = 16 x 128
+    "gpt3-2.7b": _gpt3(32, 2560, 32),
+    "gpt3-6.7b": _gpt3(32, 4096, 32),
+    "gpt3-13b": _gpt3(40, 5120, 40),    # table 2.1 prints d_model 5140, not a multiple of 40 heads of 128
+    "gpt3-175b": _gpt3(96, 12288, 96),
+    # Llama 2 (Touvron et al. 2023, table 1; the HF config.json files): 32000-token vocabulary, 4096 context
+    "llama2-7b": _llama(32, 4096, 32, 32, 11008, 32000, 4096, 10000.0),
+    "llama2-13b": _llama(40, 5120, 40, 40, 13824, 32000, 4096, 10000.0),
+    "llama2-70b": _llama(80, 8192, 64, 8, 28672, 32000, 4096, 10000.0),
+    # Llama 3 / 3.1 (Grattafiori et al. 2024, table 3): 128256-token vocabulary, RoPE base 500000
+    "llama3-8b": _llama(32, 4096, 32, 8, 14336, 128256, 8192, 500000.0),
+    "llama3-70b": _llama(80, 8192, 64, 8, 28672, 128256, 8192, 500000.0),
+    "llama3.1-405b": _llama(126, 16384, 128, 8, 53248, 128256, 131072, 500000.0),
+    # Mixtral 8x7B (Jiang et al. 2024; mistralai/Mixtral-8x7B-v0.1 config.json): Mistral 7B's shape, 8 experts
+    "mixtral-8x7b": _llama(32, 4096, 32, 8, 14336, 32000, 32768, 1e6, cls=MixtralConfig),
 }
 
 PRESETS: dict[str, ModelConfig] = {
@@ -54,6 +89,9 @@ PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": LlamaConfig(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536,
                                 vocab_size=49152, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
                                 block_size=8192),
+    "mixtral-tiny": MixtralConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, mlp_hidden=128, n_expert=4,
+                                  block_size=64),
+    **_PUBLISHED,
     # Bengio et al. 2003 (n = 5, m = 30-100 features, h = 50-100 hidden units, direct connections)
     "nplm": NPLMConfig(context=4, n_embd=64, hidden=256, block_size=64),
 }

@@ -1,7 +1,8 @@
 """The Transformer block: pre-norm x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Llama), or with
 `post_norm` the original arrangement norm(x + attn(x)), then norm(x + mlp(x)) (Vaswani et al. 2017;
 BERT, BART). With `cross_attention` (an encoder-decoder's decoder) a cross-attention sub-layer over
-the encoder's output sits between the two: its keys/values come in as `cross_kv`, computed once."""
+the encoder's output sits between the two: its keys/values come in as `cross_kv`, computed once.
+With `moe` the feed-forward is a Mixture of Experts (lmlab/nn/moe.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from lmlab.nn.attention import Attention
 from lmlab.nn.mlp import MLP
+from lmlab.nn.moe import MoE, MoEConfig
 from lmlab.nn.norm import make_norm
 
 
@@ -17,7 +19,7 @@ class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, *, n_kv_head: int | None = None, mlp_hidden: int | None = None,
                  activation: str = "gelu_tanh", norm: str = "layernorm", norm_eps: float = 1e-5,
                  bias: bool = True, dropout: float = 0.0, causal: bool = True, post_norm: bool = False,
-                 cross_attention: bool = False, attention: dict | None = None):
+                 cross_attention: bool = False, attention: dict | None = None, moe: MoEConfig | None = None):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = make_norm(norm, n_embd, norm_eps, bias)
@@ -27,7 +29,9 @@ class Block(nn.Module):
             self.norm_cross = make_norm(norm, n_embd, norm_eps, bias)
             self.cross = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=False)
         self.norm2 = make_norm(norm, n_embd, norm_eps, bias)
-        self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, activation, bias, dropout)
+        hidden = mlp_hidden or 4 * n_embd
+        self.mlp = (MoE(n_embd, moe.moe_hidden or hidden, activation, moe, dropout=dropout) if moe is not None
+                    else MLP(n_embd, hidden, activation, bias, dropout))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *, cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -232,6 +232,10 @@ class Trainer:
                 window_tokens += tokens_per_step
                 last = {"step": self.step, "loss": loss_sum / t.grad_accum, "lr": lr,
                         "grad_norm": float(grad_norm), "tokens": self.tokens_seen}
+                if getattr(out, "expert_load", None) is not None:  # MoE: busiest expert over the mean (1: balanced)
+                    last["expert_load_max"] = float(out.expert_load.max() * out.expert_load.shape[-1])
+                    last["expert_load"] = [[round(x, 4) for x in row] for row in out.expert_load.tolist()]
+                    last["aux_loss"] = out.aux_loss.item()
                 if self.step % t.log_interval == 0 or self.step == end:
                     now = time.perf_counter()
                     last["tok_per_s"] = window_tokens / max(now - window_t, 1e-9)

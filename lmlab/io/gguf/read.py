@@ -1,4 +1,5 @@
-"""GGUF import (llama.cpp's single-file format): Llama-architecture weights, config and tokenizer.
+"""GGUF import (llama.cpp's single-file format): Llama-architecture weights, config and tokenizer,
+including the Mixtral layout (llama.cpp writes Mixtral as architecture "llama" with `{arch}.expert_count`).
 
 Read with the `gguf` package (llama.cpp's own `gguf-py` reader); quantized tensors are dequantized
 to float32 with `gguf.quants`. The format (ggml/docs/gguf.md) stores
@@ -14,7 +15,10 @@ adjacent pairs (x0, x1), (x2, x3), ... (GPT-J style); our RoPE, like Hugging Fac
 two halves of a head (x_i, x_{i + d/2}). `unpermute_qk` undoes that reordering.
 
 The weights are mapped to Hugging Face names and go through the Llama adapter in lmlab/io/hf/llama.py, so
-shape checks and the fused q/k/v and gate/up layouts live in one place.
+shape checks and the fused q/k/v and gate/up layouts live in one place. MoE layers store each projection
+of all experts stacked, `blk.N.ffn_{gate,up,down}_exps` ([E, out, in] in PyTorch order), and the router
+as `blk.N.ffn_gate_inp`; their names come from `gguf.constants` (`MODEL_TENSOR.FFN_*_EXP`), and they go
+through the Mixtral adapter (lmlab/io/hf/mixtral.py).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from lmlab.errors import LmlabError
 from lmlab.io.hf import state_dict_from_hf
 from lmlab.models.registry import build
 from lmlab.models.transformer.llama import LlamaConfig
+from lmlab.models.transformer.mixtral import MixtralConfig
 
 
 def _gguf():
@@ -91,7 +96,8 @@ def _meta(meta: dict[str, Any], key: str, default: Any = None) -> Any:
 
 
 def config_from_gguf(meta: dict[str, Any], *, tie_embeddings: bool = True) -> LlamaConfig:
-    """`LlamaConfig` from GGUF metadata (key names from llama.cpp's gguf-py `constants.py` `Keys.LLM`)."""
+    """`LlamaConfig` (a `MixtralConfig` when it has experts) from GGUF metadata (key names from
+    llama.cpp's gguf-py `constants.py` `Keys.LLM`)."""
     arch = _meta(meta, "general.architecture")
     if arch != "llama":
         raise LmlabError(f"GGUF architecture '{arch}' is not supported (supported: llama)")
@@ -103,7 +109,13 @@ def config_from_gguf(meta: dict[str, Any], *, tie_embeddings: bool = True) -> Ll
             float(meta.get("llama.rope.scaling.factor", 1.0) or 1.0) != 1.0:
         raise LmlabError("GGUF: RoPE scaling is not supported")
     vocab = meta.get("llama.vocab_size") or len(_meta(meta, "tokenizer.ggml.tokens"))
-    return LlamaConfig(vocab_size=int(vocab), block_size=int(_meta(meta, "llama.context_length")),
+    n_expert = int(meta.get("llama.expert_count", 0) or 0)  # gguf.constants Keys.LLM.EXPERT_COUNT
+    moe = {}
+    if n_expert:  # Mixtral: no z-loss in its training recipe
+        moe = {"n_expert": n_expert, "n_expert_per_token": int(_meta(meta, "llama.expert_used_count")),
+               "moe_z_loss_coef": 0.0, "moe_aux_pooled": True}
+    return (MixtralConfig if n_expert else LlamaConfig)(
+                       **moe, vocab_size=int(vocab), block_size=int(_meta(meta, "llama.context_length")),
                        n_layer=int(_meta(meta, "llama.block_count")), n_head=n_head,
                        n_kv_head=int(meta.get("llama.attention.head_count_kv", n_head)), n_embd=n_embd,
                        mlp_hidden=int(_meta(meta, "llama.feed_forward_length")),
@@ -121,6 +133,14 @@ _LAYER_NAMES = {  # llama.cpp name (gguf-py tensor_mapping.py) -> Hugging Face L
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def moe_names() -> dict[str, str]:
+    """llama.cpp's MoE tensor stems (from `gguf.constants`, "blk.{bid}." stripped) -> their role."""
+    g = _gguf()
+    T = g.MODEL_TENSOR
+    return {g.TENSOR_NAMES[t].removeprefix("blk.{bid}."): role for t, role in
+            ((T.FFN_GATE_INP, "router"), (T.FFN_GATE_EXP, "gate"), (T.FFN_UP_EXP, "up"), (T.FFN_DOWN_EXP, "down"))}
 
 
 def hf_name(name: str) -> str | None:
@@ -148,8 +168,15 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def state_dict_from_gguf(reader: Any, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     """Our Llama weights (float32) from the tensors of an open `gguf.GGUFReader`."""
     hf: dict[str, torch.Tensor] = {}
+    moe, experts = moe_names(), {}
     for t in reader.tensors:
         key = hf_name(t.name)
+        stem = t.name.removesuffix(".weight")
+        role = moe.get(stem.split(".", 2)[-1]) if stem.startswith("blk.") else None
+        if role is not None:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            experts[int(stem.split(".")[1]), role] = dequantize(t.data, t.tensor_type, shape)
+            continue
         if key is None:
             if t.name == "rope_freqs.weight" or t.name.endswith(".rope_freqs.weight"):
                 raise LmlabError("GGUF: Llama-3 style rope frequency factors are not supported")
@@ -161,6 +188,14 @@ def state_dict_from_gguf(reader: Any, cfg: LlamaConfig) -> dict[str, torch.Tenso
         elif t.name.endswith("attn_k.weight"):
             w = unpermute_qk(w, cfg.n_kv_head)
         hf[key] = w
+    for (i, role), w in experts.items():  # to transformers' stacked layout: router, [gate | up], down
+        h = f"model.layers.{i}.mlp"
+        if role == "router":
+            hf[f"{h}.gate.weight"] = w
+        elif role == "down":
+            hf[f"{h}.experts.down_proj"] = w
+        elif role == "gate":
+            hf[f"{h}.experts.gate_up_proj"] = torch.cat([w, experts[i, "up"]], dim=1)
     return state_dict_from_hf(hf, cfg)
 
 

@@ -1,4 +1,6 @@
-"""GGUF export of an lmlab Llama (and its byte-level BPE tokenizer), the inverse of lmlab/io/gguf/read.py.
+"""GGUF export of an lmlab Llama or Mixtral (and its byte-level BPE tokenizer), the inverse of
+lmlab/io/gguf/read.py. Mixtral goes out as llama.cpp's converter writes it: architecture "llama" with
+`expert_count` / `expert_used_count` and stacked `ffn_{gate,up,down}_exps` tensors plus `ffn_gate_inp`.
 
 Weights go out under llama.cpp's names with q/k rows permuted for its pairwise RoPE (what
 convert_hf_to_gguf.py does), matrices in the chosen type and norms in F32 (as llama.cpp keeps them).
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.io.gguf.read import _LAYER_NAMES, _TOP_NAMES, SUPPORTED_TYPES, _gguf, permute_qk
+from lmlab.io.gguf.read import _LAYER_NAMES, _TOP_NAMES, SUPPORTED_TYPES, _gguf, moe_names, permute_qk
 from lmlab.io.gguf.tokenizer import CONTROL
 from lmlab.io.hf import state_dict_to_hf
 
@@ -31,6 +33,25 @@ def gguf_name(hf: str) -> str:
         _, _, i, part = stem.split(".", 3)
         return f"blk.{i}.{_TO_GGUF[part]}.{suffix}"
     return f"{_TO_GGUF[stem]}.{suffix}"
+
+
+def _gguf_tensors(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-named weights -> llama.cpp names; a MoE layer's stacked experts split into gate/up/down."""
+    stems = {role: stem for stem, role in moe_names().items()}
+    out = {}
+    for key, t in hf.items():
+        if ".mlp.gate." in key or ".mlp.experts." in key:
+            i = key.split(".")[2]
+            if key.endswith("gate.weight"):
+                out[f"blk.{i}.{stems['router']}.weight"] = t
+            elif key.endswith("gate_up_proj"):
+                gate, up = t.chunk(2, dim=1)
+                out[f"blk.{i}.{stems['gate']}.weight"], out[f"blk.{i}.{stems['up']}.weight"] = gate, up
+            else:
+                out[f"blk.{i}.{stems['down']}.weight"] = t
+        else:
+            out[gguf_name(key)] = t
+    return out
 
 
 def _add_tokenizer(w, tokenizer) -> None:
@@ -62,8 +83,8 @@ def save_gguf(model: nn.Module, path: str | Path, tokenizer=None, *, qtype: str 
     """Write a Llama `model` (and `tokenizer`) as one GGUF file that llama.cpp and transformers load."""
     gguf = _gguf()
     c = model.config
-    if c.family != "llama":
-        raise LmlabError(f"GGUF export supports the llama family, not '{c.family}'")
+    if c.family not in ("llama", "mixtral"):
+        raise LmlabError(f"GGUF export supports the llama and mixtral families, not '{c.family}'")
     if qtype not in SUPPORTED_TYPES:
         raise LmlabError(f"GGUF type '{qtype}' is not supported for export (supported: {', '.join(SUPPORTED_TYPES)})")
     path = Path(path)
@@ -81,11 +102,13 @@ def save_gguf(model: nn.Module, path: str | Path, tokenizer=None, *, qtype: str 
     w.add_layer_norm_rms_eps(float(c.norm_eps))
     w.add_rope_dimension_count(c.n_embd // c.n_head)
     w.add_vocab_size(c.vocab_size)
+    if c.n_expert:
+        w.add_expert_count(c.n_expert)
+        w.add_expert_used_count(c.n_expert_per_token)
     if tokenizer is not None:
         _add_tokenizer(w, tokenizer)
     q = gguf.GGMLQuantizationType[qtype]
-    for key, t in state_dict_to_hf(model.state_dict(), c).items():
-        name = gguf_name(key)
+    for name, t in _gguf_tensors(state_dict_to_hf(model.state_dict(), c)).items():
         x = t.detach().to(torch.float32).cpu().numpy()
         if name.endswith("attn_q.weight"):
             x = permute_qk(x, c.n_head)

@@ -56,6 +56,7 @@ class Adapter:
     ignore: re.Pattern = re.compile(r"$^")           # HF buffers that are not weights
     normalize: Callable[[str], str] = str             # HF key -> its canonical spelling
     also_reads: tuple[str, ...] = ()                  # other model_types with the same weights
+    prepare: Callable[[dict], dict] = dict            # whole state dict -> canonical layout (e.g. stacked experts)
 
 
 ADAPTERS: dict[str, Adapter] = {}  # lmlab family -> its adapter
@@ -102,7 +103,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     """HF weights -> ours, checked against `cfg`: a missing, unexpected or misshapen weight is an
     LmlabError naming it. A tied output layer is taken from the token embedding."""
     a = _adapter(cfg.family)
-    sd = {a.normalize(k): v for k, v in sd.items() if not a.ignore.search(k)}
+    sd = {a.normalize(k): v for k, v in a.prepare(sd).items() if not a.ignore.search(k)}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # transformers ties it to the embedding on load
     shapes = _expected_shapes(cfg)

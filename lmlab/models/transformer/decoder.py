@@ -23,6 +23,7 @@ from lmlab.nn.attention import padding_mask
 from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
 from lmlab.nn.loss import linear_cross_entropy
+from lmlab.nn.moe import MoE, MoEConfig, load_balancing_loss, router_z_loss
 from lmlab.nn.norm import make_norm
 from lmlab.nn.position import position_ids_from_mask
 
@@ -69,7 +70,8 @@ class DecoderLM(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.n_embd, c.n_head, norm=norm, norm_eps=c.norm_eps, dropout=c.dropout, causal=True,
-                  attention=layer_attention(c, i), **block)
+                  attention=layer_attention(c, i),
+                  moe=c if isinstance(c, MoEConfig) and c.is_moe_layer(i) else None, **block)
             for i in range(c.n_layer))
         self.norm_f = make_norm(norm, c.n_embd, c.norm_eps, block.get("bias", True))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -78,7 +80,9 @@ class DecoderLM(nn.Module):
         # GPT-2's init: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)
         init_normal(self, c.init_std)
         for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+            if name.endswith("mlp.experts_up"):
+                nn.init.normal_(p, mean=0.0, std=c.init_std)
+            if name.endswith(("attn.proj.weight", "mlp.down.weight", "mlp.experts_down", "mlp.shared.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layer))
 
     # -- family hooks ---------------------------------------------------------------------------
@@ -112,7 +116,7 @@ class DecoderLM(nn.Module):
         B, T = input_ids.shape
         if kv_cache is not None:
             past = kv_cache.pos
-            new = None
+            new = key_mask = None
             if attention_mask is not None:
                 new = attention_mask.to(torch.bool)
                 if past and new.shape == (B, past + T):  # transformers-style mask over all tokens so far
@@ -120,6 +124,7 @@ class DecoderLM(nn.Module):
                 if new.shape != (B, T):
                     raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                                      f"{(B, T)}" + (f" or {(B, past + T)}" if past else ""))
+            key_mask = new
             step = kv_cache.begin(T, new)
             if int(kv_cache.positions.max()) + T > self.config.block_size:
                 kv_cache.step = None
@@ -150,14 +155,30 @@ class DecoderLM(nn.Module):
             x = block(x, layer_idx=i, **attn_kw)
         if kv_cache is not None:
             kv_cache.commit()
+        moe = self._moe_outputs(key_mask) if self.moe_layers() else {}
         x = self.norm_f(x)
         if targets is not None and self.config.loss_chunk_size > 0:
             # training: the loss without materialising the logits (see lmlab/nn/loss.py)
             loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                         chunk_size=self.config.loss_chunk_size)
-            return LMOutput(logits=None, loss=loss)
+            return LMOutput(logits=None, loss=loss, **moe)
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep > 0 else x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return LMOutput(logits=logits, loss=loss)
+        return LMOutput(logits=logits, loss=loss, **moe)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    def _moe_outputs(self, key_mask: torch.Tensor | None) -> dict:
+        """The MoE layers' router logits, expert load and auxiliary loss (lmlab/nn/moe.py) for LMOutput;
+        padding (`key_mask` False) is left out of the losses."""
+        c, layers = self.config, self.moe_layers()
+        logits = [m.router_logits for m in layers]
+        aux = c.moe_aux_loss_coef * load_balancing_loss(logits, c.n_expert_per_token, key_mask,
+                                                           pooled=c.moe_aux_pooled)
+        if c.moe_z_loss_coef > 0:
+            aux = aux + c.moe_z_loss_coef * router_z_loss(logits, key_mask)
+        load = torch.stack([m.load for m in layers]).float()
+        return {"aux_loss": aux, "router_logits": tuple(logits), "expert_load": load / load.sum(-1, keepdim=True)}

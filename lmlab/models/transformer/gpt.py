@@ -13,10 +13,11 @@ from torch import nn
 
 from lmlab.models.base import ModelConfig
 from lmlab.models.transformer.decoder import AttentionConfig, DecoderLM
+from lmlab.nn.moe import MoEConfig
 
 
 @dataclass(kw_only=True)
-class GPTConfig(AttentionConfig, ModelConfig):
+class GPTConfig(MoEConfig, AttentionConfig, ModelConfig):
     family: str = "gpt"
     n_layer: int = 6
     n_head: int = 6

@@ -19,11 +19,12 @@ import torch
 
 from lmlab.models.base import ModelConfig
 from lmlab.models.transformer.decoder import AttentionConfig, DecoderLM
+from lmlab.nn.moe import MoEConfig
 from lmlab.nn.position import RotaryEmbedding
 
 
 @dataclass(kw_only=True)
-class LlamaConfig(AttentionConfig, ModelConfig):
+class LlamaConfig(MoEConfig, AttentionConfig, ModelConfig):
     family: str = "llama"
     n_layer: int = 6
     n_head: int = 6
