@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from peers import require_module
@@ -165,3 +166,18 @@ def test_fit_flags_an_unidentified_law_and_longer_refuses_it_without_force(tmp_p
     forced = json.loads((tmp_path / "fit.json").read_text())["compute_optimal"]
     assert len(forced) == 5 and all("not identified" in row["forced"] for row in forced)
     assert "FORCED" in capsys.readouterr().out
+
+
+def test_runs_are_keyed_by_their_whole_config_and_locked(char_data, tmp_path):
+    from lmlab.scaling.sweep import run_lock, run_one
+
+    cfg = SweepConfig(data=str(char_data), out=str(tmp_path / "s"), block_size=32, batch_size=8, dtype="float32")
+    same = run_config(cfg, 2e4, 4096).train.out_dir
+    assert run_config(cfg, 2e4, 4096).train.out_dir == same  # an identical rerun finds its finished run
+    changed = [SweepConfig(**{**cfg.__dict__, k: v}) for k, v in
+               (("lr_rule", "kaplan"), ("batch_size", 4), ("n_layer", 2), ("eval_tokens", 1000), ("seed", 1))]
+    dirs = {run_config(c, 2e4, 4096).train.out_dir for c in changed}
+    assert same not in dirs and len(dirs) == len(changed)  # any change that alters the result retrains
+    run = run_config(cfg, 2e4, 4096)
+    with run_lock(Path(run.train.out_dir)), pytest.raises(LmlabError, match="another process"):
+        run_one(cfg, run, quiet=True)
