@@ -42,7 +42,7 @@ def arpa_entries(path: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
-def assert_same_arpa(ours: Path, ref: Path, tol: float = 1e-4) -> None:
+def assert_same_arpa(ours: Path, ref: Path, tol: float = 1e-6) -> None:
     a, b = arpa_entries(ours), arpa_entries(ref)
     assert a.keys() == b.keys()
     worst = max(max(abs(a[k][0] - b[k][0]), abs(a[k][1] - b[k][1])) for k in b)

@@ -369,3 +369,26 @@ def test_cli_fewshot_smoke(char_data, tmp_path, capsys, words_file):
     capsys.readouterr()
     assert main(["fewshot", "--model", str(run), "--tasks", "nosuchtask", "--out", str(out)]) == 2
     assert "unknown task 'nosuchtask'" in capsys.readouterr().err
+
+
+def test_wilson_interval_is_not_degenerate_and_cache_keys_weights_and_code(tmp_path):
+    from lmlab.eval.harness.fewshot import CellCache, code_version, weights_digest, wilson
+
+    lo, hi = wilson(0.0, 200)
+    assert lo == 0.0 and hi == pytest.approx(0.0188, abs=1e-4)  # 0 of 200: [0, 1.9%], not "0.0 ± 0.0"
+    lo, hi = wilson(0.5, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # Brown, Cai & DasGupta 2001
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"a")
+    before = weights_digest(model)
+    assert before and code_version().startswith("0.")
+    cache = CellCache(tmp_path / "cells", {"seed": 0})
+    task = load_task("arithmetic_2d+", 5, seed=0)
+    cache.put("m", str(model), task, 0, {"acc": 1.0}, [])
+    assert cache.get("m", str(model), task, 0)["row"] == {"acc": 1.0}
+    ident = cache.get("m", str(model), task, 0)["ident"]
+    assert ident["weights"] == before and ident["code"] == code_version()
+    (model / "model.safetensors").write_bytes(b"b")  # retrained weights under the same path
+    assert weights_digest(model) != before
+    assert CellCache(tmp_path / "cells", {"seed": 0}).get("m", str(model), task, 0) is None  # not reused

@@ -187,7 +187,7 @@ def test_quantize_swaps_the_linears_and_keeps_the_logits(precision, kernels_or_f
         assert ((Q8Linear if blocks else Int8Linear) in body) == (precision == "int8")
     assert got.dtype == torch.float32  # the residual stream stays fp32
     agree = logit_agreement(want, got)
-    assert agree.top1 >= 0.95 and agree.kl < 0.02, agree
+    assert agree.top1 >= 0.95 and agree.kl < 0.02, agree  # regression floor for a random tiny model, not the bar
     if blocks and precision in ("int8", "int4"):  # every weight exact on its grid: close to fp32 of those
         assert agree.top1 == 1.0
 
@@ -244,8 +244,13 @@ def smollm2():
 # 8-bit output layer). The flips are near-ties (top-2 margins down to 0.007 nats). The PyTorch fallback
 # kernels run bf16 activations and scales: 0.984 (bf16), 0.965 (int8), 0.988 (int4). llama.cpp agrees
 # with fp32 at 0.969 (benchmarks/llm_inference.py).
-MIN_TOP1 = {"bf16": 0.98, "int8": 0.98, "int4": 0.99} if quant_kernels.available() else \
+# So only int4 with the block kernels is held to the stated bar (ACCEPTANCE_TOP1, ACCEPTANCE_KL). Every
+# other top-1 threshold is a REGRESSION FLOOR: the measured value above, rounded down by one to two
+# points, which catches a change for the worse but is no quality claim; the bar is not claimed for them.
+ACCEPTANCE_TOP1, ACCEPTANCE_KL = 0.99, 0.01  # issue 5
+REGRESSION_FLOOR_TOP1 = {"bf16": 0.98, "int8": 0.98} if quant_kernels.available() else \
     {"bf16": 0.98, "int8": 0.96, "int4": 0.98}
+MIN_TOP1 = {"int4": ACCEPTANCE_TOP1, **REGRESSION_FLOOR_TOP1} if quant_kernels.available() else REGRESSION_FLOOR_TOP1
 
 
 @needs_smollm2
@@ -260,7 +265,7 @@ def test_smollm2_precision_agrees_with_fp32(smollm2, precision):
     agree = logit_agreement(ref, got)
     print(f"{precision}: top-1 agreement {agree.top1:.4f}, mean KL {agree.kl:.5f} nats")
     assert agree.positions == 256
-    assert agree.kl <= 0.01 and agree.top1 >= MIN_TOP1[precision], agree
+    assert agree.kl <= ACCEPTANCE_KL and agree.top1 >= MIN_TOP1[precision], agree
     # the default path also generates what fp32 generates for a while (greedy)
     if precision == "int4":
         prompt, cfg = x[0, :32].tolist(), SamplingConfig(max_new_tokens=16, temperature=0)

@@ -15,3 +15,12 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path, capsys):
     meta = json.loads((data / "meta.json").read_text())
     assert meta["corpus"]["source"] == "stdlib-docs" and meta["tokenizer"]["kind"] == "bpe"
     assert main(["quickstart", "--out", str(run), "--data", str(data), "--steps", "1"]) == 2  # never overwrite
+    # the dtype is decided by the CPU's features, and recorded with the reason
+    from lmlab.recipes.quickstart import choose_dtype
+
+    assert (result["dtype"], result["dtype_reason"]) == choose_dtype()
+    # a reused data directory prepared otherwise (here: another vocabulary) is refused, not trained on
+    meta["vocab_size"] = 512
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert main(["quickstart", "--out", str(tmp_path / "run2"), "--data", str(data), "--steps", "1"]) == 2
+    assert "holds other data" in capsys.readouterr().err

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,63 @@ def test_kaplan_joint_law_is_fitted_back_from_its_own_values():
     assert max(abs(r["error"]) for r in backtest(runs, laws=("kaplan",))) < 1e-3
     with pytest.raises(ValueError, match="2 sizes"):
         fit_kaplan(np.full(6, 1e5), D[:6], truth.loss(1e5, D[:6]))
+
+
+def _grid_4x3(E, seed=0, noise=0.003):
+    """A 4x3 sweep like docs/scaling/v5's (4 sizes x 2M-8M tokens) drawn from a known law."""
+    truth = ChinchillaLaw(E=E, A=400.0, B=900.0, alpha=0.34, beta=0.4)
+    N = np.repeat(np.geomspace(2e5, 3.2e6, 4), 3)
+    D = np.tile([2e6, 4e6, 8e6], 4)
+    return N, D, truth.loss(N, D) * np.exp(np.random.default_rng(seed).normal(0, noise, len(N)))
+
+
+def _cheap(n, d, loss):
+    return fit_chinchilla(n, d, loss, starts=8)
+
+
+def test_a_law_with_no_irreducible_loss_is_flagged_not_identified():
+    from lmlab.scaling.fit import identification, pinned_parameters
+
+    N, D, L = _grid_4x3(E=0.0)
+    law = fit_chinchilla(N, D, L)
+    draws = bootstrap(_cheap, [N, D, L], n=30)
+    ident = identification(law, draws)
+    assert not ident["identified"] and ident["not_identified"] == ["E"]
+    # most refits put E on the lower bound of the search, exp(-20), what v4 and v5 printed as "0.000"
+    assert ident["pinned_share"]["E"] > 0.25 and "E" in ident["reason"]
+    assert pinned_parameters(ChinchillaLaw(E=math.exp(-20), A=50.0, B=100.0, alpha=0.3, beta=0.25)) == {
+        "E": "lower bound -20"}
+
+
+def test_a_law_with_irreducible_loss_is_identified_and_covered():
+    from lmlab.scaling.fit import identification
+
+    N, D, L = _grid_4x3(E=1.7)
+    law = fit_chinchilla(N, D, L)
+    draws = bootstrap(_cheap, [N, D, L], n=30)
+    ident = identification(law, draws)
+    assert ident["identified"] and ident["pinned"] == {} and ident["reason"] == ""
+    lo, hi = interval([d.E for d in draws])
+    assert lo < 1.7 < hi
+
+
+def test_power_law_exponent_is_constrained_and_flagged():
+    X = np.geomspace(2e5, 3.2e6, 6)
+    rising = fit_power_law(X, 2.5 + 0.05 * np.log(X / X[0]))  # loss rising with X, as v5's L(N) frontier
+    assert rising.alpha >= 0 and "alpha" in rising.pinned
+    assert fit_power_law(X, 2.0 + (3e4 / X) ** 0.3).pinned == {}
+    with pytest.raises(ValueError, match="does not fall"):
+        fit_power_law(X, 1.0 + 0.1 * np.log(X), irreducible=False)
+
+
+def test_bootstrap_counts_failed_refits_and_never_raises_when_all_fail():
+    def always_fails(*cols):
+        raise ValueError("no start converged")
+
+    draws = bootstrap(always_fails, [np.arange(6.0), np.arange(6.0)], n=7)
+    assert list(draws) == [] and draws.failed == 7 and draws.errors == ["no start converged"]
+    assert all(math.isnan(v) for v in interval([d for d in draws]))
+    # a fit whose every L-BFGS start ends non-finite is a ValueError (was a TypeError), counted above
+    N, D, L = _grid_4x3(E=1.7)
+    with pytest.raises(ValueError, match="no L-BFGS start"):
+        fit_chinchilla(N, D, L * np.nan)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from peers import require_module
@@ -138,3 +139,45 @@ def test_interrupted_run_is_not_recorded_as_a_result(char_data, tmp_path):
     run.train.stop_at_step = 0
     r = run_one(cfg, run, quiet=True)
     assert r["resumed"] and r["steps"] == run.train.max_steps and r["D"] == 4096
+
+
+def test_fit_flags_an_unidentified_law_and_longer_refuses_it_without_force(tmp_path, capsys):
+    import numpy as np
+
+    from lmlab.cli import main
+    from lmlab.scaling.fit import ChinchillaLaw
+
+    law = ChinchillaLaw(E=0.0, A=400.0, B=900.0, alpha=0.34, beta=0.4)  # no irreducible loss: E not identified
+    N, D = np.repeat(np.geomspace(2e5, 3.2e6, 4), 3), np.tile([2e6, 4e6, 8e6], 4)
+    L = law.loss(N, D) * np.exp(np.random.default_rng(2).normal(0, 0.003, 12))
+    (tmp_path / "results.json").write_text(json.dumps(
+        [{"name": f"r{i}", "N": n, "D": d, "val_loss": float(v)} for i, (n, d, v) in enumerate(zip(N, D, L))]))
+    assert main(["scaling", "fit", str(tmp_path), "--bootstrap", "4"]) == 0
+    out = capsys.readouterr().out
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert not fit["identification"]["identified"] and "E" in fit["identification"]["pinned"]
+    assert "NOT IDENTIFIED" in out and "compute-optimal allocation: refused" in out
+    assert "refused" in fit["compute_optimal"] and fit["bootstrap_failed"]["count"] == 0
+    assert main(["scaling", "longer", str(tmp_path / "fit.json"), "--n", "1e5", f"--out={tmp_path / 'l'}"]) != 0
+    err = capsys.readouterr().err
+    assert "refusing" in err and "E: the fit sits on the lower bound" in err and "--force" in err
+    assert not (tmp_path / "l").exists()
+    assert main(["scaling", "fit", str(tmp_path), "--bootstrap", "2", "--force"]) == 0
+    forced = json.loads((tmp_path / "fit.json").read_text())["compute_optimal"]
+    assert len(forced) == 5 and all("not identified" in row["forced"] for row in forced)
+    assert "FORCED" in capsys.readouterr().out
+
+
+def test_runs_are_keyed_by_their_whole_config_and_locked(char_data, tmp_path):
+    from lmlab.scaling.sweep import run_lock, run_one
+
+    cfg = SweepConfig(data=str(char_data), out=str(tmp_path / "s"), block_size=32, batch_size=8, dtype="float32")
+    same = run_config(cfg, 2e4, 4096).train.out_dir
+    assert run_config(cfg, 2e4, 4096).train.out_dir == same  # an identical rerun finds its finished run
+    changed = [SweepConfig(**{**cfg.__dict__, k: v}) for k, v in
+               (("lr_rule", "kaplan"), ("batch_size", 4), ("n_layer", 2), ("eval_tokens", 1000), ("seed", 1))]
+    dirs = {run_config(c, 2e4, 4096).train.out_dir for c in changed}
+    assert same not in dirs and len(dirs) == len(changed)  # any change that alters the result retrains
+    run = run_config(cfg, 2e4, 4096)
+    with run_lock(Path(run.train.out_dir)), pytest.raises(LmlabError, match="another process"):
+        run_one(cfg, run, quiet=True)

@@ -37,12 +37,18 @@ def _fit(args: argparse.Namespace, rest: list[str]) -> int:
 
     if not args.path:
         raise LmlabError("give the sweep directory: lmlab scaling fit runs/scaling")
-    fit = report.fit_results(report.load_results(args.path), n_bootstrap=args.bootstrap)
+    fit = report.fit_results(report.load_results(args.path), n_bootstrap=args.bootstrap, force=args.force)
     out = Path(args.path) / "fit.json" if Path(args.path).is_dir() else Path(args.path).with_name("fit.json")
     report.write_fit(fit, out)
     print(report.summary(fit))
+    ident = fit["identification"]
+    note = "" if ident["identified"] else "Chinchilla law NOT IDENTIFIED: " + ", ".join(
+        f"{k} {'on its ' + ident['pinned'][k] if k in ident['pinned'] else 'on a bound'}"
+        f" in {ident['pinned_share'][k]:.0%} of refits" for k in ident["not_identified"])
+    # held-out runs recorded beside the sweep (heldout*_results.json) are starred in loss_vs_tokens.png
+    heldout = [r for f in sorted(out.parent.glob("heldout*_results.json")) for r in json.loads(f.read_text())]
     plots = write_sweep_plots(report.load_results(args.path), ChinchillaLaw(**fit["chinchilla"]), out.parent,
-                              kaplan=KaplanLaw(**fit["kaplan"]))
+                              extra=heldout or None, kaplan=KaplanLaw(**fit["kaplan"]), note=note)
     print(f"wrote {out}" + "".join(f", {p}" for p in plots))
     return 0
 
@@ -63,6 +69,8 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> int:
     if args.n is None or args.d is None:
         raise LmlabError(f"usage: {usage}")
     p = report.predict(_read_fit(args.path, usage), args.n, args.d, law=args.law)
+    if args.law == "chinchilla" and (why := report.refusal(_read_fit(args.path, usage))):
+        print(f"warning: {why}")
     print(f"predicted final validation loss for N={args.n:.3g}, D={args.d:.3g} (C={p['C']:.3g}): "
           f"{p['loss']:.4f}, 90% interval [{p['interval_90'][0]:.4f}, {p['interval_90'][1]:.4f}] ({args.law} law)")
     return 0
@@ -76,6 +84,13 @@ def _longer(args: argparse.Namespace, rest: list[str]) -> int:
     if args.n is None:
         raise LmlabError(f"usage: {usage}")
     fit = _read_fit(args.path, usage)
+    from lmlab.scaling.report import refusal
+
+    why = refusal(fit)
+    if why and not args.force:
+        raise LmlabError(f"refusing to size budgets from {args.path}: {why}. Pass --force to train anyway")
+    if why:
+        print(f"warning (--force): {why}")
     try:
         multiples = [float(m) for m in args.multiples.split(",")]
     except ValueError:
@@ -109,5 +124,8 @@ def add_parser(add) -> None:
     sp.add_argument("--bootstrap", type=int, default=100, help="fit: bootstrap resamples for intervals")
     sp.add_argument("--law", default="chinchilla", choices=("chinchilla", "kaplan"),
                     help="predict: which fitted law (kaplan: Kaplan et al. 2020 eq. 1.5)")
+    sp.add_argument("--force", action="store_true",
+                    help="fit, longer: compute-optimal allocations and budgets even from a law whose parameters "
+                         "are not identified (pinned at a search bound)")
     sp.add_argument("--multiples", default="1,2,4,8,16",
                     help="longer: token budgets as multiples of the fit's compute-optimal D for --n")

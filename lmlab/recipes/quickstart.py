@@ -32,20 +32,36 @@ log = logging.getLogger(__name__)
 RECIPE_STEPS = 400
 
 
-def bf16_is_faster(n: int = 512, repeats: int = 5) -> bool:
-    """Whether this CPU multiplies bf16 matrices faster than fp32 (AVX-512 BF16 / AMX do; many don't)."""
-    if not torch.cuda.is_available():
-        a32 = torch.randn(n, n)
-        timings = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            a = a32.to(dtype)
-            a @ a
-            t = time.perf_counter()
-            for _ in range(repeats):
-                a @ a
-            timings[dtype] = time.perf_counter() - t
-        return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
-    return torch.cuda.is_bf16_supported()
+def choose_dtype() -> tuple[str, str]:
+    """(dtype, why) from the hardware's features, not a timing, so every machine of one kind runs the
+    same recipe: bf16 autocast on a CUDA GPU that supports it, or on a CPU with native bf16 matrix
+    instructions (AVX512-BF16 or AMX-BF16, as /proc/cpuinfo flags, with torch's kernels at AVX512
+    capability); fp32 elsewhere, where bf16 would be emulated and slower."""
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+        return ("bfloat16" if ok else "float32"), f"CUDA device {'supports' if ok else 'lacks'} bf16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if native and "AVX512" in capability:
+        return "bfloat16", f"CPU has {', '.join(native)} (torch kernels: {capability})"
+    return "float32", f"no native bf16 on this CPU (torch kernels: {capability}; flags avx512_bf16/amx_bf16 absent)"
+
+
+QUICKSTART_DATA = {"source": "stdlib-docs", "tokenizer": "bpe", "vocab_size": 4096}
+
+
+def check_data(data_dir: Path, meta: dict) -> None:
+    """A reused data directory must hold what the recipe prepares: stdlib-docs, BPE, 4096 tokens."""
+    found = {"source": meta.get("prepare", {}).get("source"), "tokenizer": meta.get("tokenizer", {}).get("kind"),
+             "vocab_size": meta.get("vocab_size")}
+    if found != QUICKSTART_DATA or not (data_dir / meta["tokenizer"].get("file", "tokenizer.json")).is_file():
+        raise LmlabError(f"{data_dir} holds other data ({found}, tokenizer file present: "
+                         f"{(data_dir / 'tokenizer.json').is_file()}); the quickstart needs {QUICKSTART_DATA}. "
+                         "Pass another --data, or remove the directory to prepare it again")
 
 
 def recipe(data_dir: str, run_dir: str, steps: int) -> RunConfig:
@@ -55,7 +71,7 @@ def recipe(data_dir: str, run_dir: str, steps: int) -> RunConfig:
         train=TrainConfig(out_dir=run_dir, batch_size=16, max_steps=steps, lr=2e-3, min_lr=2e-4,
                           warmup_steps=min(50, steps // 10), weight_decay=0.1, eval_interval=200,
                           eval_iters=10, ckpt_interval=0, log_interval=20,
-                          dtype="bfloat16" if bf16_is_faster() else "float32"))
+                          dtype=choose_dtype()[0]))
 
 
 def quickstart(out: str = "", data: str = "data/stdlib-docs", steps: int = 0,
@@ -73,9 +89,11 @@ def quickstart(out: str = "", data: str = "data/stdlib-docs", steps: int = 0,
     log.info(f"== 1/4 data: the built-in stdlib-docs corpus ({python_tag()}) -> {data_dir}")
     if (data_dir / "meta.json").is_file():
         meta = read_meta(data_dir)
+        check_data(data_dir, meta)
         log.info(f"reusing {data_dir} ({meta['splits']['train']['n_tokens']:,} training tokens)")
     else:
-        prepare(PrepareConfig(source="stdlib-docs", out=str(data_dir), tokenizer="bpe", vocab_size=4096))
+        prepare(PrepareConfig(source="stdlib-docs", out=str(data_dir), tokenizer="bpe",
+                              vocab_size=QUICKSTART_DATA["vocab_size"]))
     log.info(f"== 2/4 train a small GPT ({cfg.train.max_steps} steps, {cfg.train.dtype}) -> {run_dir}")
     log.info(dump_yaml(cfg).rstrip("\n"))
     trainer = Trainer(cfg, run_dir)
@@ -96,7 +114,8 @@ def quickstart(out: str = "", data: str = "data/stdlib-docs", steps: int = 0,
                            SamplingConfig(max_new_tokens=80, temperature=0.8, top_k=40, seed=0), bos=saved.bos)
     elapsed = time.time() - t0
     result = {"val": ours.as_dict(), "unigram": uni.as_dict(), "perplexity_ratio": ratio,
-              "seconds": elapsed, "sample": "The" + sample, "dtype": cfg.train.dtype}
+              "seconds": elapsed, "sample": "The" + sample, "dtype": cfg.train.dtype,
+              "dtype_reason": choose_dtype()[1] if cfg.train.dtype == choose_dtype()[0] else "set by an override"}
     atomic_write_text(run_dir / "quickstart.json", json.dumps(result, indent=2))
     return {**result, "run_dir": str(run_dir), "finite": math.isfinite(ours.loss)}
 

@@ -10,7 +10,10 @@
 * `PowerLaw`: L(X) = E + (X_c / X)^alpha, one variable (Kaplan et al. 2020 use E = 0).
 * `isoflop_optima`: Approach 2 — for each compute budget, the N that minimises a parabola fitted to
   loss against log N; then N*(C) and D*(C) as power laws of C.
-* `bootstrap`: refit on resampled runs for confidence intervals.
+* `bootstrap`: refit on resampled runs for confidence intervals, counting the refits that failed.
+* `pinned_parameters`: the parameters a fit left on a bound of its search. A parameter pinned at a
+  bound is not identified by the data (the optimum lies outside the searched range, or the objective
+  is flat in it), so the law's allocations and extrapolations are not to be trusted.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -93,6 +96,31 @@ DEFAULT_GRID = {  # Hoffmann et al. 2022, Appendix D.2 (a = log A, b = log B, e 
 THETA_BOUNDS = [(-50.0, 200.0), (-50.0, 200.0), (-20.0, 5.0), (0.0, 5.0), (0.0, 5.0)]
 
 
+# how close (in the optimiser's coordinates: logs of the scales, the exponents themselves) a parameter
+# must sit to a bound of THETA_BOUNDS to count as pinned there; L-BFGS-B lands exactly on an active bound
+BOUND_TOL = 1e-3
+CHINCHILLA_COORDS = (("A", True), ("B", True), ("E", True), ("alpha", False), ("beta", False))  # (name, log?)
+
+
+def _pinned(values: Sequence[float], bounds: Sequence[tuple[float, float]],
+            names: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for v, (lo, hi), name in zip(values, bounds, names, strict=True):
+        if v <= lo + BOUND_TOL:
+            out[name] = f"lower bound {lo:g}"
+        elif v >= hi - BOUND_TOL:
+            out[name] = f"upper bound {hi:g}"
+    return out
+
+
+def pinned_parameters(law: ChinchillaLaw) -> dict[str, str]:
+    """{parameter: which bound} for the parameters of a fitted Chinchilla law that sit on a bound of the
+    search (THETA_BOUNDS); e.g. E = exp(-20) = 2.1e-9 is "lower bound -20" of log E."""
+    d = law.as_dict()
+    values = [math.log(d[k]) if log and d[k] > 0 else (-math.inf if log else d[k]) for k, log in CHINCHILLA_COORDS]
+    return _pinned(values, THETA_BOUNDS, [k for k, _ in CHINCHILLA_COORDS])
+
+
 def _grid_values(thetas: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray,
                  delta: float) -> np.ndarray:
     """The objective at every grid point at once ([K, 5] -> [K])."""
@@ -127,6 +155,8 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
                        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 20000})
         if np.all(np.isfinite(res.x)) and res.fun < best_value:
             best, best_value = res.x, res.fun
+    if best is None:
+        raise ValueError(f"no L-BFGS start of {starts} reached a finite Chinchilla fit")
     a, b, e, alpha, beta = best
     return ChinchillaLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
 
@@ -177,17 +207,21 @@ def fit_kaplan(N: Sequence[float], D: Sequence[float], L: Sequence[float], *, st
                             bounds=([-50, -50, 1e-4, 1e-4], [200, 200, 5, 5]), xtol=1e-12, ftol=1e-12)
         if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
             best = res
+    if best is None:
+        raise ValueError(f"no start of {starts} reached a finite Kaplan fit")
     log_nc, log_dc, a_n, a_d = best.x
     return KaplanLaw(N_c=math.exp(log_nc), D_c=math.exp(log_dc), alpha_N=float(a_n), alpha_D=float(a_d))
 
 
 @dataclass
 class PowerLaw:
-    """L(X) = E + (X_c / X)^alpha."""
+    """L(X) = E + (X_c / X)^alpha, alpha >= 0 (loss does not rise with X). `pinned` names the parameters
+    the fit left on a bound of its search (e.g. alpha at 0: the data show no fall of the loss with X)."""
 
     E: float
     X_c: float
     alpha: float
+    pinned: dict[str, str] = field(default_factory=dict)
 
     def loss(self, X):
         return self.E + (self.X_c / np.asarray(X, dtype=float)) ** self.alpha
@@ -196,14 +230,28 @@ class PowerLaw:
         return asdict(self)
 
 
+NEGLIGIBLE_E = 1e-3  # E below this share of the loss changes no fitted loss by more than the Huber delta
+# c = alpha log X_c, alpha, e = log E; alpha >= 0 constrains the sign of the exponent
+POWER_LAW_BOUNDS = [(-50.0, 200.0), (0.0, 5.0), (-20.0, 5.0)]
+
+
+def _x_c(c: float, alpha: float) -> float:
+    """X_c = exp(c / alpha); inf when alpha sits at 0 (the law is then the constant E + exp(c))."""
+    return math.exp(c / alpha) if alpha > 0 and c / alpha < 700 else math.inf
+
+
 def fit_power_law(X: Sequence[float], L: Sequence[float], *, irreducible: bool = True,
                   delta: float = HUBER_DELTA) -> PowerLaw:
-    """Fit L(X) = E + (X_c/X)^alpha (E = 0 when `irreducible` is False, Kaplan et al.'s form)."""
+    """Fit L(X) = E + (X_c/X)^alpha with alpha >= 0 (E = 0 when `irreducible` is False, Kaplan et al.'s
+    form). A fit that ends on a bound says so in `pinned`."""
     from scipy.optimize import minimize
 
     logX, logL = np.log(np.asarray(X, dtype=float)), np.log(np.asarray(L, dtype=float))
     if not irreducible:  # straight line in log-log space
         slope, intercept = np.polyfit(logX, logL, 1)
+        if slope >= 0:
+            raise ValueError(f"loss does not fall with X (log-log slope {slope:+.3g}): no power law with "
+                             "a positive exponent")
         alpha = -slope
         return PowerLaw(E=0.0, X_c=float(math.exp(intercept / alpha)), alpha=float(alpha))
 
@@ -217,11 +265,16 @@ def fit_power_law(X: Sequence[float], L: Sequence[float], *, irreducible: bool =
         w /= s
         return float(value.sum()), np.array([(g * w[0]).sum(), -(g * w[0] * logX).sum(), (g * w[1]).sum()])
 
-    best = min((minimize(objective, np.array([c, al, e]), jac=True, method="L-BFGS-B")
+    best = min((minimize(objective, np.array([c, al, e]), jac=True, method="L-BFGS-B", bounds=POWER_LAW_BOUNDS)
                 for c, al, e in itertools.product((0.0, 5.0, 10.0), (0.1, 0.5, 1.0), (-1.0, 0.0, 1.0))),
                key=lambda r: r.fun)
-    c, alpha, e = best.x
-    return PowerLaw(E=float(math.exp(e)), X_c=float(math.exp(c / alpha)), alpha=float(alpha))
+    c, alpha, e = (float(v) for v in best.x)
+    pinned = _pinned([alpha, e], POWER_LAW_BOUNDS[1:], ["alpha", "E"])
+    if "E" not in pinned and math.exp(e) < NEGLIGIBLE_E * math.exp(logL.min()):
+        # the objective is flat in e once E is this small, so L-BFGS stops short of the bound: the data
+        # say only that E is near 0, i.e. E is not measured (Kaplan et al.'s E = 0 form fits as well)
+        pinned["E"] = f"flat floor: E < {NEGLIGIBLE_E:.1%} of the smallest loss"
+    return PowerLaw(E=math.exp(e), X_c=_x_c(c, alpha), alpha=alpha, pinned=pinned)
 
 
 @dataclass
@@ -273,21 +326,58 @@ def isoflop_optima(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
     return IsoFlopResult(budgets, n_opt, float(a), float(b), float(math.exp(log_kn)), float(math.exp(log_kd)))
 
 
+class Draws(list):
+    """Bootstrap refits (a list), with `failed`: how many resamples gave no fit, and `errors`: why."""
+
+    def __init__(self, fits=(), failed: int = 0, errors: Sequence[str] = ()):
+        super().__init__(fits)
+        self.failed = failed
+        self.errors = list(errors)
+
+
 def bootstrap(fit: Callable[..., object], columns: Sequence[Sequence[float]], *, n: int = 200,
-              seed: int = 0) -> list[object]:
-    """Refit `fit(*columns)` on `n` resamples (with replacement) of the runs."""
+              seed: int = 0) -> Draws:
+    """Refit `fit(*columns)` on `n` resamples (with replacement) of the runs. Resamples whose fit
+    fails (too few distinct runs, no finite optimum) are counted in `.failed`, not silently dropped."""
     rng = np.random.default_rng(seed)
     cols = [np.asarray(c, dtype=float) for c in columns]
-    out = []
+    out = Draws()
     for _ in range(n):
         idx = rng.integers(0, len(cols[0]), size=len(cols[0]))
         try:
             out.append(fit(*(c[idx] for c in cols)))
-        except (ValueError, np.linalg.LinAlgError):
-            continue
+        except (ValueError, np.linalg.LinAlgError) as e:
+            out.failed += 1
+            if str(e) not in out.errors:
+                out.errors.append(str(e))
     return out
 
 
+def identification(law: ChinchillaLaw, draws: Sequence[ChinchillaLaw], level: float = 0.9) -> dict:
+    """Is each parameter of a Chinchilla fit identified by the data? A parameter is not when the fit
+    sits on a bound of the search, or when its `level` bootstrap interval reaches one (more than
+    (1 - level) / 2 of the refits pinned there: the interval's end is then the bound, not the data).
+
+    Returns {"identified": bool, "pinned": {param: bound} of the fit itself, "pinned_share": {param:
+    share of bootstrap refits on a bound}, "not_identified": [params], "reason": a sentence or ""}."""
+    pinned = pinned_parameters(law)
+    draw_pins = [pinned_parameters(d) for d in draws]
+    share = {k: (sum(k in p for p in draw_pins) / len(draws) if draws else math.nan) for k, _ in CHINCHILLA_COORDS}
+    tail = (1 - level) / 2
+    bad = [k for k, _ in CHINCHILLA_COORDS if k in pinned or share[k] > tail]
+    why = []
+    for k in bad:
+        where = f"the fit sits on the {pinned[k]}" if k in pinned else "the fit is inside the bounds"
+        why.append(f"{k}: {where}, as do {share[k]:.0%} of {len(draws)} bootstrap refits")
+    reason = ("not identified by these runs (" + "; ".join(why) + "): the data do not pin the law down, so "
+              "its allocations and extrapolations are not measurements") if bad else ""
+    return {"identified": not bad, "pinned": pinned, "pinned_share": share, "not_identified": bad,
+            "reason": reason}
+
+
 def interval(values: Sequence[float], level: float = 0.9) -> tuple[float, float]:
+    """The central `level` interval of bootstrap values; (nan, nan) when there are none."""
+    if len(values) == 0:
+        return math.nan, math.nan
     lo, hi = np.quantile(np.asarray(values, dtype=float), [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)

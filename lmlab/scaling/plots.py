@@ -26,8 +26,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, note: str = "") -> Path:
+    """Write fig as PNG; a `note` (e.g. the fit is not identified) is printed in red under the axes."""
     from matplotlib.ticker import NullFormatter
+
+    if note:
+        import textwrap
+
+        fig.text(0.5, -0.02, textwrap.fill(note, 90), ha="center", va="top", color="red", fontsize=7)
 
     for ax in fig.axes:  # label decades only: minor-tick labels on short log axes overlap
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -42,7 +48,7 @@ def _columns(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.array([r["val_loss"] for r in runs], float))
 
 
-def loss_vs_compute(runs: list[dict], law: ChinchillaLaw, path: Path) -> Path:
+def loss_vs_compute(runs: list[dict], law: ChinchillaLaw, path: Path, note: str = "") -> Path:
     """Every run at C = 6ND, coloured by size; the measured frontier and the law's compute-optimal loss."""
     plt = _pyplot()
     N, D, L = _columns(runs)
@@ -57,15 +63,16 @@ def loss_vs_compute(runs: list[dict], law: ChinchillaLaw, path: Path) -> Path:
     ax.step(C[order], frontier, where="post", color="black", lw=1, label="measured frontier")
     grid = np.geomspace(C.min() / 2, C.max() * 8, 100)
     n_opt, d_opt = law.compute_optimal(grid)
-    ax.plot(grid, law.loss(n_opt, d_opt), "--", color="gray", label="fit: L(N*(C), D*(C))")
+    ax.plot(grid, law.loss(n_opt, d_opt), "--", color="gray",
+            label="fit: L(N*(C), D*(C))" + (" (not identified)" if note else ""))
     ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
            title="Loss against compute")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, note)
 
 
 def isoflop_profiles(runs: list[dict], law: ChinchillaLaw, path: Path, *,
-                     rel_tol: float = ISOFLOP_TOLERANCE) -> Path:
+                     rel_tol: float = ISOFLOP_TOLERANCE, note: str = "") -> Path:
     """Runs grouped by compute budget (within rel_tol), loss against N; the law's curve at each budget."""
     plt = _pyplot()
     N, D, L = _columns(runs)
@@ -86,11 +93,11 @@ def isoflop_profiles(runs: list[dict], law: ChinchillaLaw, path: Path, *,
     ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss",
            title="IsoFLOP profiles (points: runs; lines: fit)")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, note)
 
 
 def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list[dict] | None = None,
-                   kaplan: KaplanLaw | None = None) -> Path:
+                   kaplan: KaplanLaw | None = None, note: str = "") -> Path:
     """Loss against training tokens, one line per model size, with the Chinchilla law (solid) and
     Kaplan's L(N, D) (dashed, if given); `extra` runs (held-out) starred."""
     plt = _pyplot()
@@ -110,7 +117,7 @@ def loss_vs_tokens(runs: list[dict], law: ChinchillaLaw, path: Path, extra: list
     ax.set(xscale="log", xlabel="training tokens D", ylabel="validation loss",
            title=title + ("; dashed: Kaplan)" if kaplan is not None else ")"))
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, note)
 
 
 def train_longer(rows: list[dict], law: ChinchillaLaw | None, path: Path) -> Path:
@@ -131,14 +138,16 @@ def train_longer(rows: list[dict], law: ChinchillaLaw | None, path: Path) -> Pat
 
 
 def write_sweep_plots(runs: list[dict], law: ChinchillaLaw, out_dir: Path,
-                      extra: list[dict] | None = None, kaplan: KaplanLaw | None = None) -> list[Path]:
-    """The three sweep plots into out_dir; [] with a message if matplotlib is missing."""
+                      extra: list[dict] | None = None, kaplan: KaplanLaw | None = None,
+                      note: str = "") -> list[Path]:
+    """The three sweep plots into out_dir; [] with a message if matplotlib is missing. `note` (e.g.
+    "Chinchilla law NOT IDENTIFIED: ...") is printed on each."""
     try:
         _pyplot()
     except ImportError:
         log.warning("matplotlib is not installed: skipping the plots (pip install matplotlib)")
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [loss_vs_compute(runs, law, out_dir / "loss_vs_compute.png"),
-            isoflop_profiles(runs, law, out_dir / "isoflop.png"),
-            loss_vs_tokens(runs, law, out_dir / "loss_vs_tokens.png", extra, kaplan)]
+    return [loss_vs_compute(runs, law, out_dir / "loss_vs_compute.png", note),
+            isoflop_profiles(runs, law, out_dir / "isoflop.png", note=note),
+            loss_vs_tokens(runs, law, out_dir / "loss_vs_tokens.png", extra, kaplan, note)]

@@ -15,6 +15,7 @@ from lmlab.scaling.fit import (
     fit_chinchilla,
     fit_kaplan,
     fit_power_law,
+    identification,
     interval,
     isoflop_optima,
 )
@@ -38,19 +39,25 @@ def load_results(path: str | Path) -> list[dict]:
     return runs
 
 
-def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> dict:
+def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0, force: bool = False) -> dict:
+    """Fit the laws, bootstrap them and check that the Chinchilla law is identified
+    (`fit.identification`). The compute-optimal allocation of a law that is not identified is refused
+    (written as {"refused": why}) unless `force`, and is then marked forced."""
     N = np.array([r["N"] for r in runs], dtype=float)
     D = np.array([r["D"] for r in runs], dtype=float)
     L = np.array([r["val_loss"] for r in runs], dtype=float)
     law = fit_chinchilla(N, D, L)
     boots = bootstrap(LAWS["chinchilla"][2], [N, D, L], n=n_bootstrap, seed=seed)
-    out: dict = {"chinchilla": law.as_dict(), "n_runs": len(runs),
+    ident = identification(law, boots)
+    out: dict = {"chinchilla": law.as_dict(), "n_runs": len(runs), "identification": ident,
                  "bootstrap": [b.as_dict() for b in boots],
+                 "bootstrap_failed": {"count": boots.failed, "of": n_bootstrap, "errors": boots.errors},
                  "intervals_90": {k: interval([b.as_dict()[k] for b in boots]) for k in law.as_dict()}}
     kaplan = fit_kaplan(N, D, L)
     out["kaplan"] = kaplan.as_dict()
-    out["kaplan_bootstrap"] = [b.as_dict() for b in bootstrap(LAWS["kaplan"][2], [N, D, L], n=n_bootstrap,
-                                                              seed=seed)]
+    kboots = bootstrap(LAWS["kaplan"][2], [N, D, L], n=n_bootstrap, seed=seed)
+    out["kaplan_bootstrap"] = [b.as_dict() for b in kboots]
+    out["kaplan_bootstrap_failed"] = {"count": kboots.failed, "of": n_bootstrap, "errors": kboots.errors}
     out["kaplan_max_abs_residual"] = float(np.max(np.abs(kaplan.loss(N, D) / L - 1)))
     C = 6 * N * D
     # Kaplan et al. 2020 style one-variable laws over the frontier: the best loss at each N, D and C
@@ -69,11 +76,26 @@ def fit_results(runs: list[dict], *, n_bootstrap: int = 100, seed: int = 0) -> d
                          "fitted": float(law.loss(r["N"], r["D"]))} for r in runs]
     out["max_abs_residual"] = max(abs(r["fitted"] - r["val_loss"]) / r["val_loss"] for r in out["residuals"])
     out["backtest"] = backtest(runs)
-    budgets = np.geomspace(C.min(), C.max() * 100, 5)
-    n_opt, d_opt = law.compute_optimal(budgets)
-    out["compute_optimal"] = [{"C": float(c), "N": float(n), "D": float(d), "tokens_per_param": float(d / n)}
-                              for c, n, d in zip(budgets, n_opt, d_opt)]
+    if ident["identified"] or force:
+        budgets = np.geomspace(C.min(), C.max() * 100, 5)
+        n_opt, d_opt = law.compute_optimal(budgets)
+        out["compute_optimal"] = [{"C": float(c), "N": float(n), "D": float(d), "tokens_per_param": float(d / n)}
+                                  | ({"forced": ident["reason"]} if not ident["identified"] else {})
+                                  for c, n, d in zip(budgets, n_opt, d_opt)]
+    else:
+        out["compute_optimal"] = {"refused": "the Chinchilla law is " + ident["reason"] +
+                                  "; pass --force to compute it anyway"}
     return out
+
+
+def refusal(fit: dict) -> str:
+    """Why a fit must not be used for allocations ("" when it may): its own identification record, or,
+    for a fit.json written before the check, the bounds of its Chinchilla law alone."""
+    ident = fit.get("identification")
+    if ident is None and "chinchilla" in fit:
+        boots = [ChinchillaLaw(**b) for b in fit.get("bootstrap", [])]
+        ident = identification(ChinchillaLaw(**fit["chinchilla"]), boots)
+    return "" if ident is None or ident["identified"] else "the Chinchilla law is " + ident["reason"]
 
 
 def backtest(runs: list[dict], laws: tuple[str, ...] = ("chinchilla", "kaplan")) -> list[dict]:
@@ -121,20 +143,41 @@ def write_fit(fit: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(fit, indent=2))
 
 
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if v == v else "n/a"
+
+
 def summary(fit: dict) -> str:
     c = fit["chinchilla"]
-    lines = [f"L(N, D) = {c['E']:.3f} + {c['A']:.4g} / N^{c['alpha']:.3f} + {c['B']:.4g} / D^{c['beta']:.3f}"
+    ident = fit.get("identification", {})
+    lines = [f"L(N, D) = {c['E']:.4g} + {c['A']:.4g} / N^{c['alpha']:.3f} + {c['B']:.4g} / D^{c['beta']:.3f}"
              f"   ({fit['n_runs']} runs)"]
+    if ident and not ident["identified"]:
+        lines.append("NOT IDENTIFIED: " + ident["reason"])
     for k, (lo, hi) in fit["intervals_90"].items():
-        lines.append(f"  {k:<6} 90% interval [{lo:.4g}, {hi:.4g}]")
+        pin = ident.get("pinned", {}).get(k)
+        share = ident.get("pinned_share", {}).get(k, 0.0)
+        note = (f"   fit on the {pin}" if pin else "") + (f"   {share:.0%} of refits on a bound" if share else "")
+        lines.append(f"  {k:<6} 90% interval [{_fmt(lo)}, {_fmt(hi)}]{note}")
+    failed = fit.get("bootstrap_failed")
+    if failed:
+        lines.append(f"  bootstrap: {failed['count']} of {failed['of']} refits failed"
+                     + (f" ({'; '.join(failed['errors'][:2])})" if failed["errors"] else ""))
     for name in ("L_of_N", "L_of_D", "L_of_C"):
         if name in fit:
             p = fit[name]
-            lines.append(f"{name}: {p['E']:.3f} + ({p['X_c']:.3g} / X)^{p['alpha']:.3f}")
-    lines.append("compute-optimal allocation (C = 6ND):")
-    for row in fit["compute_optimal"]:
-        lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, "
-                     f"{row['tokens_per_param']:.1f} tokens/param")
+            pins = p.get("pinned") or {}
+            flag = ("   AT THE CONSTRAINT: " + ", ".join(f"{k} on its {v}" for k, v in pins.items())) if pins else ""
+            lines.append(f"{name}: {p['E']:.3f} + ({p['X_c']:.3g} / X)^{p['alpha']:.3f}{flag}")
+    co = fit["compute_optimal"]
+    if isinstance(co, dict):
+        lines.append("compute-optimal allocation: refused, " + co["refused"])
+    else:
+        lines.append("compute-optimal allocation (C = 6ND)"
+                     + (", FORCED from a law that is not identified:" if co and "forced" in co[0] else ":"))
+        for row in co:
+            lines.append(f"  C={row['C']:.3g}: N*={row['N']:.3g}, D*={row['D']:.3g}, "
+                         f"{row['tokens_per_param']:.1f} tokens/param")
     if "max_abs_residual" in fit:
         lines.append(f"largest in-sample residual: {fit['max_abs_residual']:.2%} of the loss")
     if "kaplan" in fit:
@@ -142,6 +185,9 @@ def summary(fit: dict) -> str:
         lines.append(f"Kaplan's L(N, D) = [({b['N_c']:.4g} / N)^({b['alpha_N']:.4f} / {b['alpha_D']:.4f}) + "
                      f"{b['D_c']:.4g} / D]^{b['alpha_D']:.4f}, largest in-sample residual "
                      f"{fit['kaplan_max_abs_residual']:.2%}")
+        kf = fit.get("kaplan_bootstrap_failed")
+        if kf and kf["count"]:
+            lines.append(f"  Kaplan bootstrap: {kf['count']} of {kf['of']} refits failed")
     if fit.get("backtest"):
         lines.append("backtest (refit without the left-out runs, then predict them):")
         for r in fit["backtest"]:

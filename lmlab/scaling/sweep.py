@@ -18,6 +18,8 @@ Kaplan et al. 2020 (Fig. 5) find loss nearly independent of shape at fixed N onc
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -25,7 +27,8 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,7 +64,9 @@ class SweepConfig:
     head_dim: int = 32
     dtype: str = "bfloat16"
     seed: int = 1337
-    eval_tokens: int = 200_000  # validation tokens scored for each run's final loss
+    # validation tokens scored for each run's final loss: the FIRST eval_tokens of the split (stdlib-code's
+    # has ~773k, so the default scores about a quarter of it); 0 scores the whole split
+    eval_tokens: int = 200_000
     # Skip grid points whose 6 N D (N = 12 n_layer n_embd^2 of the chosen shape) is above this (0: no cap).
     # A capped grid gives small models long budgets without paying for the largest model on them, and
     # keeps the largest fitted compute a known fraction of the held-out run's.
@@ -115,19 +120,59 @@ def run_config(cfg: SweepConfig, n_target: float, d_target: float) -> RunConfig:
     n_actual = 12 * n_layer * n_embd**2
     lr = lr_for(n_actual, n_embd, rule=cfg.lr_rule, scale=cfg.lr_scale)
     name = f"N{n_target:.2g}-D{d_target:.2g}".replace("+", "")
-    return RunConfig(
+    run = RunConfig(
         model=GPTConfig(n_layer=n_layer, n_head=n_embd // cfg.head_dim, n_embd=n_embd, block_size=cfg.block_size),
         data=DataConfig(dir=cfg.data),
         train=TrainConfig(out_dir=str(Path(cfg.out) / name), seed=cfg.seed, dtype=cfg.dtype,
                           batch_size=cfg.batch_size, max_steps=steps, lr=lr, min_lr=lr / 10,
                           warmup_steps=max(1, steps // 20), eval_interval=0, ckpt_interval=max(50, steps // 10),
                           keep_checkpoints=1, log_interval=max(1, steps // 50), progress=False))
+    run.train.out_dir = str(Path(cfg.out) / f"{name}-{config_hash(run, cfg)}")
+    return run
+
+
+# fields that change neither the trained weights nor the score: where and how often to log or save,
+# the thread count (results agree up to rounding, see tests), the directory itself
+_NOT_HASHED = ("out_dir", "progress", "log_interval", "ckpt_interval", "keep_checkpoints", "threads")
+
+
+def config_hash(run: RunConfig, cfg: SweepConfig) -> str:
+    """8 hex digits of sha256 over everything that decides a run's result: the whole model, data and
+    training config (less _NOT_HASHED), the scored validation tokens, and the data's meta.json (its
+    tokenizer and shards). Nothing time-dependent: an identical rerun finds the same directory."""
+    d = asdict(run)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in _NOT_HASHED}
+    meta = Path(cfg.data) / "meta.json"
+    d["_eval_tokens"] = cfg.eval_tokens
+    d["_data_meta"] = hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on run_dir/.lock; a second process on the same run fails at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LmlabError(f"{run_dir} is being trained by another process (locked); wait for it or "
+                             "stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_one(cfg: SweepConfig, run: RunConfig, *, quiet: bool = False) -> dict:
     """Train (or resume) one grid point and evaluate it; a finished run's result.json is read back.
     `quiet`: the trainer's own notes go to the debug level."""
     run_dir = Path(run.train.out_dir)
+    with run_lock(run_dir):
+        return _run_one(cfg, run, run_dir, quiet)
+
+
+def _run_one(cfg: SweepConfig, run: RunConfig, run_dir: Path, quiet: bool) -> dict:
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -148,7 +193,9 @@ def run_one(cfg: SweepConfig, run: RunConfig, *, quiet: bool = False) -> dict:
     result = {"name": run_dir.name, "N": n, "N_with_embeddings": trainer.model.num_params(non_embedding=False),
               "D": tokens, "C": 6 * n * tokens,
               "C_counted": flops_per_token(n, m.n_layer, m.block_size, m.n_embd) * tokens,
-              "val_loss": val.loss, "val_bits_per_byte": val.bits_per_byte, "seconds": seconds,
+              "val_loss": val.loss, "val_bits_per_byte": val.bits_per_byte,
+              "val_tokens_scored": cfg.eval_tokens or "all", "config_hash": config_hash(run, cfg),
+              "seconds": seconds,
               "tok_per_s": tokens / seconds, "resumed": resumed, "n_layer": m.n_layer, "n_embd": m.n_embd,
               "n_head": m.n_head, "block_size": m.block_size, "batch_size": run.train.batch_size,
               "lr": run.train.lr, "steps": run.train.max_steps, "dtype": run.train.dtype}
@@ -216,7 +263,10 @@ def train_longer(cfg: SweepConfig, n_target: float, budgets: list[float]) -> lis
 def write_table(results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    lines = ["| run | N | N (with emb) | D | C = 6ND | C counted | val loss | s | tok/s | shape | lr |",
+    scored = sorted({str(r.get("val_tokens_scored", "?")) for r in results})
+    what = "the whole validation split" if scored == ["all"] else f"the first {', '.join(scored)} validation tokens"
+    lines = [f"val loss: mean over {what} (`eval_tokens`)", "",
+             "| run | N | N (with emb) | D | C = 6ND | C counted | val loss | s | tok/s | shape | lr |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["N"], r["D"])):
         lines.append(f"| {r['name']} | {r['N']:,} | {r['N_with_embeddings']:,} | {r['D']:,} | {r['C']:.3g} | "

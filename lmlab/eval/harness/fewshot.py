@@ -52,6 +52,21 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
+WILSON_Z = 1.959964  # two-sided 95%: the normal quantile Phi^-1(0.975)
+
+
+def wilson(p: float, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion p of n (Wilson 1927; Brown, Cai & DasGupta 2001,
+    eq. 4): centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    Unlike p ± stderr it is not degenerate at p = 0 or 1 (0 of 200: [0, 1.9%])."""
+    if not n:
+        return float("nan"), float("nan")
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
 @dataclass
 class ShotResult:
     task: str
@@ -67,7 +82,9 @@ class ShotResult:
     items: list[dict] = field(default_factory=list)   # per item: prompt, scores or prediction, correct
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "items"}
+        out = {k: v for k, v in asdict(self).items() if k != "items"}
+        out["acc_interval_95"] = list(wilson(self.acc, self.n))  # Wilson score interval
+        return out
 
 
 def evaluate_task(lm: LM, task: Task, shots: int, seed: int = 0) -> ShotResult:
@@ -114,18 +131,59 @@ def evaluate(lm: LM, tasks: list[Task], shots: list[int], seed: int = 0) -> list
     return out
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".arpa", ".json", ".yaml", ".model", ".txt")
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 (16 hex digits) over a model's files: the file itself, or every weight, config and
+    tokenizer file under a directory (names and contents). A hub name that is not a local path
+    digests to "" (its revision is not known here)."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _WEIGHT_SUFFIXES) \
+        if p.is_dir() else []
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """lmlab's version and, in a git checkout, its commit (with "+dirty" for uncommitted changes)."""
+    import subprocess
+
+    import lmlab
+
+    root = Path(lmlab.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    return lmlab.__version__ + (f"+{head}" if head else "")
+
+
 class CellCache:
     """Finished cells under `root`, one `<model>__<task>__<k>shot-<hash>.json` each. A cell counts
-    only if everything that decides its numbers matches: model name and path, k, `key` (seed, dtype,
-    ...) and the task itself (a digest of its items, pool and prompt settings, so an edited task file
+    only if everything that decides its numbers matches: model name and path, the weights' digest
+    (`weights_digest`), the code version (`code_version`), k, `key` (seed, dtype, ...) and the task
+    itself (a digest of its items, pool and prompt settings, so an edited task file
     is evaluated again); otherwise it is computed again and overwritten."""
 
     def __init__(self, root: str | Path, key: dict):
         self.root, self.key = Path(root), key
+        self._weights: dict[str, str] = {}
 
     def _ident(self, model: str, path: str, task: Task, shots: int) -> dict:
         digest = hashlib.sha1(repr(task).encode()).hexdigest()
-        return {"model": model, "path": path, "task": task.name, "task_digest": digest, "shots": shots, **self.key}
+        if path not in self._weights:
+            self._weights[path] = weights_digest(path)
+        return {"model": model, "path": path, "weights": self._weights[path], "code": code_version(),
+                "task": task.name, "task_digest": digest, "shots": shots, **self.key}
 
     def path(self, model: str, path: str, task: Task, shots: int) -> Path:
         ident = json.dumps(self._ident(model, path, task, shots), sort_keys=True)
@@ -177,7 +235,9 @@ def evaluate_model(load: Callable[[], LM], name: str, path: str, tasks: list[Tas
 
 def _log_result(name: str, r: ShotResult) -> None:
     norm = f", acc_norm {r.acc_norm:.3f}" if r.acc_norm is not None else ""
-    log.info(f"{name} {r.task} {r.shots}-shot: acc {r.acc:.3f} ± {r.acc_stderr:.3f}{norm} (n={r.n}, {r.seconds:.1f}s)")
+    lo, hi = wilson(r.acc, r.n)
+    log.info(f"{name} {r.task} {r.shots}-shot: acc {r.acc:.3f} [95% {lo:.3f}, {hi:.3f}]{norm} "
+             f"(n={r.n}, {r.seconds:.1f}s)")
 
 
 def run_fewshot(models: list[str], tasks: list[str], shots: list[int], *, items: int = 200, seed: int = 0,

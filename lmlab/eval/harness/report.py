@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from lmlab.eval.harness.fewshot import wilson
 from lmlab.utils.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def write_results(out: str | Path, rows: list[dict], config: dict) -> list[Path]
 
 
 def _cell(r: dict) -> str:
-    s = f"{100 * r['acc']:.1f} ± {100 * r['acc_stderr']:.1f}"
+    lo, hi = r.get("acc_interval_95") or wilson(r["acc"], r["n"])
+    s = f"{100 * r['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
     if r.get("acc_norm") is not None:
         s += f" (norm {100 * r['acc_norm']:.1f})"
     return s
@@ -40,7 +42,7 @@ def markdown(rows: list[dict], config: dict) -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines = ["# Few-shot accuracy", "",
-             f"Accuracy in % ± binomial standard error; {config.get('items')} seeded items per task and k "
+             f"Accuracy in % [Wilson 95% interval]; {config.get('items')} seeded items per task and k "
              f"(seed {config.get('seed')}); multiple-choice tasks also show the length-normalised accuracy.", ""]
     for task in tasks:
         sub = {(r["model"], r["shots"]): r for r in rows if r["task"] == task}
@@ -79,9 +81,11 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                              squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         for m in models:
-            pts = sorted((r["shots"], r["acc"], r["acc_stderr"]) for r in rows if r["task"] == task and r["model"] == m)
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+            pts = sorted((r["shots"], r["acc"], *(r.get("acc_interval_95") or wilson(r["acc"], r["n"])))
+                         for r in rows if r["task"] == task and r["model"] == m)
+            if pts:  # Wilson 95% intervals (asymmetric; not degenerate at 0 or 1)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker="o",
                             capsize=3, label=m)
         ax.set_title(task)
         ax.set_xticks(shots)
