@@ -333,6 +333,6 @@ def test_key_from_a_file_and_models_that_cannot_be_served(tiny_run, tmp_path):
         assert ok.status_code == 200
     arpa = tmp_path / "m.arpa"
     arpa.write_text("\\data\\\nngram 1=3\n\n\\1-grams:\n-1.0\t<s>\n-0.5\t</s>\n-0.5\ta\n\n\\end\\\n")
-    assert main(["serve", str(arpa)]) == 1
+    assert main(["serve", str(arpa)]) != 0
     with pytest.raises(LmlabError, match="n-gram"):
         check_servable(load_model(arpa))
