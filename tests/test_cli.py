@@ -9,7 +9,7 @@ from lmlab.cli import main
 from lmlab.io.load import load_model
 
 COMMANDS = ["prepare", "train", "eval", "generate", "fill-mask", "chat", "info", "scaling", "quickstart", "ngram",
-            "lineage", "word2vec", "fewshot"]
+            "lineage", "word2vec", "fewshot", "serve"]
 
 
 def run_cli(*args):
