@@ -10,6 +10,7 @@ import string
 
 import pytest
 import torch
+from lm_eval_tasks import harness_task
 from peers import require_module
 
 lm_eval = require_module("lm_eval")
@@ -48,34 +49,8 @@ def _our_task(tmp_path):
     return load_jsonl_task(path)
 
 
-def _harness_task(tmp_path, name, items):
-    """Our prompts as an lm-eval multiple-choice task (fields used verbatim, no templating)."""
-    data = tmp_path / f"{name}.jsonl"
-    data.write_text("\n".join(json.dumps({"context": it["prompt"], "choices": it["choices"], "gold": it["gold"]})
-                              for it in items) + "\n")
-    (tmp_path / "tasks").mkdir(exist_ok=True)
-    (tmp_path / "tasks" / f"{name}.yaml").write_text(f"""
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {tmp_path / "hf_cache"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: gold
-target_delimiter: " "
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    return TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)  # skip indexing 10k+ YAMLs
-
-
 def _run(model, model_args, tmp_path, name, ours):
-    manager = _harness_task(tmp_path, name, ours.items)
+    manager = harness_task(tmp_path, name, ours.items)
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[name], num_fewshot=0,
                                   task_manager=manager, log_samples=True, bootstrap_iters=0)
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from lm_eval_tasks import harness_task
 from peers import require_module, smollm2_gguf
 from serve_server import KEY, serve
 
@@ -124,7 +125,6 @@ COLORS = ["red", "green", "blue", "yellow", "black", "white"]
 
 def test_lm_eval_local_completions_equal_lmlab_fewshot(server, tmp_path, monkeypatch):
     lm_eval = require_module("lm_eval")
-    from lm_eval.tasks import TaskManager
 
     from lmlab.eval.harness.fewshot import evaluate_task
     from lmlab.eval.harness.lm import load_lm
@@ -136,30 +136,11 @@ def test_lm_eval_local_completions_equal_lmlab_fewshot(server, tmp_path, monkeyp
                      "gold": i % 3, "split": "train" if i < 2 else "test"})
     (tmp_path / "colours.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ours = evaluate_task(load_lm(GGUF), load_jsonl_task(tmp_path / "colours.jsonl"), 0, seed=0)  # `lmlab fewshot`
-    data = tmp_path / "items.jsonl"
-    data.write_text("\n".join(json.dumps({"context": it["prompt"], "choices": it["choices"], "gold": it["gold"]})
-                              for it in ours.items) + "\n")
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "colours.yaml").write_text(f"""
-task: lmlab_serve_colours
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {tmp_path / "hf_cache"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: gold
-target_delimiter: " "
-metric_list:
-  - metric: acc
-""")
+    manager = harness_task(tmp_path, "lmlab_serve_colours", ours.items)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = lm_eval.simple_evaluate(
         model="local-completions", tasks=["lmlab_serve_colours"], num_fewshot=0, log_samples=True,
-        bootstrap_iters=0, task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+        bootstrap_iters=0, task_manager=manager,
         model_args={"base_url": server.base_url + "/completions", "model": NAME, "tokenizer_backend": "remote",
                     "num_concurrent": 4, "max_retries": 1, "auth_token": KEY})
     samples = sorted(out["samples"]["lmlab_serve_colours"], key=lambda s: s["doc_id"])
