@@ -116,23 +116,22 @@ def create_app(loaded: Any, cfg: ServeConfig | None = None) -> Any:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.started,
                                             "owned_by": "lmlab", "max_model_len": state.scheduler.max_len}]}
 
-    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
-    async def completions(request: Request) -> Any:
+    async def timed(request: Request, schema: type, handler) -> Any:
+        """Parse the body as `schema`, run `handler`, and record the request's latency."""
         t0 = time.monotonic()
-        req = parse(CompletionRequest, await read_json(request, cfg.max_body))
+        req = parse(schema, await read_json(request, cfg.max_body))
         try:
-            return await api.completions(request, req)
+            return await handler(request, req)
         finally:
             state.metrics.latency.observe(time.monotonic() - t0)
 
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request) -> Any:
+        return await timed(request, CompletionRequest, api.completions)
+
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
     async def chat(request: Request) -> Any:
-        t0 = time.monotonic()
-        req = parse(ChatRequest, await read_json(request, cfg.max_body))
-        try:
-            return await api.chat(request, req)
-        finally:
-            state.metrics.latency.observe(time.monotonic() - t0)
+        return await timed(request, ChatRequest, api.chat)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
