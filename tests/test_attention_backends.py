@@ -106,6 +106,37 @@ def test_decoders_run_the_backends(family):
         assert [b.attn.backend for b in alternating.blocks] == ["sliding_window", "sdpa"]
 
 
+@pytest.mark.parametrize("global_every", [0, 2])
+def test_rolling_cache_generation_equals_full_recomputation(global_every):
+    """Sliding-window layers decode from a ring of g + w keys (globals plus the last w): prefills in
+    uneven chunks, then single tokens far past the window, give the logits of the whole sequence
+    recomputed with the same window mask, and greedy decoding picks the same tokens."""
+    cfg = preset("llama-tiny")
+    cfg.vocab_size, cfg.sliding_window, cfg.global_tokens, cfg.global_every = 53, 6, 2, global_every
+    torch.manual_seed(0)
+    m = build(cfg).eval()
+    x = torch.randint(0, 53, (2, 50))
+    with torch.no_grad():
+        want = m(x).logits
+        cache = m.make_kv_cache(2, 50)
+        assert cache.ring_k.shape[3] == 2 + 6 and cache.k.shape[0] == (1 if global_every else 0)
+        cuts = [0, 3, 11, 12, 20]  # an empty-ring prefill, then chunks shorter and longer than w
+        got = [m(x[:, a:b], kv_cache=cache).logits for a, b in zip(cuts, cuts[1:])]
+        got += [m(x[:, t:t + 1], kv_cache=cache).logits for t in range(20, 50)]
+        torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
+        assert sorted(cache.ring_pos.tolist()) == [0, 1, *range(44, 50)]
+        # greedy generation: the ring against recomputing the whole sequence each step
+        seq, cache = x[:1, :5], m.make_kv_cache(1, 40)
+        nxt = m(seq, kv_cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(30):
+            assert nxt.item() == m(seq).logits[0, -1].argmax().item()
+            seq = torch.cat([seq, nxt], 1)
+            nxt = m(nxt, kv_cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        with pytest.raises(ValueError, match="equal length without padding"):
+            m(torch.ones(2, 3, dtype=torch.long), kv_cache=m.make_kv_cache(2, 8),
+              attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+
 def test_padded_batch_through_a_windowed_model():
     cfg = preset("llama-tiny")
     cfg.vocab_size, cfg.sliding_window, cfg.global_tokens = 53, 6, 1

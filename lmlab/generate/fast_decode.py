@@ -42,6 +42,7 @@ def _fits(model: nn.Module, cache: KVCache) -> bool:
     for b in blocks:
         a, m = b.attn, b.mlp
         if not (type(b) is Block and not b.post_norm and not hasattr(b, "cross") and a.causal
+                and a.backend != "sliding_window" and a.alibi_slopes is None  # the kernel attends fully
                 and isinstance(b.norm1, FastRMSNorm) and isinstance(b.norm2, FastRMSNorm)
                 and m.gated and m.act is ACTIVATIONS["silu"] and a.head_dim == hd
                 and all(_kernel_linear(x) for x in (a.qkv, a.proj, m.up, m.down))):

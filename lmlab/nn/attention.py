@@ -156,10 +156,21 @@ class Attention(nn.Module):
     def _windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
                   layer_idx: int, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
         """Sliding-window + global attention: banded over a whole sequence; with a KV cache, a decode
-        step attends through the window mask of its own positions (O(S) per new token)."""
+        step attends through the window mask of its own positions: over the g + w keys of a rolling
+        cache (lmlab/nn/kv_cache.py), or O(S) keys of a full one."""
         opts = {"window": self.window, "n_global": self.n_global, "dropout_p": dropout_p}
         if kv_cache is None:
             return sliding_window_attention(q, k, v, key_mask=key_mask, **opts)
+        if kv_cache.rolling(layer_idx):
+            if kv_cache.window != (self.window, self.n_global):
+                raise ValueError(f"KV cache window {kv_cache.window} != layer {layer_idx}'s "
+                                 f"{(self.window, self.n_global)}")
+            k, v, k_pos = kv_cache.append_window(layer_idx, k, v)
+            q_pos = kv_cache.step.new_pos
+            if k.shape[2] == q.shape[2] and int(q_pos[0]) == 0:  # a prefill into an empty ring: banded
+                return sliding_window_attention(q, k, v, **opts)
+            mask = window_mask(q_pos, k_pos, self.window, self.n_global)
+            return ATTENTION_BACKENDS["sdpa"](q, k, v, attn_mask=mask, dropout_p=dropout_p)
         k, v = kv_cache.append(layer_idx, k, v)
         step = kv_cache.step
         if step.attn_mask is not None:

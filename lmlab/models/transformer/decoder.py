@@ -101,8 +101,11 @@ class DecoderLM(nn.Module):
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         # the final norm's dtype is the residual stream's (lmlab/nn/quant.py may have swapped wte out)
         attn, p = self.blocks[0].attn, self.norm_f.weight
+        # sliding-window layers keep a rolling ring of their globals and last w keys
+        windows = [(b.attn.window, b.attn.n_global) if b.attn.backend == "sliding_window" else None
+                   for b in self.blocks]
         return KVCache(len(self.blocks), batch_size, attn.n_kv_head, max_len or self.config.block_size,
-                       attn.head_dim, dtype=dtype or p.dtype, device=p.device)
+                       attn.head_dim, dtype=dtype or p.dtype, device=p.device, windows=windows)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
