@@ -18,25 +18,46 @@ def _grads(y, inputs):
     return torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), inputs)
 
 
-@pytest.mark.parametrize("window, n_global, chunk", [(1, 0, 0), (5, 0, 0), (5, 3, 0), (5, 9, 3), (8, 2, 16),
-                                                      (64, 0, 0), (4, 40, 0)])
+@pytest.mark.parametrize("window, n_global, chunk, stride", [
+    (1, 0, 0, 0), (5, 0, 0, 0), (5, 3, 0, 0), (5, 9, 3, 0), (8, 2, 16, 0), (64, 0, 0, 0), (4, 40, 0, 0),
+    (5, 0, 0, 4), (5, 2, 3, 7), (8, 1, 16, 8)])  # stride: every s-th position global too
 @pytest.mark.parametrize("padded", [False, True])
-def test_sliding_window_equals_eager_with_its_mask(window, n_global, chunk, padded):
+def test_sliding_window_equals_eager_with_its_mask(window, n_global, chunk, stride, padded):
     q, k, v = _qkv()
     T = q.shape[2]
     key_mask = None
-    mask = window_mask(torch.arange(T), torch.arange(T), window, n_global)[None, None]
+    mask = window_mask(torch.arange(T), torch.arange(T), window, n_global, stride)[None, None]
     if padded:  # row 1 left-padded by 6, as the engine batches prompts: its global tokens start after them
         key_mask = torch.ones(2, T, dtype=torch.bool)
         key_mask[1, :6] = False
-        shifted = window_mask(torch.arange(T) - 6, torch.arange(T) - 6, window, n_global)
+        shifted = window_mask(torch.arange(T) - 6, torch.arange(T) - 6, window, n_global, stride)
         mask = torch.stack([mask[0, 0], shifted])[:, None]
         own = torch.eye(T, dtype=torch.bool)
         mask = mask & (key_mask[:, None, None, :] | own)
     want = eager_attention(q, k, v, attn_mask=mask)
-    got = sliding_window_attention(q, k, v, window=window, n_global=n_global, key_mask=key_mask, chunk=chunk)
+    got = sliding_window_attention(q, k, v, window=window, n_global=n_global, global_stride=stride,
+                                   key_mask=key_mask, chunk=chunk)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(_grads(got, (q, k, v)), _grads(want, (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_global_path_with_its_own_queries_and_keys():
+    """`global_qk` (the model passes q, k before RoPE): scores against a global key outside the window
+    use those, scores in the window the band's; the dense reference builds the mixed score matrix."""
+    q, k, v = _qkv()
+    gq, gk = (torch.randn_like(t, requires_grad=True) for t in (q, k))
+    T, w, s = q.shape[2], 5, 6
+    pos = torch.arange(T)
+    local = window_mask(pos, pos, w, 0)
+    glob = window_mask(pos, pos, w, 0, s) & ~local
+    scale = q.shape[-1] ** -0.5
+    ke, gke, ve = (t.repeat_interleave(2, dim=1) for t in (k, gk, v))  # grouped-query: 2 query heads each
+    scores = torch.where(local, q @ ke.transpose(-1, -2), gq @ gke.transpose(-1, -2)) * scale
+    want = torch.softmax(scores.masked_fill(~(local | glob), float("-inf")), -1) @ ve
+    got = sliding_window_attention(q, k, v, window=w, global_stride=s, global_qk=(gq, gk))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(got, (q, k, v, gq, gk)), _grads(want, (q, k, v, gq, gk))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -72,6 +93,10 @@ def test_sliding_window_never_builds_a_quadratic_tensor():
     # chunks of w queries against a band of 2w - 1 keys (and g global ones): about 2 T w elements
     assert mode.largest <= 3 * T * w, mode.largest
     assert mode.largest < T * T / 20  # a [T, T] score matrix would be 268M elements
+    # a global token every w positions: T / w global keys for every query, still under 3 T w here
+    with _LargestTensor() as mode:
+        sliding_window_attention(q, k, v, window=w, global_stride=w).sum().backward()
+    assert mode.largest <= 3 * T * w, mode.largest
 
 
 @pytest.mark.parametrize("family", ["tiny", "llama-tiny"])
@@ -135,6 +160,28 @@ def test_rolling_cache_generation_equals_full_recomputation(global_every):
         with pytest.raises(ValueError, match="equal length without padding"):
             m(torch.ones(2, 3, dtype=torch.long), kv_cache=m.make_kv_cache(2, 8),
               attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+
+def test_strided_global_models_decode_and_say_what_they_cannot():
+    cfg = preset("llama-tiny")
+    cfg.vocab_size, cfg.sliding_window, cfg.global_stride = 53, 6, 6
+    torch.manual_seed(0)
+    m = build(cfg).eval()
+    x = torch.randint(0, 53, (1, 40))
+    with torch.no_grad():
+        want = m(x).logits
+        cache = m.make_kv_cache(1, 40)  # strided globals grow with the sequence: full rows, no ring
+        assert cache.ring_k.shape[0] == 0
+        got = [m(x[:, :10], kv_cache=cache).logits] + [m(x[:, t:t + 1], kv_cache=cache).logits for t in range(10, 40)]
+        torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
+        nope = build(type(cfg)(**{**cfg.__dict__, "global_rope": False})).eval()
+        nope.load_state_dict(m.state_dict())
+        assert (nope(x).logits[:, 12:] - want[:, 12:]).abs().max() > 1e-4  # the global path differs
+        torch.testing.assert_close(nope(x).logits[:, :6], want[:, :6], rtol=1e-5, atol=1e-5)  # before any
+        with pytest.raises(ValueError, match="without a cache"):
+            nope(x[:, :4], kv_cache=nope.make_kv_cache(1, 8))
+    with pytest.raises(ValueError, match="set sliding_window"):
+        build(type(cfg)(**{**cfg.__dict__, "sliding_window": 0}))
 
 
 def test_padded_batch_through_a_windowed_model():

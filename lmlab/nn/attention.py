@@ -31,13 +31,15 @@ class Attention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, bias: bool = True,
                  dropout: float = 0.0, causal: bool = True, backend: str = "sdpa", window: int = 0,
-                 n_global: int = 0, alibi: bool = False):
+                 n_global: int = 0, global_stride: int = 0, global_rope: bool = True, alibi: bool = False):
         super().__init__()
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend '{backend}' (known: {', '.join(ATTENTION_BACKENDS)})")
         if backend == "sliding_window" and (window < 1 or not causal):
             raise ValueError("sliding_window attention needs window >= 1 and causal attention")
         self.backend, self.window, self.n_global = backend, window, n_global
+        # strided global tokens, and whether the global path rotates its queries/keys (RoPE) or not
+        self.global_stride, self.global_rope = global_stride, global_rope
         if alibi and (backend == "sliding_window" or not causal):
             raise ValueError("ALiBi is supported on causal attention with the eager or sdpa backend")
         self.alibi_slopes = alibi_slopes(n_head) if alibi else None  # a constant, not a parameter
@@ -86,15 +88,18 @@ class Attention(nn.Module):
         # all heads at once, [B, T, n_head + 2 n_kv_head, hd], split (not sliced: the backward pass of a
         # split is one concatenation, of slices a zero-filled buffer each); queries and keys rotate in one call
         heads = self.qkv(x).view(B, T, nh + 2 * nkv, hd)
+        global_qk = None
         if rotary is None:
             q, k, v = (t.transpose(1, 2) for t in heads.split([nh, nkv, nkv], dim=2))
         else:
             qk, v = (t.transpose(1, 2) for t in heads.split([nh + nkv, nkv], dim=2))
             q, k = rotary(qk).split([nh, nkv], dim=1)
+            if not self.global_rope:
+                global_qk = tuple(qk.split([nh, nkv], dim=1))
         past, mask, complete = 0, attn_mask, False
         dropout_p = self.dropout if self.training else 0.0
         if self.backend == "sliding_window":
-            return self.proj(self._windowed(q, k, v, kv_cache, layer_idx, key_mask, dropout_p)
+            return self.proj(self._windowed(q, k, v, kv_cache, layer_idx, key_mask, dropout_p, global_qk)
                              .transpose(1, 2).reshape(B, T, nh * hd))
         if kv_cache is not None:
             k, v = kv_cache.append(layer_idx, k, v)
@@ -154,13 +159,18 @@ class Attention(nn.Module):
         return bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
 
     def _windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
-                  layer_idx: int, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+                  layer_idx: int, key_mask: torch.Tensor | None, dropout_p: float,
+                  global_qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Sliding-window + global attention: banded over a whole sequence; with a KV cache, a decode
         step attends through the window mask of its own positions: over the g + w keys of a rolling
         cache (lmlab/nn/kv_cache.py), or O(S) keys of a full one."""
-        opts = {"window": self.window, "n_global": self.n_global, "dropout_p": dropout_p}
+        opts = {"window": self.window, "n_global": self.n_global, "global_stride": self.global_stride,
+                "dropout_p": dropout_p}
         if kv_cache is None:
-            return sliding_window_attention(q, k, v, key_mask=key_mask, **opts)
+            return sliding_window_attention(q, k, v, key_mask=key_mask, global_qk=global_qk, **opts)
+        if global_qk is not None:
+            raise ValueError("a KV cache keeps keys after RoPE, and this model's global path reads them "
+                             "without it: decode it without a cache (recomputing the sequence)")
         if kv_cache.rolling(layer_idx):
             if kv_cache.window != (self.window, self.n_global):
                 raise ValueError(f"KV cache window {kv_cache.window} != layer {layer_idx}'s "
@@ -180,7 +190,7 @@ class Attention(nn.Module):
         if past == 0 and T == S:  # a prefill: banded
             return sliding_window_attention(q, k, v, **opts)
         mask = window_mask(torch.arange(past, past + T, device=q.device), torch.arange(S, device=q.device),
-                           self.window, self.n_global)
+                           self.window, self.n_global, self.global_stride)
         return ATTENTION_BACKENDS["sdpa"](q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 

@@ -8,9 +8,13 @@ Every backend computes softmax(q k^T / sqrt(d) + mask) v (Vaswani et al. 2017, e
 - `sdpa`: PyTorch's `scaled_dot_product_attention` (a fused kernel where one exists; on CPU in bf16
   training, lmlab's blocked matmul path, see attention.py).
 - `sliding_window`: causal local attention with global tokens (Longformer, Beltagy et al. 2020): query
-  i sees keys i - w < j <= i (its window of w) and the first `n_global` positions (the global tokens,
-  which attend to everything before them, as causality allows). Computed in chunks of queries against
-  the band of keys they can see, so memory is O(T (w + g)), never a [T, T] score matrix or mask.
+  i sees keys i - w < j <= i (its window of w) and every earlier global key: the first `n_global`
+  positions and, with `global_stride` = s, every s-th one (positions s - 1, 2s - 1, ...: memory
+  tokens that summarise their window for every later query, so information crosses any distance in two
+  layers). Computed in chunks of queries against the band of keys they can see, so memory is
+  O(T (w + G)) for G global keys, never a [T, T] score matrix or mask. `global_qk` scores the global
+  keys with other queries and keys than the band's (the model passes them without RoPE, so the global
+  path is position-free and reads at any distance as it did in training).
 
 FlexAttention (`torch.nn.attention.flex_attention` with a `mask_mod`) expresses the same mask; it is
 not used here because on CPU it needs `torch.compile` (eager FlexAttention materialises the full score
@@ -58,26 +62,34 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_ma
                                           dropout_p=dropout_p, **gqa)
 
 
-def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, n_global: int) -> torch.Tensor:
+def is_global(pos: torch.Tensor, n_global: int, stride: int = 0) -> torch.Tensor:
+    """Whether positions `pos` hold global tokens: the first `n_global`, and every `stride`-th."""
+    glob = pos < n_global
+    return glob | (pos % stride == stride - 1) if stride > 0 else glob
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, n_global: int,
+                stride: int = 0) -> torch.Tensor:
     """[len(q_pos), len(k_pos)] bool: causal, within `window` positions, or a global key."""
     d = q_pos[:, None] - k_pos[None, :]
-    return (d >= 0) & ((d < window) | (k_pos[None, :] < n_global))
+    return (d >= 0) & ((d < window) | is_global(k_pos, n_global, stride)[None, :])
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
-                             n_global: int = 0, key_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                             chunk: int = 0, **_: object) -> torch.Tensor:
+                             n_global: int = 0, global_stride: int = 0, key_mask: torch.Tensor | None = None,
+                             global_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             dropout_p: float = 0.0, chunk: int = 0, **_: object) -> torch.Tensor:
     """Causal sliding-window + global attention of T queries over the same T positions, banded.
 
     Queries go in chunks of c (default: the window); chunk n's queries [nc, nc + c) see the keys
     [nc - w + 1, nc + c) (a strided view of the padded keys, c + w - 1 wide) and the g global keys
     (those of them not already in the band). `key_mask` ([B, T] bool, True = real token) masks padding,
-    and the global keys are then each row's first g real tokens; distances are counted in slots, so
+    and global positions then count real tokens only; distances are counted in slots, so
     padding must sit at either end of a row (as the engine's left padding does). Every query keeps its
     own key, so a pad row never soft-maxes over nothing."""
     B, H, T, d = q.shape
     k, v = _expand_kv(q, k, v)
-    w, g = window, min(n_global, T)
+    w = window
     c = chunk or min(w, T)
     n = -(-T // c)  # chunks
     pad_end = n * c - T
@@ -104,21 +116,25 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         valid = valid[:, None]
     scores = scores.masked_fill(~valid, float("-inf"))
     parts = [scores]
+    # the global keys of each row, by position (real tokens only), as slot indices gidx [B, G]
+    pos = torch.arange(T, device=q.device).expand(B, T) if key_mask is None else key_mask.long().cumsum(1) - 1
+    glob_slot = is_global(pos, n_global, global_stride)
+    if key_mask is not None:
+        glob_slot = glob_slot & key_mask
+    g = int(glob_slot.sum(1).max())
     if g > 0:
-        # the global keys: the first g real tokens of each row (slots 0..g-1 when nothing is padded)
-        if key_mask is None:
-            gidx = torch.arange(g, device=q.device).expand(B, g)
-            gvalid = torch.ones(B, g, dtype=torch.bool, device=q.device)
-        else:
-            is_global = key_mask & (key_mask.long().cumsum(1) <= g)
-            gidx = torch.argsort((~is_global).to(torch.int8), dim=1, stable=True)[:, :g]
-            gvalid = is_global.gather(1, gidx)
-        kg = k.gather(2, gidx[:, None, :, None].expand(B, H, g, d))
+        gidx = torch.argsort((~glob_slot).to(torch.int8), dim=1, stable=True)[:, :g]
+        gvalid = glob_slot.gather(1, gidx)
+        gq, gk = qc.float(), k
+        if global_qk is not None:  # the global path's own queries and keys
+            gq = F.pad(global_qk[0], (0, 0, 0, pad_end)).view(B, H, n, c, d).float()
+            gk = _expand_kv(q, global_qk[1], global_qk[1])[0]
+        kg = gk.gather(2, gidx[:, None, :, None].expand(B, H, g, d))
         vg = v.gather(2, gidx[:, None, :, None].expand(B, H, g, d))
         q_abs = torch.arange(n * c, device=q.device).view(n, c)
         # only those the band does not already hold: slot j <= i - w
         glob = (gidx[:, None, None, :] <= q_abs[None, :, :, None] - w) & gvalid[:, None, None, :]  # [B, n, c, g]
-        gs = torch.einsum("bhncd,bhgd->bhncg", qc.float(), kg.float()) * scale
+        gs = torch.einsum("bhncd,bhgd->bhncg", gq, kg.float()) * scale
         parts.append(gs.masked_fill(~glob[:, None], float("-inf")))
     p = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
     if dropout_p > 0:

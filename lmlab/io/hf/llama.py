@@ -37,7 +37,7 @@ def config_from_hf(hf: dict) -> LlamaConfig:
 
 
 def config_to_hf(c: LlamaConfig) -> dict:
-    if c.global_tokens or c.global_every:
+    if c.global_tokens or c.global_every or c.global_stride or not c.global_rope:
         raise LmlabError("global tokens and local/global layer patterns have no transformers Llama/Mistral "
                          "equivalent")
     window = {"model_type": "mistral", "architectures": ["MistralForCausalLM"],

@@ -40,6 +40,8 @@ class AttentionConfig:
     sliding_window: int = 0       # w: keys i - w < j <= i (0: full causal attention)
     global_tokens: int = 0        # the first g positions attend and are attended everywhere (causally)
     global_every: int = 0         # every m-th layer full attention (0: every layer windowed)
+    global_stride: int = 0        # s > 0: every s-th position is global too (a memory token for later queries)
+    global_rope: bool = True      # False: the global path scores queries and keys without RoPE
 
 
 def layer_attention(c: ModelConfig, i: int) -> dict:
@@ -48,10 +50,15 @@ def layer_attention(c: ModelConfig, i: int) -> dict:
     window = getattr(c, "sliding_window", 0)
     if backend == "sliding_window" and window <= 0:
         raise ValueError("attention='sliding_window' needs sliding_window > 0 (the window length)")
+    if (c.global_stride or not c.global_rope) and window <= 0:
+        raise ValueError("global_stride and global_rope=False shape sliding-window attention: set sliding_window")
+    if not c.global_rope and not hasattr(c, "rope_theta"):
+        raise ValueError("global_rope=False needs a RoPE model (its positions enter through the embeddings)")
     alibi = {"alibi": True} if getattr(c, "position", "") == "alibi" else {}
     if window <= 0 or (c.global_every and (i + 1) % c.global_every == 0):
         return {"backend": "sdpa" if backend == "sliding_window" else backend, **alibi}
-    return {"backend": "sliding_window", "window": window, "n_global": c.global_tokens, **alibi}
+    return {"backend": "sliding_window", "window": window, "n_global": c.global_tokens,
+            "global_stride": c.global_stride, "global_rope": c.global_rope, **alibi}
 
 
 class DecoderLM(nn.Module):
@@ -102,8 +109,9 @@ class DecoderLM(nn.Module):
         # the final norm's dtype is the residual stream's (lmlab/nn/quant.py may have swapped wte out)
         attn, p = self.blocks[0].attn, self.norm_f.weight
         # sliding-window layers keep a rolling ring of their globals and last w keys
-        windows = [(b.attn.window, b.attn.n_global) if b.attn.backend == "sliding_window" else None
-                   for b in self.blocks]
+        windows = [(b.attn.window, b.attn.n_global)
+                   if b.attn.backend == "sliding_window" and not b.attn.global_stride else None
+                   for b in self.blocks]  # strided globals grow with the sequence: a full row
         return KVCache(len(self.blocks), batch_size, attn.n_kv_head, max_len or self.config.block_size,
                        attn.head_dim, dtype=dtype or p.dtype, device=p.device, windows=windows)
 
