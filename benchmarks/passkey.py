@@ -1,22 +1,25 @@
 """Passkey retrieval at 4k-32k tokens from a model trained on at most 2k (issue 20).
 
-The task of Mohtashami & Jaggi (2023, "Landmark attention"): a five-digit pass key hidden at a random
-place in repeated filler text, asked for at the end. The model is a small Llama (RoPE) whose every layer
+The task of Mohtashami & Jaggi (2023, "Landmark attention"): a pass key hidden at a random depth in
+repeated filler text, asked for at the end. Here the key is one token of 100 ("the pass key is 42 .
+remember it . 42 is the pass key ."; chance 1%). The model is a small Llama (RoPE) whose every layer
 is sliding-window attention (w = 64) with a global token every 64 positions (`global_stride`): a global
-token reads its own window in the first layer, and every later query reads every earlier global token,
-so the key crosses any distance in two layers. The global path scores queries and keys without RoPE
+token reads its own window, and every later query reads every earlier global token, so the key
+crosses any distance in two layers. The global path scores queries and keys without RoPE
 (`global_rope=False`): what it reads does not depend on how far back it lies, so distances never seen
 in training (up to 32k here against 2k) are no different from those that were. Memory stays
 O(n (w + n / s)).
 
-Training: cross-entropy on the five answer digits, and on the key's repetition inside the needle (a
-local copy: a dense signal that teaches copying a key, which the answer then does across the global
-path), on sequences of 128 tokens to a maximum that grows from 256 to 2048 (a curriculum), drawn
-afresh every step (seeded), checkpointed every 100 steps (resumable). Evaluation: 50 keys per
-length, each at a uniformly random depth; a key counts when all five digits are the model's greedy
-choices (teacher-forced argmax: equal to greedy decoding). The control is the same trained model with
-its global path switched off (`global_stride=0`, only the local window), which cannot see a key more
-than 3 x 64 tokens back.
+Training: cross-entropy on every occurrence of the key after the first (the needle's own repetition,
+and the answers to three questions asked at random places after the needle and to the final one), on
+sequences of 128 tokens to a maximum that grows from 256 to 2048 (a curriculum), drawn afresh every
+step (seeded), checkpointed every 100 steps (resumable). Evaluation: 50 keys per length, each at a
+uniformly random depth, one question at the end; a key counts when it is the model's greedy answer.
+The control is the same trained model with its global path switched off (`global_stride=0`, only the
+local window), which cannot see a key more than 3 x 64 tokens back.
+
+A first design (a five-digit key, answer-only loss) learnt to copy the key inside the needle but not to
+answer: 1,500 steps left it at 27-31% per digit and 0% whole keys at 256-4,096 tokens (seed 0).
 
     python benchmarks/passkey.py train   # resumes; PASSKEY_STEPS (default 1500), PASSKEY_SEED (0)
     python benchmarks/passkey.py eval    # benchmarks/results/passkey.{json,md}
@@ -58,8 +61,10 @@ TRAIN_LENGTHS, EVAL_LENGTHS = (256, 2048), (4096, 8192, 16384, 32768)  # curricu
 BATCH, KEYS = 8, 50
 
 FILLER = "the grass is green . the sky is blue . the sun is yellow . here we go . there and back again ."
-WORDS = sorted(set(FILLER.split()) | set("pass key is remember it what ?".split())) + [str(d) for d in range(10)]
+KEYS_VOCAB = [f"{i:02d}" for i in range(100)]  # the pass key: one of 100 tokens (chance 1%)
+WORDS = sorted(set(FILLER.split()) | set("pass key is remember it what ?".split())) + KEYS_VOCAB
 VOCAB = {w: i for i, w in enumerate(WORDS)}
+N_QUESTIONS = 3  # questions asked (and answered) inside a training sequence, besides the last one
 
 
 def config(global_stride: int = STRIDE) -> LlamaConfig:
@@ -72,32 +77,39 @@ def ids(text: str) -> list[int]:
     return [VOCAB[w] for w in text.split()]
 
 
-_NEEDLE = "the pass key is {0} . remember it . {0} is the pass key ."
-_REPEAT = len(_NEEDLE.split("{0} is")[0].split()) + 4  # where the key's repetition starts in the needle
-
-
-def sample(rng: random.Random, length: int) -> tuple[list[int], list[int], int]:
-    """One sequence of exactly `length` tokens ending in the five answer digits, those digits, and
-    where the needle repeats the key (its second occurrence, a few tokens after the first)."""
-    key = [rng.randrange(10) for _ in range(5)]
-    digits = " ".join(map(str, key))
-    needle = ids(_NEEDLE.format(digits))
-    question = ids(f"what is the pass key ? the pass key is {digits}")
+def sample(rng: random.Random, length: int, questions: int = 0) -> tuple[list[int], int, list[int]]:
+    """One sequence of exactly `length` tokens: filler with the needle at a random depth, `questions`
+    answered questions at random places after it, and the final question, whose answer is the last
+    token. Returns the tokens, the key, and the positions that predict the key (every occurrence but
+    the first: the needle's own repetition, the answers)."""
+    key = rng.choice(KEYS_VOCAB)
+    needle = ids(f"the pass key is {key} . remember it . {key} is the pass key .")
+    question = ids(f"what is the pass key ? the pass key is {key} .")
     filler = ids(FILLER)
-    n_fill = length - len(needle) - len(question)
+    n_fill = length - len(needle) - (questions + 1) * len(question) + 1  # the last question ends on the key
+    if n_fill < 0:
+        raise ValueError(f"{length} tokens cannot hold the needle and {questions + 1} questions")
     haystack = (filler * (n_fill // len(filler) + 1))[:n_fill]
     at = rng.randrange(n_fill + 1)
-    return haystack[:at] + needle + haystack[at:] + question, [VOCAB[str(d)] for d in key], at + _REPEAT
+    cuts = sorted(rng.randrange(at, n_fill + 1) for _ in range(questions))
+    seq = haystack[:at] + needle
+    for a, b in zip([at, *cuts], [*cuts, n_fill]):
+        seq += haystack[a:b] + question
+    seq = seq[:-1]
+    k = VOCAB[key]
+    hits = [i - 1 for i, t in enumerate(seq) if t == k]
+    return seq, k, hits[1:]
 
 
-def batch(rng: random.Random, length: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seqs, keys, repeats = zip(*(sample(rng, length) for _ in range(n)))
-    return torch.tensor(seqs), torch.tensor(keys), torch.tensor(repeats)
+def batch(rng: random.Random, length: int, n: int, questions: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seqs, keys, at = zip(*(sample(rng, length, questions) for _ in range(n)))
+    return torch.tensor(seqs), torch.tensor(keys), torch.tensor(at)
 
 
 def answer_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits predicting the five answer digits (positions -6 .. -2 predict -5 .. -1)."""
-    return model(x, logits_to_keep=6).logits[:, :5]
+    """Logits predicting the answer, the last token."""
+    return model(x, logits_to_keep=2).logits[:, 0]
 
 
 def max_length(step: int) -> int:
@@ -125,13 +137,11 @@ def train() -> None:
     while step < STEPS:
         rng = random.Random(SEED * 1_000_003 + step)  # the data of step n, whatever the resumes
         length = rng.randrange(2, max_length(step) // 64 + 1) * 64
-        x, key, repeat = batch(rng, length, BATCH)
+        x, key, at = batch(rng, length, BATCH, N_QUESTIONS)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr=2e-3, min_lr=2e-4, warmup_steps=100, max_steps=STEPS)
-        logits = model(x).logits
-        rows = torch.arange(BATCH)[:, None]
-        at = torch.cat([repeat[:, None] - 1 + torch.arange(5), length - 6 + torch.arange(5).expand(BATCH, 5)], 1)
-        loss = F.cross_entropy(logits[rows, at].reshape(-1, len(WORDS)), key.repeat(1, 2).reshape(-1))
+        logits = model(x).logits[torch.arange(BATCH)[:, None], at]
+        loss = F.cross_entropy(logits.reshape(-1, len(WORDS)), key[:, None].expand_as(at).reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -157,7 +167,7 @@ def accuracy(model: torch.nn.Module, length: int, keys: int = KEYS) -> dict:
     hits = 0
     for _ in range(keys):
         x, key, _ = batch(rng, length, 1)
-        hits += bool((answer_logits(model, x).argmax(-1) == key).all())
+        hits += int(answer_logits(model, x).argmax(-1).item() == key.item())
     lo, hi = _wilson(hits, keys)
     return {"length": length, "keys": keys, "correct": hits, "accuracy": hits / keys, "wilson95": [lo, hi]}
 
