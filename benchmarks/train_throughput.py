@@ -234,6 +234,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2, help="fresh processes per side, taking turns")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (cuda: the gpt2-124m-gpu config, no loss curves)")
+    ap.add_argument("--name", default="", help="results file name (default: train_throughput[_quick][_cuda])")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one side's step times, as JSON
     ap.add_argument("--curve_steps", type=int, default=300)
     ap.add_argument("--part", choices=("all", "throughput", "curves"), default="all",
@@ -244,7 +245,8 @@ def main() -> None:
         return
 
     gpu = args.device != "cpu"
-    name = "train_throughput" + ("_quick" if args.quick else "") + (f"_{args.device.split(':')[0]}" if gpu else "")
+    name = args.name or ("train_throughput" + ("_quick" if args.quick else "")
+                         + (f"_{args.device.split(':')[0]}" if gpu else ""))
     data = {"machine": machine(), "peaks": None, "rows": [], "loss_curves": None}
     if args.part != "all":
         old = Path(__file__).parent / "results" / f"{name}.json"
