@@ -128,7 +128,8 @@ def _free_port() -> int:
 
 def test_two_nodes_on_loopback_train_together(char_data, tmp_path):
     """`--nnodes=2`: two torchrun launchers, one process each, meet at a rendezvous and train as one
-    2-process FSDP job, in bf16 (the mixed-precision policy), against one process in bf16."""
+    2-process FSDP job, in bf16 (the mixed-precision policy) with activation checkpointing and the
+    chunked loss, against one process in bf16."""
     one, two = tmp_path / "one", tmp_path / "two"
     bf16 = ("--train.dtype=bfloat16", "--train.max_steps=3")
     train(char_data, one, *bf16)
@@ -136,7 +137,7 @@ def test_two_nodes_on_loopback_train_together(char_data, tmp_path):
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
          "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "lmlab", "-q", "train", "--data",
-         str(char_data), "--out", str(two), *COMMON, *bf16, "--train.parallel=fsdp"],
+         str(char_data), "--out", str(two), *COMMON, *bf16, "--train.parallel=fsdp", "--train.checkpointing=true"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     for p in launchers:
         _, err = p.communicate(timeout=300)
@@ -146,3 +147,24 @@ def test_two_nodes_on_loopback_train_together(char_data, tmp_path):
     # with float32 norms: close, not equal
     assert len(losses(two)) == 3
     assert losses(two) == pytest.approx(losses(one), rel=2e-2)
+
+
+def test_sharded_checkpoint_of_another_shape_is_refused(tmp_path):
+    """One process writes a DCP directory as a sharded run would; a model of another shape, or a
+    checkpoint that is not sharded, gets one clear error."""
+    import torch.distributed.checkpoint as dcp
+
+    from lmlab.errors import LmlabError
+    from lmlab.io.checkpoint import load_sharded_weights
+    from lmlab.models.transformer.gpt import GPTConfig
+
+    small = dict(n_layer=1, n_head=2, block_size=16, vocab_size=32)
+    model = build(GPTConfig(**small, n_embd=16))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    other = build(GPTConfig(**small, n_embd=16))
+    load_sharded_weights(other, tmp_path / "dcp")
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(LmlabError, match="does not match the model config"):
+        load_sharded_weights(build(GPTConfig(**small, n_embd=32)), tmp_path / "dcp")
+    with pytest.raises(LmlabError, match="not a sharded checkpoint"):
+        consolidate(tmp_path / "dcp")  # (the shards themselves, not a checkpoint holding them)
