@@ -58,6 +58,19 @@ def run_one(data: Path, out: Path, procs: int, parallel: str, threads: int, step
     return statistics.median(speeds)
 
 
+def markdown(r: dict) -> str:
+    speed = r["tokens_per_s"]
+    lines = [f"# `lmlab train`: 1 process against 2 (torchrun, gloo), {r['threads']} threads in all", "",
+             f"Model {' '.join(r['model'])}, global batch {r['global_batch']}, {r['steps']} steps, median over "
+             f"{r['rounds_run']} rounds (each round's figure in brackets). {r['note']}", "",
+             "| setup | tokens/s | vs 1 process | vs 1 process, 1 thread |", "|---|---|---|---|"]
+    for k, v in speed.items():
+        rounds = ", ".join(f"{x:,.0f}" for x in r["rounds"][k])
+        lines.append(f"| {k} | {v:,.0f} ({rounds}) | {v / speed['1 process']:.2f}x | "
+                     f"{v / speed['1 process, 1 thread']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="cores in all, split between the processes")
@@ -66,7 +79,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--name", default="distributed_throughput")
     ap.add_argument("--note", default="", help="conditions to record (e.g. 'measured under load')")
+    ap.add_argument("--render", action="store_true", help="rewrite the markdown from the results JSON")
     a = ap.parse_args()
+    if a.render:
+        from common import RESULTS
+
+        result = json.loads((RESULTS / f"{a.name}.json").read_text())
+        result.setdefault("rounds_run", len(next(iter(result["rounds"].values()))))
+        print(write_results(a.name, result, markdown(result))[1].read_text())
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = prepare_data(root)
@@ -79,16 +100,10 @@ def main() -> None:
                 speeds[name].append(run_one(data, out, procs, parallel, threads or a.threads // procs, a.steps,
                                             a.batch))
                 print(f"round {r}: {name}: {speeds[name][-1]:,.0f} tokens/s", flush=True)
-    base = statistics.median(speeds["1 process"])
     result = {"machine": machine(), "threads": a.threads, "steps": a.steps, "global_batch": a.batch,
-              "model": MODEL, "note": a.note,
+              "model": MODEL, "note": a.note, "rounds_run": a.rounds,
               "tokens_per_s": {k: statistics.median(v) for k, v in speeds.items()}, "rounds": speeds}
-    lines = [f"# `lmlab train`: 1 process against 2 (torchrun, gloo), {a.threads} threads in all",
-             "", f"Model {' '.join(MODEL)}, global batch {a.batch}, {a.steps} steps, median over "
-             f"{a.rounds} rounds. {a.note}", "", "| setup | tokens/s | vs 1 process |", "|---|---|---|"]
-    for k, v in result["tokens_per_s"].items():
-        lines.append(f"| {k} | {v:,.0f} | {v / base:.2f}x |")
-    j, m = write_results(a.name, result, "\n".join(lines) + "\n")
+    j, m = write_results(a.name, result, markdown(result))
     print(f"wrote {j} and {m}")
 
 
