@@ -10,8 +10,10 @@ here so that everything above `io` (evaluation, generation, the server) loads th
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,14 @@ def load_sharded_weights(model: nn.Module, path: Path) -> None:
     if missing or unexpected or wrong:
         raise LmlabError(f"sharded checkpoint {path} does not match the model config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, other shapes {sorted(wrong)[:5]}")
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+    with single_process_dcp():
         dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
+
+
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """torch.distributed.checkpoint without a process group warns that it is "assuming the intent is to
+    load in a single process": here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield

@@ -34,6 +34,7 @@ from lmlab.io.checkpoint import (
     load_weights,
     read_config_dict,
     read_model_config,
+    single_process_dcp,
 )
 from lmlab.models.registry import build
 from lmlab.tokenizers import Tokenizer
@@ -86,7 +87,8 @@ def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opt
 
         # this process's part of each tensor (all of it for a whole model), resharded from the saved ones
         weights, opt = get_state_dict(model, optimizer)
-        dcp.load({"model": weights, "optimizer": opt}, checkpoint_id=str(ckpt / SHARDED))
+        with single_process_dcp():  # (when there is no process group)
+            dcp.load({"model": weights, "optimizer": opt}, checkpoint_id=str(ckpt / SHARDED))
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=opt)
     elif not any(hasattr(p, "full_tensor") for p in model.parameters()):
         load_weights(model, ckpt / "model.safetensors")
