@@ -15,6 +15,11 @@ made it ~20% faster, its large temporaries reusing memory the other model's step
     python benchmarks/train_throughput.py                # everything (~30 min on 2 cores)
     python benchmarks/train_throughput.py --quick        # the small config only
     python benchmarks/train_throughput.py --part curves  # rerun one part, keep the other from the results file
+    python benchmarks/train_throughput.py --device cuda --compile   # a GPU: issue 22's shape (gpt2-124m,
+                                                        # batch 16 x 1024), eager and compiled, peak memory
+
+On CUDA the step is timed between device synchronisations and each side's peak allocated memory is
+recorded; lmlab takes its generic kernel path there (lmlab/nn/device_paths.py), as it does compiled.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from lmlab.train.trainer import autocast  # noqa: E402
 CONFIGS = {
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192, batch_size=8),
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, vocab_size=50257, batch_size=4),
+    # issue 22's GPU measurement: transformers 151,611 tokens/s, lmlab 24,856 on one H200 (torch 2.11, bf16)
+    "gpt2-124m-gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch_size=16),
 }
 
 
@@ -63,10 +70,10 @@ def n_params(model: torch.nn.Module, c: dict) -> tuple[int, int]:
     return total - emb, total
 
 
-def step_fn(model, kind: str, dtype: str):
+def step_fn(model, kind: str, dtype: str, device: str | torch.device = "cpu"):
     """One training step as `lmlab train` takes it: autocast, backward, clipping, fused AdamW."""
+    dev = torch.device(device)
     opt = make_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-    dev = torch.device("cpu")
 
     def step(x, y):
         with autocast(dev, "bfloat16" if dtype == "bf16" else "float32"):
@@ -83,41 +90,52 @@ def step_fn(model, kind: str, dtype: str):
     return step
 
 
-def measure(name: str, dtype: str, compiled: bool, warmup: int, steps: int, rounds: int = 2) -> dict[str, float]:
+def measure(name: str, dtype: str, compiled: bool, warmup: int, steps: int, rounds: int = 2,
+            device: str = "cpu") -> tuple[dict[str, float], dict[str, float]]:
     """tokens/s of each side from its median step time over `rounds` runs, the sides taking turns, each
-    run in a fresh process (see the module docstring)."""
+    run in a fresh process (see the module docstring); and each side's peak memory (CUDA only, else 0)."""
     c = CONFIGS[name]
     times = {"hf": [], "lmlab": []}
+    memory = {"hf": 0.0, "lmlab": 0.0}
     for r in range(rounds):
         for kind in (list(times) if r % 2 == 0 else list(times)[::-1]):
             job = dict(config=name, kind=kind, dtype=dtype, compiled=compiled, warmup=warmup, steps=steps,
-                       threads=torch.get_num_threads())
+                       threads=torch.get_num_threads(), device=device)
             run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
                                  text=True)
             if run.returncode != 0:
                 raise RuntimeError(f"worker {job} failed:\n{run.stderr[-2000:]}")
-            times[kind] += json.loads(run.stdout.strip().splitlines()[-1])
-    return {kind: c["batch_size"] * c["block_size"] / statistics.median(t) for kind, t in times.items()}
+            got = json.loads(run.stdout.strip().splitlines()[-1])
+            times[kind] += got["times"]
+            memory[kind] = max(memory[kind], got["peak_memory"])
+    return {kind: c["batch_size"] * c["block_size"] / statistics.median(t) for kind, t in times.items()}, memory
 
 
-def worker(job: dict) -> list[float]:
-    """Step times of one side, alone in this process: a fresh model, `warmup` steps, then `steps` timed."""
+def worker(job: dict) -> dict:
+    """Step times of one side, alone in this process: a fresh model, `warmup` steps, then `steps` timed;
+    and its peak allocated memory on CUDA."""
     torch.set_num_threads(job["threads"])
+    dev = torch.device(job.get("device", "cpu"))
+    cuda = dev.type == "cuda"
     c = CONFIGS[job["config"]]
     T, B = c["block_size"], c["batch_size"]
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, c["vocab_size"], (job["warmup"] + job["steps"], B, T + 1), generator=g)
+    data = torch.randint(0, c["vocab_size"], (job["warmup"] + job["steps"], B, T + 1), generator=g).to(dev)
     torch.manual_seed(0)
-    model = (build_hf if job["kind"] == "hf" else build_lmlab)(c)
+    model = (build_hf if job["kind"] == "hf" else build_lmlab)(c).to(dev)
     model.train()
-    step = step_fn(torch.compile(model) if job["compiled"] else model, job["kind"], job["dtype"])
+    step = step_fn(torch.compile(model) if job["compiled"] else model, job["kind"], job["dtype"], dev)
     times = []
     for i in range(job["warmup"] + job["steps"]):
+        if i == job["warmup"] and cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         step(data[i, :, :-1], data[i, :, 1:])
+        if cuda:
+            torch.cuda.synchronize(dev)
         if i >= job["warmup"]:
             times.append(time.perf_counter() - t0)
-    return times
+    return {"times": times, "peak_memory": torch.cuda.max_memory_allocated(dev) if cuda else 0}
 
 
 def loss_curves(steps: int) -> dict:
@@ -149,7 +167,7 @@ def loss_curves(steps: int) -> dict:
 
 
 def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks: dict,
-               rounds: int) -> list[dict]:
+               rounds: int, device: str = "cpu") -> list[dict]:
     rows = []
     for name in names:
         c = CONFIGS[name]
@@ -158,9 +176,11 @@ def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks:
         for dtype in ("fp32", "bf16"):
             row = {"config": name, "dtype": dtype, **c, "n_params_non_embedding": n_nonemb, "n_params": n_all}
             for mode, compiled in [("eager", False)] + ([("compiled", True)] if compile_ else []):
-                tps = measure(name, dtype, compiled, warmup=2, steps=n_steps, rounds=rounds)
+                tps, memory = measure(name, dtype, compiled, warmup=2, steps=n_steps, rounds=rounds, device=device)
                 for kind in ("hf", "lmlab"):
                     row[f"{kind}_{mode}_tok_s"] = tps[kind]
+                    if device != "cpu":
+                        row[f"{kind}_{mode}_peak_gb"] = memory[kind] / 1e9
                     row[f"{kind}_{mode}_mfu"] = 6 * n_nonemb * tps[kind] / peaks[dtype]
                     row[f"{kind}_{mode}_mfu_with_emb"] = 6 * n_all * tps[kind] / peaks[dtype]
                     print(f"{name:>10} {dtype} {mode:>8} {kind:>6}: {tps[kind]:8.0f} tok/s  "
@@ -193,6 +213,11 @@ def markdown(data: dict) -> str:
             line += (f" {r['hf_compiled_tok_s']:,.0f} | {r['lmlab_compiled_tok_s']:,.0f} | "
                      f"{r['ratio_compiled']:.2f}x |" if "ratio_compiled" in r else " | | |")
         md.append(line)
+    for r in rows:
+        for mode in ("eager", "compiled"):
+            if f"hf_{mode}_peak_gb" in r:
+                md.append(f"\nPeak memory, {r['config']} {r['dtype']} {mode}: transformers "
+                          f"{r[f'hf_{mode}_peak_gb']:.1f} GB, lmlab {r[f'lmlab_{mode}_peak_gb']:.1f} GB.")
     if curves:
         md += ["", f"Loss curves ({curves.get('steps', 300)} steps, quickstart model on stdlib-docs, "
                f"{curves.get('threads', data['machine']['torch_threads'])} threads): final val loss fp32 "
@@ -208,6 +233,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="add torch.compile columns")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2, help="fresh processes per side, taking turns")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (cuda: the gpt2-124m-gpu config, no loss curves)")
+    ap.add_argument("--name", default="", help="results file name (default: train_throughput[_quick][_cuda])")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one side's step times, as JSON
     ap.add_argument("--curve_steps", type=int, default=300)
     ap.add_argument("--part", choices=("all", "throughput", "curves"), default="all",
@@ -217,7 +244,9 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    name = "train_throughput" + ("_quick" if args.quick else "")
+    gpu = args.device != "cpu"
+    name = args.name or ("train_throughput" + ("_quick" if args.quick else "")
+                         + (f"_{args.device.split(':')[0]}" if gpu else ""))
     data = {"machine": machine(), "peaks": None, "rows": [], "loss_curves": None}
     if args.part != "all":
         old = Path(__file__).parent / "results" / f"{name}.json"
@@ -225,12 +254,16 @@ def main() -> None:
             data.update({k: v for k, v in json.loads(old.read_text()).items() if k in data})
     if args.part in ("all", "throughput"):
         data["machine"] = machine()
-        data["peaks"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        data["peaks"] = {"fp32": matmul_peak(torch.float32, device=args.device),
+                         "bf16": matmul_peak(torch.bfloat16, device=args.device)}
+        if gpu:
+            data["machine"]["device"] = torch.cuda.get_device_name(args.device)
         print(f"matmul peak: fp32 {data['peaks']['fp32'] / 1e9:.0f} GFLOP/s, "
               f"bf16 {data['peaks']['bf16'] / 1e9:.0f} GFLOP/s")
-        data["rows"] = throughput(["small"] if args.quick else list(CONFIGS), args.steps, args.quick,
-                                  args.compile, data["peaks"], args.rounds)
-    if args.part in ("all", "curves") and not args.quick:
+        names = ["gpt2-124m-gpu"] if gpu else ["small"] if args.quick else ["small", "gpt2-124m"]
+        data["rows"] = throughput(names, args.steps, args.quick, args.compile, data["peaks"], args.rounds,
+                                  args.device)
+    if args.part in ("all", "curves") and not args.quick and not gpu:
         data["loss_curves"] = {**loss_curves(args.curve_steps), "steps": args.curve_steps,
                                "threads": torch.get_num_threads()}
     md = markdown(data)

@@ -39,6 +39,12 @@ def build_run_config(args: argparse.Namespace, rest: list[str]):
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     from lmlab.train.trainer import Trainer
 
+    if args.consolidate:
+        from lmlab.io.checkpoint import resolve_checkpoint
+        from lmlab.train.checkpoint import consolidate
+
+        print(f"wrote {consolidate(resolve_checkpoint(args.consolidate))}")
+        return 0
     cfg = build_run_config(args, rest)
     run_dir = Path(cfg.train.out_dir or f"runs/{cfg.model.family}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.train.out_dir = str(run_dir)
@@ -68,10 +74,13 @@ def add_parser(add) -> None:
              "any config key can be overridden (defaults shown):\n" + "\n".join(describe(RunConfig)) +
              "\n\nexamples:\n  lmlab train --data data/stdlib-docs --model mini --train.max_steps=300\n"
              "  lmlab train --config configs/small-stdlib-docs.yaml --train.dtype=float32\n"
-             "  lmlab train --resume runs/gpt-20260101-120000     (continue exactly where it stopped)",
+             "  lmlab train --resume runs/gpt-20260101-120000     (continue exactly where it stopped)\n"
+             "  torchrun --nproc-per-node=2 -m lmlab train --data data/stdlib-docs --train.parallel=fsdp",
              overrides=True)
     sp.add_argument("--config", help="YAML file with model/data/train sections")
     sp.add_argument("--model", metavar="PRESET", help="architecture preset: " + ", ".join(PRESETS))
     sp.add_argument("--data", help="prepared data directory (same as --data.dir)")
     sp.add_argument("--out", help="run directory to create (same as --train.out_dir)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    sp.add_argument("--consolidate", metavar="CHECKPOINT", help="write model.safetensors into a sharded "
+                    "(FSDP) checkpoint, or a run's latest, and exit (lmlab's loaders read either)")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.nn.attention_backends import ATTENTION_BACKENDS, sliding_window_attention, window_mask
+from lmlab.nn.device_paths import cpu_kernels
 from lmlab.nn.kv_cache import KVCache
 from lmlab.nn.position import alibi_slopes
 
@@ -200,7 +201,7 @@ def _matmul_attention_wins(q: torch.Tensor, k: torch.Tensor) -> bool:
     float32 SDPA is the faster one), while batched bf16 matmuls run near the matmul peak. The full
     score matrix is kept for the backward pass, so only while that is small."""
     B, H, T, _ = q.shape
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+    return (cpu_kernels(q) and q.dtype == torch.bfloat16 and q.requires_grad
             and B * H * T * k.shape[2] <= _MATMUL_ATTENTION_MAX_SCORES)
 
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from lmlab.nn.device_paths import cpu_kernels
+
 # Under bf16/fp16 the weight gradient is summed in the compute dtype over this many chunks (`addmm`
 # accumulates each product in float32 and rounds once per chunk, as an autocast Linear's weight gradient
 # is rounded once), then added into a float32 total: a float32 add per chunk, with its float32 copy of
 # the [V, C] partial, cost more than the soft-max. With no more chunks than this (the usual case) the
 # partial sum itself is kept, and the backward pass turns it into the float32 gradient in one product.
 _LOW_PRECISION_CHUNKS = 8
+_GENERIC_CHUNK_LOGITS = 1 << 28  # logits per chunk off the CPU path (see linear_cross_entropy)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -91,7 +94,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          chunk_size: int = 512, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of `x @ weight.T` ([N, C] @ [C, V]) against `targets` ([N])."""
+    """Mean cross-entropy of `x @ weight.T` ([N, C] @ [C, V]) against `targets` ([N]).
+
+    `chunk_size` positions per chunk suit a CPU's caches; off the CPU path (lmlab/nn/device_paths.py:
+    a GPU, or torch.compile) chunks hold up to `_GENERIC_CHUNK_LOGITS` logits instead, so that a long
+    batch costs a few large kernels rather than one small group per 512 positions, while the logits
+    still never exist whole (gpt2's vocabulary at 16 x 1024 positions: 4 chunks of up to 5,341 rows, two
+    0.54 GB buffers in bf16, against 3.3 GB of float32 logits unchunked). Each chunk costs ~29 ATen
+    operators, a GPU step's host overhead (tests/test_device_paths.py counts them)."""
+    if not cpu_kernels(x):
+        chunk_size = max(chunk_size, _GENERIC_CHUNK_LOGITS // weight.shape[0])
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)

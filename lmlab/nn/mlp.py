@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.nn.device_paths import cpu_kernels
+
 # GPT-2's "gelu_new": 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2 / pi), a = 0.044715 (Hendrycks & Gimpel
 # 2016, sec. 2), the tanh approximation of x * Phi(x)
 _GELU_C, _GELU_A = math.sqrt(2 / math.pi), 0.044715
@@ -54,8 +56,9 @@ class _GeluTanh(torch.autograd.Function):
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU; `_GeluTanh` when a gradient is wanted, torch's kernel otherwise."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    """GPT-2's GELU; `_GeluTanh` when a gradient is wanted on a CPU (lmlab/nn/device_paths.py), torch's
+    kernel otherwise."""
+    if torch.is_grad_enabled() and x.requires_grad and cpu_kernels(x):
         return _GeluTanh.apply(x)
     return F.gelu(x, approximate="tanh")
 

@@ -26,12 +26,22 @@ from lmlab.config import dump_yaml
 from lmlab.data.objectives import make_sampler
 from lmlab.data.stream import SAMPLERS, TokenSplit
 from lmlab.errors import LmlabError
-from lmlab.io.checkpoint import list_checkpoints, load_weights
+from lmlab.io.checkpoint import list_checkpoints
 from lmlab.models.registry import build
-from lmlab.train.checkpoint import load_trainer_state, save_checkpoint
+from lmlab.train.checkpoint import load_training_state, save_checkpoint
 from lmlab.train.checkpointing import checkpoint_blocks
 from lmlab.train.config import RunConfig
-from lmlab.train.distributed import all_mean, barrier, local_rows, setup, world_from_env, wrap
+from lmlab.train.distributed import (
+    all_mean,
+    barrier,
+    fsdp_active,
+    gradient_sync,
+    local_rows,
+    local_value,
+    setup,
+    world_from_env,
+    wrap,
+)
 from lmlab.train.optim import make_optimizer
 from lmlab.train.schedule import lr_at
 from lmlab.utils.atomic import atomic_write_text
@@ -97,8 +107,6 @@ class Trainer:
         random.seed(t.seed)
         np.random.seed(t.seed % 2**32)
         self.model = build(cfg.model).to(self.device)
-        self.optimizer = make_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
-                                        betas=(t.beta1, t.beta2), eps=t.eps)
         self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
                                     t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq)
         self.step = 0
@@ -106,16 +114,24 @@ class Trainer:
         # Applied from outside the model; the checkpoint always saves the plain module's names.
         if t.checkpointing:
             checkpoint_blocks(self.model)
-        # data parallelism too (lmlab/train/distributed.py); evaluation runs the plain module, on rank 0
-        self.ddp = wrap(self.model, self.world, self.device, t.parallel)
+        # data parallelism too (lmlab/train/distributed.py). Under DDP evaluation runs the plain module on
+        # rank 0 and rank 0 writes checkpoints; FSDP shards self.model in place, so every rank takes part.
+        self.sharded = fsdp_active(self.world, t.parallel)
+        self.ddp = wrap(self.model, self.world, self.device, t.parallel, t.dtype)
+        # after sharding: FSDP replaces the parameters with sharded ones, the ones to optimize
+        self.optimizer = make_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
+                                        betas=(t.beta1, t.beta2), eps=t.eps)
         self.forward = torch.compile(self.ddp) if t.compile else self.ddp
         self._stop_requested = False
 
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
-                "rng": rng_state(), "sampler": self.sampler.state_dict()}
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "rng": rng_state(),
+                 "sampler": self.sampler.state_dict()}
+        if not self.sharded:  # (sharded: in the checkpoint's dcp/ directory, with the weights)
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def resume(self) -> Path | None:
         """Load the latest checkpoint of the run directory, if any; drop metrics logged after it."""
@@ -123,9 +139,7 @@ class Trainer:
         if not ckpts:
             return None
         ckpt = ckpts[-1]
-        load_weights(self.model, ckpt / "model.safetensors")
-        state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = load_training_state(ckpt, self.model, self.optimizer)
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -140,13 +154,15 @@ class Trainer:
     def save(self, info: dict[str, Any] | None = None) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.train_data.dir,
                                self.state_dict(), {"tokens_seen": self.tokens_seen, **(info or {})},
-                               keep=self.cfg.train.keep_checkpoints)
+                               keep=self.cfg.train.keep_checkpoints, world=self.world,
+                               sharded_optimizer=self.optimizer if self.sharded else None)
 
     # -- evaluation -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over a fixed set of windows (the same ones at every evaluation)."""
+        """Mean validation loss over a fixed set of windows (the same ones at every evaluation). A sharded
+        model is evaluated by every rank, each on its rows of the batch."""
         t = self.cfg.train
         sampler = make_sampler("random", self.val_data, self.model, self.cfg.model.block_size, t.batch_size,
                                seed=t.seed + 1, pairs=self.cfg.data.seq2seq)
@@ -155,9 +171,10 @@ class Trainer:
         for _ in range(t.eval_iters):
             batch = sampler.next_batch()
             with autocast(self.device, t.dtype):
-                losses.append(self._run(batch, self.model).loss.item())
+                losses.append(self._run(local_rows(batch, self.world) if self.sharded else batch,
+                                        self.model).loss.item())
         self.model.train()
-        return float(np.mean(losses))
+        return all_mean(float(np.mean(losses)), self.world) if self.sharded else float(np.mean(losses))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -213,8 +230,7 @@ class Trainer:
                     batch = local_rows(self.sampler.next_batch(), self.world)
                     # gradients are averaged across processes once, on the last micro-step
                     last_micro = micro == t.grad_accum - 1
-                    sync = contextlib.nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()
-                    with sync:
+                    with gradient_sync(self.ddp, last_micro):
                         with autocast(self.device, t.dtype):
                             out = self._run(batch)
                             loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
@@ -231,7 +247,7 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
                 last = {"step": self.step, "loss": loss_sum / t.grad_accum, "lr": lr,
-                        "grad_norm": float(grad_norm), "tokens": self.tokens_seen}
+                        "grad_norm": local_value(grad_norm), "tokens": self.tokens_seen}
                 if getattr(out, "expert_load", None) is not None:  # MoE: busiest expert over the mean (1: balanced)
                     last["expert_load_max"] = float(out.expert_load.max() * out.expert_load.shape[-1])
                     last["expert_load"] = [[round(x, 4) for x in row] for row in out.expert_load.tolist()]
@@ -245,14 +261,15 @@ class Trainer:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tok_per_s']:,.0f}")
                 if bar is not None:
                     bar.update(1)
-                if (self.world.main and t.eval_interval > 0 and self.step % t.eval_interval == 0
+                if ((self.world.main or self.sharded) and t.eval_interval > 0 and self.step % t.eval_interval == 0
                         and self.step < t.max_steps):
                     val = self.evaluate()
                     last["val_loss"] = val
                     self._log_metrics({"step": self.step, "val_loss": val})
-                    log.log(self._level, f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
-                if t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0 and self.step < end:
                     if self.world.main:
+                        log.log(self._level, f"step {self.step}: val loss {val:.4f} (ppl {math.exp(val):.1f})")
+                if t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0 and self.step < end:
+                    if self.world.main or self.sharded:
                         self.save({"loss": last["loss"]})
                     barrier(self.world)  # no rank runs ahead of a checkpoint it could be resumed from
         finally:
@@ -262,7 +279,7 @@ class Trainer:
                 bar.close()
             redirect.close()
         summary: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "loss": last["loss"]}
-        if not self.world.main:  # rank 0 evaluates and writes the checkpoint
+        if not (self.world.main or self.sharded):  # rank 0 evaluates and writes the checkpoint
             return summary
         if self.step >= t.max_steps:
             summary["val_loss"] = self.evaluate()
@@ -270,6 +287,10 @@ class Trainer:
         if self.step > 0 and not (list_checkpoints(self.run_dir) and list_checkpoints(self.run_dir)[-1].name
                                   == f"step-{self.step:06d}"):
             summary["checkpoint"] = str(self.save({k: v for k, v in summary.items() if k != "step"}))
+        if self.sharded:  # the checkpoint is complete before any rank returns
+            barrier(self.world)
+        if not self.world.main:
+            return summary
         if self._tb is not None:
             self._tb.close()
         if self._stop_requested:
