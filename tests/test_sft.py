@@ -223,3 +223,20 @@ def test_sft_run_through_the_cli(sft_data, tmp_path):
     assert losses[-1] < losses[0]
     assert any("val_loss" in r for r in rows)
     assert [p.name for p in list_checkpoints(run)] == ["step-000008"]
+
+
+def test_instruction_pairs_avoid_the_test_items_and_the_held_out_family(tmp_path):
+    from lmlab.eval.tasks import load_task
+    from lmlab.eval.tasks.instructions import FAMILIES, conversation, instruction_pairs
+
+    train_tasks, held_family = ["arithmetic_2d+", "arithmetic_2dx", "counting"], FAMILIES["sequences"][1:]
+    evals = {n: load_task(n, 50, seed=0) for n in train_tasks + held_family}
+    pairs = instruction_pairs(train_tasks, 200, seed=0, held_out=evals)
+    assert {p["task"] for p in pairs} == set(train_tasks) and len(pairs) > 400
+    for name in train_tasks:  # no test question in the training pairs, nor one twice
+        tests = {conversation(evals[name], it)[1]["content"] for it in evals[name].items}
+        users = [p["messages"][1]["content"] for p in pairs if p["task"] == name]
+        assert not tests & set(users) and len(users) == len(set(users))
+    path = tmp_path / "pairs.jsonl"  # valid chat lines, each answered by the assistant
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert all(c.messages[-1]["role"] == "assistant" for c in read_chats(path))
