@@ -186,7 +186,7 @@ def test_packed_sampler_resumes_exactly(sft_data):
 
 
 BAD_LINES = {
-    "not json": ('{"messages": [', "not JSON"),
+    "not json": ('{"messages": [', "invalid JSON"),
     "no messages": ('{"text": "hi"}', "\"messages\""),
     "empty list": ('{"messages": []}', "non-empty"),
     "bad role": ('{"messages": [{"role": "bot", "content": "hi"}]}', "role 'bot'"),

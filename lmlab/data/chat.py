@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lmlab.data.prepare import SPLITS, PrepareConfig, ShardWriter, _write_meta, assign_splits, token_dtype
+from lmlab.data.sources import jsonl_records
 from lmlab.errors import LmlabError
 from lmlab.tokenizers.chat_template import ChatTemplate, chat_template_for
 from lmlab.utils.atomic import atomic_dir
@@ -56,17 +57,7 @@ def read_chats(path: str | Path) -> list[Conversation]:
     p = Path(path)
     if not p.is_file():
         raise LmlabError(f"chat data not found: {p}")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-            out.append(Conversation(_messages(row, where), where))
+    out = [Conversation(_messages(row, f"{p}:{n}"), f"{p}:{n}") for n, row in jsonl_records(p)]
     if not out:
         raise LmlabError(f"{p} holds no conversations")
     return out
