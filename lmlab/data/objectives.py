@@ -63,15 +63,27 @@ def _pairs(path: str, data: TokenSplit, model: nn.Module, block_size: int, batch
     return PairBatches(pairs, cfg, batch_size, seed=seed)
 
 
+def _chats(kind: str, data: TokenSplit, model: nn.Module, block_size: int, batch_size: int, seed: int):
+    from lmlab.data.chat import PackedChats
+
+    if getattr(model, "objective", "causal") != "causal" or not hasattr(model, "make_kv_cache"):
+        raise LmlabError(f"chat data (SFT) trains a decoder-only model (gpt, llama, ...), not "
+                         f"'{model.config.family}'")
+    return PackedChats(data, block_size, batch_size, seed=seed, shuffle=kind == "random")
+
+
 def make_sampler(kind: str, data: TokenSplit, model: nn.Module, block_size: int, batch_size: int, seed: int,
                  pairs: str = ""):
     """The resumable training-batch sampler for `model`: `kind` windows (random | sequential),
     turned into the batches of the model's objective; or, given a `pairs` JSONL file (data.seq2seq),
-    batches of its (source, target) pairs, tokenized with the data directory's tokenizer."""
+    batches of its (source, target) pairs, tokenized with the data directory's tokenizer; given chat
+    data (`lmlab prepare --format chat`), packed conversations with their loss masks (SFT)."""
     if pairs:
         return _pairs(pairs, data, model, block_size, batch_size, seed)
     if kind not in SAMPLERS:
         raise LmlabError(f"unknown data.sampler '{kind}' ({' | '.join(SAMPLERS)})")
+    if "chat" in data.meta:
+        return _chats(kind, data, model, block_size, batch_size, seed)
     objective = getattr(model, "objective", "causal")
     if objective == "cmlm":
         raise LmlabError("a conditional masked LM trains on (source, target) pairs: set data.seq2seq=PAIRS.jsonl")

@@ -34,6 +34,8 @@ FORMAT = "lmlab-tokens-v1"
 @dataclass(kw_only=True)
 class PrepareConfig:
     source: str = "stdlib-docs"       # path, folder, glob, .jsonl, or stdlib-docs / stdlib-code
+    format: str = "text"              # text | chat: a JSONL of {"messages": [...]} conversations for SFT,
+                                      # rendered with the chat template of --tokenizer MODEL (lmlab/data/chat.py)
     out: str = ""                     # data directory to create (default: data/<source name>)
     tokenizer: str = "bpe"            # char | word | bpe, or a directory holding tokenizer.json
     vocab_size: int = 4096            # BPE merges target; cap for char/word (0 = no cap)
@@ -90,20 +92,22 @@ class ShardWriter:
             self._file = None
 
 
-def assign_splits(corpus: Corpus, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+def assign_splits(corpus: Corpus | list[str], seed: int, val_fraction: float, test_fraction: float,
+                  name: str = "") -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) per document, by rank of a seeded content hash."""
+    name = name or corpus.source
     key = seed.to_bytes(8, "little", signed=True)
     hashes = [int.from_bytes(hashlib.blake2b(d.encode("utf-8"), digest_size=8, key=key).digest(), "little")
               for d in corpus]
     n = len(hashes)
     if n == 0:
-        raise LmlabError(f"corpus '{corpus.source}' is empty: it holds no non-blank text")
+        raise LmlabError(f"corpus '{name}' is empty: it holds no non-blank text")
     order = np.argsort(np.array(hashes, dtype=np.uint64), kind="stable")
     n_val = math.ceil(val_fraction * n) if val_fraction > 0 else 0
     n_test = math.ceil(test_fraction * n) if test_fraction > 0 else 0
     if n - n_val - n_test < 1:
         raise LmlabError(
-            f"corpus '{corpus.source}' has only {n} document(s), too few for train/val/test splits; "
+            f"corpus '{name}' has only {n} document(s), too few for train/val/test splits; "
             "add text, or cut it into more documents with --doc_split=line")
     split = np.zeros(n, dtype=np.int8)
     split[order[:n_val]] = 1
@@ -115,6 +119,12 @@ def prepare(cfg: PrepareConfig, *, force: bool = False) -> Path:
     out = Path(cfg.out or default_out(cfg.source))
     if out.exists() and not force:
         raise LmlabError(f"data directory {out} already exists; pass --force to rebuild it, or choose --out")
+    if cfg.format == "chat":
+        from lmlab.data.chat import prepare_chat
+
+        return prepare_chat(cfg, out, force)
+    if cfg.format != "text":
+        raise LmlabError(f"unknown format '{cfg.format}': text | chat")
     if cfg.splits == "files":
         return _prepare_split_files(cfg, out, force)
     if cfg.splits != "hash":
@@ -163,7 +173,7 @@ def prepare(cfg: PrepareConfig, *, force: bool = False) -> Path:
 
 
 def _write_meta(tmp: Path, out: Path, cfg: PrepareConfig, tok: Tokenizer, dtype: np.dtype, corpus: dict,
-                splits: dict, t0: float) -> None:
+                splits: dict, t0: float, extra: dict | None = None) -> None:
     if splits["train"]["n_tokens"] == 0:
         raise LmlabError(f"corpus '{cfg.source}' produced no training tokens")
     meta = {
@@ -176,6 +186,7 @@ def _write_meta(tmp: Path, out: Path, cfg: PrepareConfig, tok: Tokenizer, dtype:
         "splits": splits,
         "prepare": to_dict(cfg) | {"out": str(out)},
         "seconds": round(time.time() - t0, 2),
+        **(extra or {}),
     }
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     log.info(f"wrote {out}: " + ", ".join(f"{s} {splits[s]['n_tokens']:,} tokens" for s in SPLITS)

@@ -286,3 +286,11 @@ def padding_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
     keys = torch.arange(S, device=key_mask.device)
     own = keys[None, :] == keys[S - n_query:, None]  # [T, S]
     return key_mask[:, None, None, :] | own
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """The `attn_mask` of rows that pack several documents ([B, T] ids; a document is a run of equal
+    ids): [B, 1, T, T], True where query and key belong to the same document, so no token attends
+    across documents (`Attention` adds causality: together a block-diagonal causal mask). Every
+    query sees its own key, so no row of the soft-max is empty."""
+    return (document_ids[:, :, None] == document_ids[:, None, :])[:, None]

@@ -34,6 +34,17 @@ def position_ids_from_mask(key_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(~key_mask, 0)
 
 
+def position_ids_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where each document begins ([B, T] ids -> [B, T] long): a row packing
+    several documents (conversations) gives each the positions it would have alone. A document is a
+    run of equal consecutive ids."""
+    T = document_ids.shape[-1]
+    idx = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=-1).values
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
     x1, x2 = x.chunk(2, dim=-1)

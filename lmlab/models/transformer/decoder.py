@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.base import LMOutput, ModelConfig, count_params, init_normal
-from lmlab.nn.attention import padding_mask
+from lmlab.nn.attention import document_mask, padding_mask
 from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
 from lmlab.nn.loss import linear_cross_entropy
 from lmlab.nn.moe import MoE, MoEConfig, load_balancing_loss, router_z_loss
 from lmlab.nn.norm import make_norm
-from lmlab.nn.position import position_ids_from_mask
+from lmlab.nn.position import position_ids_from_documents, position_ids_from_mask
 
 
 @dataclass(kw_only=True)
@@ -117,14 +117,23 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                document_ids: torch.Tensor | None = None) -> LMOutput:
         """`logits_to_keep` > 0 computes the logits of the last that many positions only (generation
         needs the last one: the output layer is a sixth of a 135M model's prefill FLOPs).
 
         With `kv_cache` every row continues its own cached sequence (lmlab/nn/kv_cache.py: each row has
         its own length and position); `attention_mask` then covers the new tokens ([B, T]) or, as
-        `transformers` passes it, every token so far ([B, length + T], rows of equal length)."""
+        `transformers` passes it, every token so far ([B, length + T], rows of equal length).
+
+        `document_ids` ([B, T], a run of equal ids per document) packs several documents into a row, as
+        SFT packs conversations (lmlab/data/chat.py): no token attends across documents and positions
+        restart at each one, so each document's logits are those it has alone."""
         B, T = input_ids.shape
+        if document_ids is not None:
+            self._check_packing(document_ids, input_ids, kv_cache)
+            if position_ids is None:
+                position_ids = position_ids_from_documents(document_ids)
         if kv_cache is not None:
             past = kv_cache.pos
             new = key_mask = None
@@ -158,6 +167,9 @@ class DecoderLM(nn.Module):
                 position_ids = (torch.arange(T, device=input_ids.device)[None] if key_mask is None
                                 else position_ids_from_mask(key_mask))
             attn_mask = padding_mask(key_mask, T) if key_mask is not None else None
+            if document_ids is not None:
+                docs = document_mask(document_ids)
+                attn_mask = docs if attn_mask is None else attn_mask & docs
         x = self.drop(self.embed(input_ids, position_ids))
         attn_kw = {"kv_cache": kv_cache, "rotary": self.rotary(position_ids), "attn_mask": attn_mask}
         if kv_cache is None and key_mask is not None:
@@ -178,6 +190,15 @@ class DecoderLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return LMOutput(logits=logits, loss=loss, **moe)
+
+    def _check_packing(self, document_ids: torch.Tensor, input_ids: torch.Tensor, kv_cache: KVCache | None) -> None:
+        if kv_cache is not None:
+            raise ValueError("document_ids (packed documents) are for training and scoring, not with a KV cache")
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}; expected {tuple(input_ids.shape)}")
+        if any(b.attn.backend == "sliding_window" for b in self.blocks):
+            raise ValueError("packed documents need the eager or sdpa attention backend (the sliding-window "
+                             "kernel builds no [T, T] mask)")
 
     def moe_layers(self) -> list[MoE]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]

@@ -1,0 +1,67 @@
+"""Instruction pairs for SFT, generated offline from the few-shot tasks' own generators.
+
+Each generation task's question becomes a chat conversation: a short system prompt, the user's turn
+(an instruction for the task family, then the item's context as the few-shot prompts show it) and
+the assistant's answer. The pairs are drawn from another seeded stream than the evaluation's and never
+share an evaluation test item's question (nor, for the scrambling tasks, its word), so accuracy on the
+test items after SFT is accuracy on held-out questions; a whole family can be left out of SFT too.
+"""
+
+from __future__ import annotations
+
+from lmlab.errors import LmlabError
+from lmlab.eval.tasks import Item, Task, load_task
+
+SYSTEM = "Reply with the answer only."
+
+# generation tasks by family, and the instruction each family's questions get in a chat turn
+FAMILIES: dict[str, list[str]] = {
+    "arithmetic": ["arithmetic_2d+", "arithmetic_2d-", "arithmetic_3d+", "arithmetic_2dx"],
+    "scramble": ["reversed_words", "cycle_letters", "anagrams1", "random_insertion"],
+    "sequences": ["counting", "days", "months", "letters"],
+}
+INSTRUCTIONS = {
+    "arithmetic": "Answer the question with a number.\n",
+    "scramble": "",  # these tasks carry their own instruction (Task.description)
+    "sequences": "Write the next item of this list.\n",
+}
+SCRAMBLE = set(FAMILIES["scramble"])
+
+
+def family_of(task_name: str) -> str:
+    for family, names in FAMILIES.items():
+        if task_name in names:
+            return family
+    raise LmlabError(f"task '{task_name}' is in no instruction family ({', '.join(FAMILIES)})")
+
+
+def conversation(task: Task, item: Item, with_answer: bool = True) -> list[dict[str, str]]:
+    """The chat form of a task item: system prompt, instruction + question, and (for training) the answer."""
+    user = INSTRUCTIONS[family_of(task.name)] + task.description + item.context
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return messages + [{"role": "assistant", "content": item.answer.strip()}] if with_answer else messages
+
+
+def _key(task_name: str, item: Item) -> str:
+    # a scrambled word's answer is the word itself: another scrambling of a test word would teach it
+    return item.target if task_name in SCRAMBLE else item.context
+
+
+def instruction_pairs(task_names: list[str], n_per_task: int, *, seed: int, held_out: dict[str, Task]) -> list[dict]:
+    """Up to `n_per_task` conversations per task, from the task's generator seeded apart from the
+    evaluation, with no question of `held_out[name]`'s test items; {"messages": [...], "task": name}."""
+    out = []
+    for name in task_names:
+        if name not in held_out:
+            raise LmlabError(f"instruction_pairs: no evaluation task given for '{name}' to keep its test items out")
+        banned = {_key(name, it) for it in held_out[name].items}
+        task = load_task(name, n_items=n_per_task * 2, seed=f"sft-{seed}")
+        seen: set[str] = set()
+        kept = []
+        for it in task.pool + task.items:
+            k = _key(name, it)
+            if k not in banned and k not in seen:
+                seen.add(k)
+                kept.append({"messages": conversation(task, it), "task": name})
+        out += kept[:n_per_task]
+    return out
