@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmlab.config import from_dict
 from lmlab.errors import LmlabError
 from lmlab.io.hf.adapter import ADAPTERS
 from lmlab.nn.lora import LoRAConfig, LoRALinear, Segment, apply_lora, lora_layers
@@ -159,10 +160,18 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def apply_run_lora(model: nn.Module, lora: dict | None) -> nn.Module:
-    """A run's `lora:` config section (plain data) applied to a freshly built model, so its checkpoint's
-    weights load; no section or rank 0: the model as it is."""
-    from lmlab.config import from_dict
-
-    cfg = from_dict(LoRAConfig, lora or {}, prefix="lora.")
+def apply_run_lora(model: nn.Module, lora: LoRAConfig | dict | None) -> nn.Module:
+    """A run's `lora` config section (a LoRAConfig, or plain data from config.yaml) applied to a freshly
+    built model, so its checkpoint's weights load; no section or rank 0: the model as it is."""
+    cfg = lora if isinstance(lora, LoRAConfig) else from_dict(LoRAConfig, lora or {}, prefix="lora.")
     return apply_lora(model, lora_layout(model)[0], cfg) if cfg.rank > 0 else model
+
+
+def base_model_path(path: str | Path) -> Path:
+    """The local base model a PEFT adapter directory names (its `base_model_name_or_path`)."""
+    c = read_peft_config(path)
+    base = c.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise LmlabError(f"{path}: its base model {base!r} is not a local path; load the base model and apply "
+                         "the adapter with lmlab.io.peft.load_peft_adapter")
+    return Path(base)

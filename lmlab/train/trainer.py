@@ -27,11 +27,13 @@ from lmlab.data.objectives import make_sampler
 from lmlab.data.stream import SAMPLERS, TokenSplit
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_weights
+from lmlab.io.peft import apply_run_lora
 from lmlab.models.registry import build
 from lmlab.train.checkpoint import load_trainer_state, save_checkpoint
 from lmlab.train.checkpointing import checkpoint_blocks
 from lmlab.train.config import RunConfig
 from lmlab.train.distributed import all_mean, barrier, local_rows, setup, world_from_env, wrap
+from lmlab.train.init import check_tokenizer, load_init_weights
 from lmlab.train.optim import make_optimizer
 from lmlab.train.schedule import lr_at
 from lmlab.utils.atomic import atomic_write_text
@@ -86,6 +88,10 @@ class Trainer:
         self.device = setup(self.world, pick_device(t.device), t.parallel)
         self.train_data = TokenSplit(cfg.data.dir, "train")
         self.val_data = TokenSplit(cfg.data.dir, "val")
+        # --init MODEL: the data must speak the model's tokenizer (a resumed run has its own weights)
+        self._init_from = t.init if t.init and not list_checkpoints(self.run_dir) else ""
+        if self._init_from:
+            check_tokenizer(cfg.data.dir, self._init_from)
         vocab = self.train_data.meta["vocab_size"]
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab
@@ -96,7 +102,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         np.random.seed(t.seed % 2**32)
-        self.model = build(cfg.model).to(self.device)
+        self.model = self._build_model().to(self.device)
         self.optimizer = make_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
                                         betas=(t.beta1, t.beta2), eps=t.eps)
         self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
@@ -110,6 +116,14 @@ class Trainer:
         self.ddp = wrap(self.model, self.world, self.device, t.parallel)
         self.forward = torch.compile(self.ddp) if t.compile else self.ddp
         self._stop_requested = False
+
+    def _build_model(self) -> torch.nn.Module:
+        """A fresh model of the config; with train.init that model's weights (a resumed run loads its own
+        checkpoint instead), and with lora.rank > 0 LoRA adapters on it, the base frozen."""
+        model = build(self.cfg.model)
+        if self._init_from:
+            load_init_weights(model, self._init_from)
+        return apply_run_lora(model, self.cfg.lora)
 
     # -- state ----------------------------------------------------------------------------------
 
