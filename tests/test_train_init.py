@@ -84,9 +84,30 @@ def test_init_continues_training_from_the_models_weights(sources, tmp_path, kind
     ours = load_model(run).model
     theirs = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = torch.randint(0, ours.config.vocab_size, (2, 10))
+    assert main(["export", str(run), str(tmp_path / "out.gguf"), "--to", "gguf", "--qtype", "F32"]) == 0
+    from_gguf = load_model(tmp_path / "out.gguf", precision="fp32").model
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x).logits, from_gguf(x).logits, rtol=1e-5, atol=1e-5)
     capsys.readouterr()
+
+
+def test_gguf_export_keeps_the_tokenizers_split_rule(tmp_path):
+    """A model continued from SmolLM2 goes out to GGUF with SmolLM2's pre-tokenizer (digits one by one)."""
+    from peers import smollm2_gguf
+
+    from lmlab.io.gguf.write import save_gguf
+    from lmlab.io.load import model_tokenizer
+    from lmlab.models.transformer.llama import Llama, LlamaConfig
+
+    tok = model_tokenizer(smollm2_gguf())
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, mlp_hidden=32,
+                              block_size=32))
+    back = model_tokenizer(save_gguf(model, tmp_path / "m.gguf", tok))
+    text = "In 2024 the 12345 apples cost $3.50"
+    assert back.encode(text) == tok.encode(text)
+    assert len([t for t in tok.encode(text) if tok.decode([t]).strip().isdigit()]) == 12  # one per digit
+    assert back.chat_template == tok.chat_template
 
 
 def test_lora_run_keeps_its_base_and_exports_adapter_and_merged_model(sources, tmp_path, capsys):
