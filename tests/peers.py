@@ -40,6 +40,7 @@ _KENLM = "bash .ci/build_kenlm.sh"
 INSTALL = {
     "transformers": _TEST_EXTRA,
     "accelerate": _TEST_EXTRA,
+    "peft": _TEST_EXTRA,
     "nltk": _TEST_EXTRA,
     "gensim": _TEST_EXTRA,
     "lm_eval": _TEST_EXTRA,

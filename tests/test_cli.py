@@ -8,8 +8,8 @@ import yaml
 from lmlab.cli import main
 from lmlab.io.load import load_model
 
-COMMANDS = ["prepare", "train", "eval", "generate", "fill-mask", "chat", "info", "scaling", "quickstart", "ngram",
-            "lineage", "word2vec", "fewshot", "serve"]
+COMMANDS = ["prepare", "train", "eval", "generate", "fill-mask", "chat", "info", "export", "scaling", "quickstart",
+            "ngram", "lineage", "word2vec", "fewshot", "serve"]
 
 
 def run_cli(*args):
@@ -103,7 +103,8 @@ def test_missing_data_dir_and_checkpoint(tmp_path):
 
 # the least each subcommand needs to get past argparse's own checks
 MINIMAL = {"prepare": [], "train": [], "eval": ["m"], "generate": ["m"], "fill-mask": ["m", "text"], "chat": ["m"],
-           "info": ["p"], "scaling": ["sweep"], "quickstart": [], "ngram": ["query", "m.arpa"], "lineage": [],
+           "info": ["p"], "export": ["m", "out", "--to", "hf"], "scaling": ["sweep"], "quickstart": [],
+           "ngram": ["query", "m.arpa"], "lineage": [],
            "word2vec": ["eval", "v.bin"], "fewshot": ["m", "--tasks", "days"], "serve": ["m"]}
 
 

@@ -23,6 +23,7 @@ getting started:
   lmlab generate runs/<run> "The json module" --temperature 0.8 --top_k 50
   lmlab chat SmolLM2-135M-Instruct.Q4_1.gguf    chat with a model that has a chat template
   lmlab info runs/<run>                         what a run, checkpoint or data directory holds
+  lmlab export runs/<run> out --to hf           as a Hugging Face directory (or gguf; peft: a LoRA adapter)
   lmlab ngram build text.txt --order 5 --out m.arpa   a Kneser-Ney n-gram model (as KenLM's lmplz)
   lmlab lineage                                 unigram -> KN 3/5-gram -> NPLM -> GPT perplexity ladder
 
@@ -33,8 +34,8 @@ Every subcommand has its own --help.
 """
 
 # name of the module in this package for each subcommand, in the order --help lists them
-SUBCOMMANDS = ["prepare", "train", "eval", "generate", "fill_mask", "chat", "info", "scaling", "quickstart",
-               "ngram", "lineage", "word2vec", "fewshot", "serve"]
+SUBCOMMANDS = ["prepare", "train", "eval", "generate", "fill_mask", "chat", "info", "export", "scaling",
+               "quickstart", "ngram", "lineage", "word2vec", "fewshot", "serve"]
 
 
 def _verbosity_flags(p: argparse.ArgumentParser, default) -> None:

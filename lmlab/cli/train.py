@@ -13,6 +13,7 @@ from lmlab.errors import LmlabError
 
 
 def build_run_config(args: argparse.Namespace, rest: list[str]):
+    from lmlab.io.load import model_config
     from lmlab.models.registry import preset
     from lmlab.train.checkpoint import read_run_config
     from lmlab.train.config import RunConfig
@@ -23,6 +24,11 @@ def build_run_config(args: argparse.Namespace, rest: list[str]):
         cfg = from_dict(RunConfig, load_yaml(args.config))
     else:
         cfg = RunConfig()
+    if args.init:
+        if args.model:
+            raise LmlabError(f"--init {args.init} takes the architecture from that model; drop --model {args.model}")
+        cfg.model = model_config(args.init)
+        cfg.train.init = args.init
     if args.model:
         vocab = cfg.model.vocab_size
         cfg.model = preset(args.model)
@@ -58,6 +64,12 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     n = trainer.model.num_params()
     print(f"model: {cfg.model.family}, {n / 1e6:.2f}M parameters without embeddings, "
           f"{trainer.model.num_params(non_embedding=False) / 1e6:.2f}M with; run directory {run_dir}")
+    if cfg.lora.rank > 0:
+        from lmlab.nn.lora import trainable_parameters
+
+        k = trainable_parameters(trainer.model)
+        print(f"LoRA: rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)} ({cfg.lora.base} base): {k:,} trainable "
+              f"parameters ({100 * k / trainer.model.num_params(non_embedding=False):.2f}%)")
     summary = trainer.fit()
     line = f"step {summary['step']}: train loss {summary['loss']:.4f}"
     if "val_loss" in summary:
@@ -75,10 +87,18 @@ def add_parser(add) -> None:
              "\n\nexamples:\n  lmlab train --data data/stdlib-docs --model mini --train.max_steps=300\n"
              "  lmlab train --config configs/small-stdlib-docs.yaml --train.dtype=float32\n"
              "  lmlab train --resume runs/gpt-20260101-120000     (continue exactly where it stopped)\n"
-             "  torchrun --nproc-per-node=2 -m lmlab train --data data/stdlib-docs --train.parallel=fsdp",
+             "  torchrun --nproc-per-node=2 -m lmlab train --data data/stdlib-docs --train.parallel=fsdp\n"
+             "  lmlab prepare notes.txt --tokenizer SmolLM2.gguf --out data/notes\n"
+             "  lmlab train --init SmolLM2.gguf --data data/notes --model.block_size=256 --train.lr=3e-5\n"
+             "      (continued pre-training from a model's weights, with its architecture and tokenizer)\n"
+             "  lmlab train --init SmolLM2.gguf --data data/notes --lora.rank 8 --lora.alpha 16 \\\n"
+             "      --lora.targets q_proj,v_proj --lora.base int4     (LoRA on a frozen 4-bit base)\n"
+             "  lmlab export runs/<run> out/ --to hf|gguf|peft     (LoRA merged, or the adapter alone)",
              overrides=True)
     sp.add_argument("--config", help="YAML file with model/data/train sections")
     sp.add_argument("--model", metavar="PRESET", help="architecture preset: " + ", ".join(PRESETS))
+    sp.add_argument("--init", metavar="MODEL", help="start from this model's weights, architecture and tokenizer "
+                    "(GGUF, HF directory, lmlab run; same as --train.init)")
     sp.add_argument("--data", help="prepared data directory (same as --data.dir)")
     sp.add_argument("--out", help="run directory to create (same as --train.out_dir)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")

@@ -22,7 +22,8 @@ import numpy as np
 from lmlab.config import to_dict
 from lmlab.data.sources import Corpus
 from lmlab.errors import LmlabError
-from lmlab.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from lmlab.io.load import model_tokenizer
+from lmlab.tokenizers import Tokenizer, train_tokenizer
 from lmlab.utils.atomic import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ class PrepareConfig:
     format: str = "text"              # text | chat: a JSONL of {"messages": [...]} conversations for SFT,
                                       # rendered with the chat template of --tokenizer MODEL (lmlab/data/chat.py)
     out: str = ""                     # data directory to create (default: data/<source name>)
-    tokenizer: str = "bpe"            # char | word | bpe, or a directory holding tokenizer.json
+    tokenizer: str = "bpe"            # char | word | bpe, a directory holding tokenizer.json, or a model
+                                      # (GGUF, HF directory, lmlab run) whose tokenizer to use (train --init)
     vocab_size: int = 4096            # BPE merges target; cap for char/word (0 = no cap)
     min_count: int = 2                # rarer words/chars become <unk>; BPE min merge frequency
     doc_split: str = "paragraph"      # how a plain text file is cut into documents: file|paragraph|line
@@ -230,7 +232,7 @@ def _prepare_split_files(cfg: PrepareConfig, out: Path, force: bool) -> Path:
             tok = train_tokenizer(cfg.tokenizer, [texts["train"]], vocab_size=cfg.vocab_size,
                                   min_count=cfg.min_count)
         else:
-            tok = load_tokenizer(cfg.tokenizer)
+            tok = model_tokenizer(cfg.tokenizer)
         tok.save(str(tmp))
         dtype = token_dtype(tok.vocab_size)
         splits = {}
@@ -250,7 +252,7 @@ def _get_tokenizer(cfg: PrepareConfig, corpus: Corpus, split_of: np.ndarray) -> 
     if cfg.tokenizer in ("char", "word", "bpe"):
         train_docs = (d for i, d in enumerate(corpus) if split_of[i] == 0)
         return train_tokenizer(cfg.tokenizer, train_docs, vocab_size=cfg.vocab_size, min_count=cfg.min_count)
-    return load_tokenizer(cfg.tokenizer)
+    return model_tokenizer(cfg.tokenizer)  # a model's own (GGUF, HF directory, run) or a tokenizer.json
 
 
 def read_meta(data_dir: str | Path) -> dict:

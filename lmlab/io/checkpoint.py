@@ -76,8 +76,10 @@ def read_model_config(ckpt: Path) -> ModelConfig:
 
 def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer, Path]:
     """Model (eval mode), tokenizer and the checkpoint directory of a checkpoint or run directory."""
+    from lmlab.io.peft import apply_run_lora
+
     ckpt = resolve_checkpoint(path)
-    model = build(read_model_config(ckpt))
+    model = apply_run_lora(build(read_model_config(ckpt)), read_config_dict(ckpt).get("lora"))  # a LoRA run's layers
     load_checkpoint_weights(model, ckpt)
     model.to(device).eval()
     return model, load_tokenizer(ckpt), ckpt

@@ -4,6 +4,8 @@
     Hugging Face directory       config.json + *.safetensors (+ tokenizer.json)
     *.gguf                       llama.cpp's format (quantized weights kept quantized where we can)
     *.arpa, *.arpa.gz            a back-off n-gram model (KenLM's lmplz writes these)
+    PEFT adapter directory       adapter_config.json + adapter_model.safetensors: a LoRA adapter on the
+                                 local base model its base_model_name_or_path names
 
 It also settles the one BOS rule: `LoadedModel.bos` is what goes before every text the model reads
 (generation, chat, scoring), as the model itself asks: a GGUF file's `tokenizer.ggml.add_bos_token`,
@@ -100,23 +102,79 @@ def model_kind(path: str | Path) -> str:
         return "arpa"
     if p.is_dir() and (p / "config.json").is_file():
         return "hf"
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return "peft"
     return "lmlab"
+
+
+def _existing(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise LmlabError(f"model not found: {p}")
+    return p
+
+
+def model_config(path: str | Path) -> Any:
+    """The architecture (a ModelConfig) of the model at `path`, without loading its weights."""
+    p = _existing(path)
+    kind = model_kind(p)
+    if kind == "gguf":
+        from lmlab.io.gguf.read import gguf_model_config, open_gguf, read_metadata
+
+        reader = open_gguf(p)
+        return gguf_model_config(reader, read_metadata(reader))
+    if kind == "hf":
+        from lmlab.io.hf import config_from_hf
+
+        return config_from_hf(json.loads((p / "config.json").read_text(encoding="utf-8")))
+    if kind == "peft":
+        from lmlab.io.peft import base_model_path
+
+        return model_config(base_model_path(p))
+    if kind == "arpa":
+        raise LmlabError(f"{p} is an n-gram model: it has no neural architecture to start from")
+    from lmlab.io.checkpoint import read_model_config, resolve_checkpoint
+
+    return read_model_config(resolve_checkpoint(p))
+
+
+def model_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of the model at `path` (or of a directory holding a tokenizer.json), without its weights."""
+    from lmlab.tokenizers import load_tokenizer
+
+    p = _existing(path)
+    kind = model_kind(p)
+    if kind == "gguf":
+        from lmlab.io.gguf.read import open_gguf, read_metadata
+        from lmlab.io.gguf.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(read_metadata(open_gguf(p)))
+    if kind == "peft":
+        from lmlab.io.peft import base_model_path
+
+        return model_tokenizer(base_model_path(p))
+    if kind == "arpa":
+        raise LmlabError(f"{p} is an n-gram model: its words are its tokens, there is no tokenizer to reuse")
+    if kind == "hf" or (p / "tokenizer.json").is_file() or p.is_file():
+        return load_tokenizer(p)
+    from lmlab.io.checkpoint import resolve_checkpoint
+
+    return load_tokenizer(resolve_checkpoint(p))
 
 
 def load_model(path: str | Path, *, device: str = "cpu", precision: str | None = None) -> LoadedModel:
     """Load the model at `path` (see the module docstring). `precision` converts the weights for inference
     (lmlab/nn/quant.py; default: the fast one for GGUF files, as stored otherwise)."""
-    p = Path(path)
-    if not p.exists():
-        raise LmlabError(f"model not found: {p}")
+    p = _existing(path)
     kind = model_kind(p)
     if kind == "arpa":
         from lmlab.io.arpa import read_arpa
 
         return LoadedModel(read_arpa(p), None, kind, p)
+    from lmlab.nn.quant import DEFAULT_PRECISION
+
     if kind == "gguf":
         from lmlab.io.gguf.read import load_gguf, open_gguf, read_metadata
-        from lmlab.nn.quant import DEFAULT_PRECISION
 
         model, tok = load_gguf(p)
         loaded = LoadedModel(model, tok, kind, p, bos=gguf_bos(read_metadata(open_gguf(p)), tok))
@@ -126,6 +184,13 @@ def load_model(path: str | Path, *, device: str = "cpu", precision: str | None =
 
         model, tok = load_hf_dir(p)
         loaded = LoadedModel(model, tok, kind, p, bos=hf_bos(p, tok) if tok is not None else [])
+    elif kind == "peft":  # a LoRA adapter on the local base model it names
+        from lmlab.io.peft import base_model_path, load_peft_adapter
+
+        base = load_model(base_model_path(p), precision="fp32")
+        loaded = LoadedModel(load_peft_adapter(base.model, p), base.tokenizer, kind, p, bos=base.bos,
+                             run_config=base.run_config, checkpoint=base.checkpoint)
+        precision = precision or (DEFAULT_PRECISION if base.kind == "gguf" else None)
     else:
         from lmlab.io.checkpoint import load_model_dir, read_config_dict
 

@@ -278,6 +278,22 @@ class ExactTopLogits(nn.Module):
         return logits.scatter(-1, top, exact)
 
 
+@torch.no_grad()
+def quantized_linear(m: nn.Linear, precision: str, *, prefill_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """`m` as a frozen layer in `precision` (bf16 | int8 | int4): int4 as Q4_1 blocks where its inputs come
+    in groups of 32, else 8 bits (Q8_0 blocks with the kernels, one scale per row without)."""
+    fits = m.weight.shape[1] % kernels.BLOCK == 0
+    if precision == "bf16":
+        return HalfLinear(m.weight, m.bias)
+    if precision == "int4" and fits:
+        return Int4Linear(m.weight, m.bias, dtype=prefill_dtype)
+    if precision not in ("int8", "int4"):
+        raise LmlabError(f"unknown low precision '{precision}' (bf16 | int8 | int4)")
+    if kernels.available() and fits:
+        return Q8Linear(m.weight, m.bias, dtype=prefill_dtype)
+    return Int8Linear(m.weight, m.bias)
+
+
 def _swap(model: nn.Module, kind: type[nn.Module], make) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -311,11 +327,7 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
             # fp16: 3 more significant bits than bf16, and its gemv runs ~2x faster here
             heads[id(m.weight)] = HalfLinear(m.weight, m.bias, dtype=torch.float16)
             return ExactTopLogits(heads[id(m.weight)])
-        if precision == "bf16":
-            return HalfLinear(m.weight, m.bias)
-        if precision == "int4" and fits(m):
-            return Int4Linear(m.weight, m.bias, dtype=prefill_dtype)
-        return Q8Linear(m.weight, m.bias, dtype=prefill_dtype) if blocks and fits(m) else Int8Linear(m.weight, m.bias)
+        return quantized_linear(m, precision, prefill_dtype=prefill_dtype)
 
     def embedding(name: str, m: nn.Embedding) -> nn.Module:
         tied = heads.get(id(m.weight))

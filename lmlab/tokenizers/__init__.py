@@ -40,5 +40,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return KINDS[kind].from_json(data)
 
 
+def vocabulary(tok: Tokenizer) -> list[str]:
+    """Every token's string, by id: what the rows of a model's embedding stand for."""
+    if isinstance(tok, BPETokenizer):
+        return [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
+    itos = getattr(tok, "itos", None)
+    return list(itos) if itos is not None else [tok.decode([i]) for i in range(tok.vocab_size)]
+
+
 __all__ = ["ROLES", "SpecialTokens", "Tokenizer", "CharTokenizer", "WordTokenizer", "BPETokenizer",
-           "train_tokenizer", "load_tokenizer"]
+           "train_tokenizer", "load_tokenizer", "vocabulary"]

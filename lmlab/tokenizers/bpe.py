@@ -75,6 +75,8 @@ class BPETokenizer(SpecialIdsMixin):
         atomic_write_text(d / "tokenizer.json", self.hf.to_str())
         cfg = {f"{r}_token": getattr(self.specials, r) for r in ROLES}
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if self.chat_template:  # where transformers keeps it too
+            cfg["chat_template"] = self.chat_template
         atomic_write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2))
 
     @classmethod
@@ -90,4 +92,7 @@ class BPETokenizer(SpecialIdsMixin):
                     tok = tok.get("content")
                 if isinstance(tok, str):
                     roles[r] = tok
-        return cls(hf, SpecialTokens(**roles))
+        out = cls(hf, SpecialTokens(**roles))
+        if cfg_path.is_file() and isinstance(cfg.get("chat_template"), str):
+            out.chat_template = cfg["chat_template"]
+        return out

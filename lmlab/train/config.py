@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from lmlab.models.base import ModelConfig
 from lmlab.models.transformer.gpt import GPTConfig
+from lmlab.nn.lora import LoRAConfig
 
 
 @dataclass(kw_only=True)
@@ -18,6 +19,8 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     out_dir: str = ""               # run directory (default: runs/<family>-<timestamp>)
+    init: str = ""                  # start from this model's weights (GGUF, HF directory, lmlab run): continued
+                                    # pre-training; the model section then describes it (`lmlab train --init`)
     seed: int = 1337
     device: str = "auto"            # auto | cpu | cuda | mps
     dtype: str = "float32"          # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
@@ -51,3 +54,4 @@ class RunConfig:
     model: ModelConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank > 0: train LoRA adapters, the base frozen

@@ -27,6 +27,7 @@ from lmlab.data.objectives import make_sampler
 from lmlab.data.stream import SAMPLERS, TokenSplit
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints
+from lmlab.io.peft import apply_run_lora
 from lmlab.models.registry import build
 from lmlab.train.checkpoint import load_training_state, save_checkpoint
 from lmlab.train.checkpointing import checkpoint_blocks
@@ -42,6 +43,7 @@ from lmlab.train.distributed import (
     world_from_env,
     wrap,
 )
+from lmlab.train.init import check_tokenizer, load_init_weights
 from lmlab.train.optim import make_optimizer
 from lmlab.train.schedule import lr_at
 from lmlab.utils.atomic import atomic_write_text
@@ -96,6 +98,10 @@ class Trainer:
         self.device = setup(self.world, pick_device(t.device), t.parallel)
         self.train_data = TokenSplit(cfg.data.dir, "train")
         self.val_data = TokenSplit(cfg.data.dir, "val")
+        # --init MODEL: the data must speak the model's tokenizer (a resumed run has its own weights)
+        self._init_from = t.init if t.init and not list_checkpoints(self.run_dir) else ""
+        if self._init_from:
+            check_tokenizer(cfg.data.dir, self._init_from)
         vocab = self.train_data.meta["vocab_size"]
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab
@@ -106,7 +112,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         np.random.seed(t.seed % 2**32)
-        self.model = build(cfg.model).to(self.device)
+        self.model = self._build_model().to(self.device)
         self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
                                     t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq)
         self.step = 0
@@ -123,6 +129,14 @@ class Trainer:
                                         betas=(t.beta1, t.beta2), eps=t.eps)
         self.forward = torch.compile(self.ddp) if t.compile else self.ddp
         self._stop_requested = False
+
+    def _build_model(self) -> torch.nn.Module:
+        """A fresh model of the config; with train.init that model's weights (a resumed run loads its own
+        checkpoint instead), and with lora.rank > 0 LoRA adapters on it, the base frozen."""
+        model = build(self.cfg.model)
+        if self._init_from:
+            load_init_weights(model, self._init_from)
+        return apply_run_lora(model, self.cfg.lora)
 
     # -- state ----------------------------------------------------------------------------------
 

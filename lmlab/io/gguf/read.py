@@ -199,14 +199,18 @@ def state_dict_from_gguf(reader: Any, cfg: LlamaConfig) -> dict[str, torch.Tenso
     return state_dict_from_hf(hf, cfg)
 
 
+def gguf_model_config(reader: Any, meta: dict[str, Any]) -> LlamaConfig:
+    """The model config of an open GGUF file: its metadata, and a tied output layer unless it stores one."""
+    return config_from_gguf(meta, tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+
+
 def load_gguf(path: str | Path) -> tuple[nn.Module, Any]:
     """(float32 Llama in eval mode, its tokenizer) from a GGUF file."""
     from lmlab.io.gguf.tokenizer import tokenizer_from_gguf
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    cfg = config_from_gguf(meta, tie_embeddings=not has_output)
+    cfg = gguf_model_config(reader, meta)
     with torch.device("meta"):
         model = build(cfg)
     model.load_state_dict(state_dict_from_gguf(reader, cfg), assign=True)

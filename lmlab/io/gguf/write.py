@@ -20,7 +20,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.io.gguf.read import _LAYER_NAMES, _TOP_NAMES, SUPPORTED_TYPES, _gguf, moe_names, permute_qk
-from lmlab.io.gguf.tokenizer import CONTROL
+from lmlab.io.gguf.tokenizer import CONTROL, LLAMA3_SPLIT
 from lmlab.io.hf import state_dict_to_hf
 
 _TO_GGUF = {v: k for k, v in {**_LAYER_NAMES, **_TOP_NAMES}.items()}
@@ -54,6 +54,18 @@ def _gguf_tensors(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _pre_name(data: dict) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how a tokenizer.json splits text before BPE: the splits
+    lmlab/io/gguf/tokenizer.py knows by name, else GPT-2's regex (what lmlab's own BPE trains with)."""
+    pre = data.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts):
+        return "smollm"  # every digit its own piece, then GPT-2's split (SmolLM2, StarCoder)
+    if any(p.get("type") == "Split" and p.get("pattern", {}).get("Regex") == LLAMA3_SPLIT for p in parts):
+        return "llama-bpe"
+    return "gpt-2"
+
+
 def _add_tokenizer(w, tokenizer) -> None:
     data = json.loads(tokenizer.hf.to_str())
     if data["model"]["type"] != "BPE":
@@ -65,7 +77,7 @@ def _add_tokenizer(w, tokenizer) -> None:
     special = {a["content"] for a in data.get("added_tokens", []) if a.get("special")}
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, as lmlab's BPE trains with
+    w.add_tokenizer_pre(_pre_name(data))
     w.add_token_list(tokens)
     w.add_token_types([CONTROL if t in special else NORMAL for t in tokens])
     w.add_token_merges(merges)
