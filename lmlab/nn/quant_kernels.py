@@ -182,6 +182,72 @@ if numba is not None:
                     y[r0 + r] += db[r] * T[r]
 
     @_njit(fastmath=_FM)
+    def _qg_mm(qs, d, m, x, y):
+        """y [M, n] = x [M, k] W^T for w = d q + m per group of g = k / d.shape[1] inputs (GGUF's Q5_0,
+        Q5_1, Q5_K, Q6_K, Q8_0 unpacked by lmlab/nn/quant_formats.py): qs [n, k] int8, d [n, k/g]
+        float32, m [n, k/g] float32 or [n, 0] (no offsets). d q is exact, so this is dot(x, w) up to the
+        order of fp32 sums; the offsets go in as m sum(x_group)."""
+        M, k = x.shape
+        n, nb = d.shape
+        g = k // nb
+        has_m = m.shape[1] > 0
+        sx = np.zeros((M, nb), dtype=np.float32)
+        if has_m:
+            for r in range(M):
+                for b in range(nb):
+                    sx[r, b] = np.sum(x[r, g * b:g * b + g])
+        e = np.empty(k, dtype=np.float32)
+        for i in range(n):
+            row = qs[i]
+            di = d[i]
+            for b in range(nb):
+                e[g * b:g * b + g] = di[b]
+            for r in range(M):
+                xr = x[r]
+                acc = np.float32(0.0)
+                for j in range(k):
+                    acc += xr[j] * (e[j] * np.float32(row[j]))
+                if has_m:
+                    mi = m[i]
+                    for b in range(nb):
+                        acc += mi[b] * sx[r, b]
+                y[r, i] = acc
+
+    @_njit(fastmath=_FM)
+    def _qg_mv_t(qt, d, m, x, y):
+        """`_qg_mm` for one input row on weights repacked block-major (`repack_group`): y [n] = W x [k];
+        qt [k/g, g, n] int8, d [k/g, n] float32, m [k/g, n] or [0, n] float32."""
+        nb, g, n = qt.shape
+        has_m = m.shape[0] > 0
+        T = np.empty(_TILE, dtype=np.float32)
+        for r0 in range(0, n, _TILE):
+            L = min(n - r0, _TILE)
+            for r in range(L):
+                y[r0 + r] = 0.0
+            for b in range(nb):
+                for r in range(L):
+                    T[r] = 0.0
+                for j in range(0, g, 4):  # four inputs per pass over T (g is 16 or 32)
+                    c = g * b + j
+                    x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
+                    q0 = qt[b, j, r0:r0 + L]
+                    q1 = qt[b, j + 1, r0:r0 + L]
+                    q2 = qt[b, j + 2, r0:r0 + L]
+                    q3 = qt[b, j + 3, r0:r0 + L]
+                    for r in range(L):
+                        T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
+                            + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
+                db = d[b, r0:r0 + L]
+                if has_m:
+                    sxb = np.sum(x[g * b:g * b + g])
+                    mb = m[b, r0:r0 + L]
+                    for r in range(L):
+                        y[r0 + r] += db[r] * T[r] + mb[r] * sxb
+                else:
+                    for r in range(L):
+                        y[r0 + r] += db[r] * T[r]
+
+    @_njit(fastmath=_FM)
     def _q4_1_dequant(qs, dm, out):
         """out [n, k] = d q + m (one rounding: d q is exact); dm [n, 2 k/32] fp16 bit patterns."""
         n, k = out.shape
@@ -294,8 +360,10 @@ if numba is not None:
     def _linear(kind, qt, s1, s2, x, y):
         if kind == 0:
             _q4_1_mv_t(qt, s1, s2, x[0], y[0])
-        else:
+        elif kind == 1:
             _q8_0_mv_t(qt.view(np.int8), s1, x[0], y[0])
+        else:
+            _qg_mv_t(qt.view(np.int8), s1, s2, x[0], y[0])
 
     @_njit(fastmath=_FM)
     def _decode_layer(x, h, o, qkv, att, gu, act, scratch, n1, n2, eps1, eps2,
@@ -368,9 +436,22 @@ def repack_q8_0(qs: torch.Tensor, d: torch.Tensor) -> tuple[np.ndarray, np.ndarr
     return qs.reshape(n, nb, 32).permute(1, 2, 0).contiguous().numpy(), d.float().T.contiguous().numpy()
 
 
-def linear_args(qs: torch.Tensor, scales: torch.Tensor) -> tuple:
+def repack_group(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> tuple[np.ndarray, ...]:
+    """Group codes (`qs` [n, k] int8, `d`, `m` [n, k/g] float32) block-major for `_qg_mv_t`: qt [k/g, g, n]
+    int8, d and m [k/g, n] float32 (m [0, n] when there are no offsets)."""
+    n, nb = d.shape
+    qt = qs.reshape(n, nb, -1).permute(1, 2, 0).contiguous().numpy()
+    mt = np.zeros((0, n), np.float32) if m is None else m.float().T.contiguous().numpy()
+    return qt, d.float().T.contiguous().numpy(), mt
+
+
+def linear_args(qs: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None,
+                group: bool = False) -> tuple:
     """(kind, qt, s1, s2) as `_decode_layer` takes a linear: Q4_1 (`qs` uint8) is kind 0 with (d, m), Q8_0
     (int8) kind 1 with d (s2 unused); weights repacked (a copy) by `repack_q4_1` / `repack_q8_0`."""
+    if group:
+        qt, d, m = repack_group(qs, scales, offsets)
+        return 2, qt.view(np.uint8), d, m
     if qs.dtype == torch.uint8:
         return (0, *repack_q4_1(qs, scales))
     qt, d = repack_q8_0(qs, scales)
@@ -395,9 +476,25 @@ def q8_0_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Ten
     return y
 
 
+def group_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, w = d q + m per group (`qs` [n, k] int8,
+    `d`, `m` [n, k/g] float32; m None: no offsets)."""
+    n, k = qs.shape
+    y = x.new_empty(*x.shape[:-1], n)
+    mm = np.zeros((n, 0), np.float32) if m is None else m.contiguous().numpy()
+    _qg_mm(qs.contiguous().numpy(), d.contiguous().numpy(), mm, x.contiguous().view(-1, k).numpy(),
+           y.view(-1, n).numpy())
+    return y
+
+
 def q4_1_dequantize(qs: torch.Tensor, dm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The dense [n, k] weight of Q4_1 blocks, in float32 or bfloat16 (rounded to nearest even)."""
     n, k = qs.shape[0], qs.shape[1] * 2
+    if dm.dtype == torch.float32:  # K-quant scales (exact in fp32, not in fp16): vectorised in torch
+        b = qs.view(n, -1, 16)
+        q = torch.cat([b & 15, b >> 4], dim=-1).float()
+        out = torch.addcmul(dm[..., 1:], dm[..., :1], q).view(n, k)
+        return out if dtype == torch.float32 else out.to(dtype)
     out = torch.empty(n, k, dtype=torch.float32)
     _q4_1_dequant(qs.contiguous().numpy(), _u16(dm, k // 16), out.numpy())
     return out if dtype == torch.float32 else out.to(dtype)
