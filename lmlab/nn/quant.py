@@ -7,6 +7,9 @@
   exactly).
 - `int4`: weight-only 4-bit, asymmetric, one scale and offset per group of 32 inputs (GGUF's Q4_1,
   whose weights come back exactly).
+- `gguf`: a GGUF file's block-quantized matrices as stored (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, put
+  into `Int4Linear` / `GroupLinear` by the loader without re-quantizing), the rest in fp32; on a model
+  from elsewhere, fp32 with the decoding kernels.
 
 int8 and int4 keep their weights in GGUF's block layouts. Decoding a token reads every weight once,
 so on a CPU it is bound by memory bandwidth and 4-bit blocks are fastest: a few rows go through our
@@ -36,8 +39,9 @@ from lmlab.nn import quant_kernels as kernels
 from lmlab.nn.attention import Attention
 from lmlab.nn.quant_formats import Unpacked
 
-PRECISIONS = ("fp32", "bf16", "int8", "int4")
-DEFAULT_PRECISION = "int4"  # the fastest decode here; Q4_1 weights map onto its grid (benchmarks/llm_inference.py)
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "gguf")
+# GGUF files: their block-quantized matrices kept exactly as stored (lmlab/io/gguf/read.py, blocks=True)
+DEFAULT_PRECISION = "gguf"
 INT4_GROUP = 32  # inputs per scale/offset; GGUF Q4_0/Q4_1 block size (ggml-common.h QK4_0)
 # Up to this many rows per call (decoding, small batches) the block kernels run; more rows (prefill)
 # make the matmul compute-bound, where a dense matmul on weights dequantized on the fly is faster.
@@ -403,6 +407,8 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
         return model.float()
     model.float()  # what stays (norms, biases elsewhere) computes in fp32
     blocks = kernels.available()
+    if precision == "gguf":
+        return _decoding_kernels(model, blocks).eval()
     heads: dict[int, nn.Module] = {}  # id(fp32 weight) -> output layer, to share with a tied embedding
 
     def fits(m: nn.Module) -> bool:
@@ -435,9 +441,14 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
 
     _swap(model, nn.Linear, linear)
     _swap(model, nn.Embedding, embedding)
-    if blocks:  # decoding's small ops: one kernel call each
+    return _decoding_kernels(model, blocks).eval()
+
+
+def _decoding_kernels(model: nn.Module, blocks: bool) -> nn.Module:
+    """Decoding's small ops (RMSNorm, one query's attention) as one kernel call each, where they run."""
+    if blocks:
         _swap(model, nn.RMSNorm, lambda name, m: FastRMSNorm(m) if len(m.normalized_shape) == 1 else m)
         for m in model.modules():
             if isinstance(m, Attention):
                 m.sdpa = kernels.sdpa
-    return model.eval()
+    return model
