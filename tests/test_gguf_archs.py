@@ -5,8 +5,9 @@ written as an F32 GGUF by lmlab's writer, quantized by llama.cpp's own quantizer
 - F32: lmlab's logits equal transformers' (Qwen2's q/k/v biases, Llama 3.1's RoPE scaling carried as
   `rope_freqs.weight`, at positions past the original context); tokenizer (`qwen2` / `llama-bpe`
   pre-tokenizers) and chat template (ChatML / Llama 3's) as transformers reads the same file.
-- Quantized: kept in their blocks (precision "gguf"), our logits -- prefill and token by token through
-  the KV cache -- are within 1e-3 of our float32 dequantization of the same file."""
+- Quantized: kept in their blocks (precision "gguf"), our logits -- prefill, token by token through
+  the KV cache, and generation's fast step -- are within 1e-3 of our float32 dequantization of the
+  same file."""
 
 import ctypes
 
@@ -19,6 +20,7 @@ transformers = require_module("transformers")
 require_module("accelerate")  # transformers' GGUF loading needs it
 llama_cpp = require_module("llama_cpp")
 
+from lmlab.generate.fast_decode import FastDecoder  # noqa: E402
 from lmlab.io.gguf.read import load_gguf, open_gguf  # noqa: E402
 from lmlab.io.gguf.write import save_gguf  # noqa: E402
 from lmlab.io.hf import config_from_hf, state_dict_from_hf  # noqa: E402
@@ -144,5 +146,8 @@ def test_quantized_file_in_blocks_matches_its_float32_dequantization(files, name
     want_logits = ref(x).logits
     torch.testing.assert_close(ours(x).logits, want_logits, rtol=0, atol=1e-3)  # prefill: many rows
     cache = ours.make_kv_cache(1, 48)
-    steps = torch.cat([ours(x[:, i:i + 1], kv_cache=cache).logits for i in range(48)], dim=1)  # the kernels
+    steps = torch.cat([ours(x[:, i:i + 1], kv_cache=cache).logits for i in range(24)], dim=1)  # the kernels
+    fast = FastDecoder.build(ours, cache)  # generation's one-call-per-layer step, on the same blocks
+    assert fast is not None
+    steps = torch.cat([steps, *(fast.step(x[:, i])[:, None] for i in range(24, 48))], dim=1)
     torch.testing.assert_close(steps, want_logits, rtol=0, atol=1e-3)

@@ -191,7 +191,7 @@ class Int4Linear(nn.Module):
         """The weight (or its `rows`) the exact kernel multiplies by, in float32 ([n, k])."""
         qs, dm = (self.qs, self.dm) if rows is None else (self.qs[rows], self.dm[rows])
         n, g, _ = dm.shape
-        b = qs.view(n, g, 16)
+        b = qs.reshape(n, g, 16)
         q = torch.cat([b & 15, b >> 4], dim=-1).float()
         dm = dm.float()
         return torch.addcmul(dm[..., 1:], dm[..., :1], q).view(n, -1)
@@ -231,7 +231,7 @@ class Q8Linear(nn.Module):
 
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         qs, d = (self.qs, self.d) if rows is None else (self.qs[rows], self.d[rows])
-        return (qs.float().view(*d.shape, kernels.BLOCK) * d.float()[..., None]).view(*qs.shape)
+        return (qs.float().reshape(*d.shape, kernels.BLOCK) * d.float()[..., None]).view(*qs.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= KERNEL_ROWS * self.in_features:
@@ -260,7 +260,7 @@ class Q8Embedding(nn.Module):
         self.register_buffer("d", table.d)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qs[ids].float().view(*ids.shape, -1, kernels.BLOCK) * self.d[ids].float()[..., None]
+        rows = self.qs[ids].float().reshape(*ids.shape, -1, kernels.BLOCK) * self.d[ids].float()[..., None]
         return rows.view(*ids.shape, self.qs.shape[1])
 
 
@@ -287,7 +287,7 @@ class GroupLinear(nn.Module):
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         qs, d, m = (self.qs, self.d, self.m) if rows is None else \
             (self.qs[rows], self.d[rows], None if self.m is None else self.m[rows])
-        w = qs.float().view(*d.shape, self.group) * d[..., None]
+        w = qs.float().reshape(*d.shape, self.group) * d[..., None]
         return (w if m is None else w + m[..., None]).view(*qs.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

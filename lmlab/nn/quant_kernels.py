@@ -10,7 +10,8 @@ reference only in the order and grouping of fp32 sums.
 Q4_1: for block b of a row, dot(x_b, d q + m) = d dot(x_b, q) + m sum(x_b), with sum(x_b) computed once
 per input row and shared by every output row; byte j of a block holds q_j (low nibble) and q_{j+16}
 (high nibble), split exactly in float arithmetic (hi = floor(byte / 16), lo = byte - 16 hi). Q8_0:
-d dot(x_b, q). fp32 accumulation throughout; single-threaded (numba releases the GIL, `nogil=True`).
+d dot(x_b, q). fp32 accumulation throughout; the decoding kernels (`*_mv_t`) split the output rows over
+numba's threads (`numba.set_num_threads`), the rest is single-threaded (numba releases the GIL, `nogil=True`).
 Decoding (lmlab/generate/fast_decode.py) uses copies of the weights repacked block-major and row-minor
 (`repack_q4_1`, `repack_q8_0`; the same bytes, reordered): its innermost loop runs over output rows, so
 LLVM vectorises it without a horizontal sum per block. This keeps a second copy of the quantized
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 try:
     import numba
+    from numba import prange
 except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
@@ -129,13 +131,24 @@ if numba is not None:
     # Rows go in tiles whose partial sums T stay in L1.
     _TILE = 2048
 
-    @_njit(fastmath=_FM)
-    def _q4_1_mv_t(qt, d, m, x, y):
+    _MIN_TILE = 64  # rows per tile at least: short tiles spend more on their set-up than on the rows
+
+    @_njit(inline="always")
+    def _tile(n, nt):
+        """Rows per tile: at most _TILE (partial sums in L1), and few enough that each of `nt` threads gets
+        one (`nt` is an argument: numba.get_num_threads() in compiled code would stop it being cached)."""
+        per = -(-n // nt)
+        return max(_MIN_TILE, min(_TILE, -(-per // 16) * 16))
+
+    @_njit(fastmath=_FM, parallel=True, inline="always")
+    def _q4_1_mv_t(qt, d, m, x, y, nt):
         """y [n] = W x [k]; qt [k/32, 16, n] uint8 (repacked Q4_1 bytes), d, m [k/32, n] float32."""
         nb, _, n = qt.shape
-        T = np.empty(_TILE, dtype=np.float32)
-        for r0 in range(0, n, _TILE):
-            L = min(n - r0, _TILE)
+        tile = _tile(n, nt)
+        for t in prange((n + tile - 1) // tile):  # row tiles, one per thread
+            r0 = t * tile
+            L = min(n - r0, tile)
+            T = np.empty(L, dtype=np.float32)
             for r in range(L):
                 y[r0 + r] = 0.0
             for b in range(nb):
@@ -155,13 +168,15 @@ if numba is not None:
                 for r in range(L):
                     y[r0 + r] += db[r] * T[r] + mb[r] * sxb
 
-    @_njit(fastmath=_FM)
-    def _q8_0_mv_t(qt, d, x, y):
+    @_njit(fastmath=_FM, parallel=True, inline="always")
+    def _q8_0_mv_t(qt, d, x, y, nt):
         """y [n] = W x [k]; qt [k/32, 32, n] int8 (repacked Q8_0), d [k/32, n] float32."""
         nb, _, n = qt.shape
-        T = np.empty(_TILE, dtype=np.float32)
-        for r0 in range(0, n, _TILE):
-            L = min(n - r0, _TILE)
+        tile = _tile(n, nt)
+        for t in prange((n + tile - 1) // tile):  # row tiles, one per thread
+            r0 = t * tile
+            L = min(n - r0, tile)
+            T = np.empty(L, dtype=np.float32)
             for r in range(L):
                 y[r0 + r] = 0.0
             for b in range(nb):
@@ -213,15 +228,17 @@ if numba is not None:
                         acc += mi[b] * sx[r, b]
                 y[r, i] = acc
 
-    @_njit(fastmath=_FM)
-    def _qg_mv_t(qt, d, m, x, y):
+    @_njit(fastmath=_FM, parallel=True, inline="always")
+    def _qg_mv_t(qt, d, m, x, y, nt):
         """`_qg_mm` for one input row on weights repacked block-major (`repack_group`): y [n] = W x [k];
         qt [k/g, g, n] int8, d [k/g, n] float32, m [k/g, n] or [0, n] float32."""
         nb, g, n = qt.shape
         has_m = m.shape[0] > 0
-        T = np.empty(_TILE, dtype=np.float32)
-        for r0 in range(0, n, _TILE):
-            L = min(n - r0, _TILE)
+        tile = _tile(n, nt)
+        for t in prange((n + tile - 1) // tile):  # row tiles, one per thread
+            r0 = t * tile
+            L = min(n - r0, tile)
+            T = np.empty(L, dtype=np.float32)
             for r in range(L):
                 y[r0 + r] = 0.0
             for b in range(nb):
@@ -356,40 +373,52 @@ if numba is not None:
             for j in range(hd):
                 vdst[h, j] = heads[nq + nkv + h, j]
 
-    @_njit(fastmath=_FM)
-    def _linear(kind, qt, s1, s2, x, y):
+    @_njit(fastmath=_FM, parallel=True, inline="always")
+    def _linear(kind, qt, s1, s2, x, y, nt):
         if kind == 0:
-            _q4_1_mv_t(qt, s1, s2, x[0], y[0])
+            _q4_1_mv_t(qt, s1, s2, x[0], y[0], nt)
         elif kind == 1:
-            _q8_0_mv_t(qt.view(np.int8), s1, x[0], y[0])
+            _q8_0_mv_t(qt.view(np.int8), s1, x[0], y[0], nt)
         else:
-            _qg_mv_t(qt.view(np.int8), s1, s2, x[0], y[0])
+            _qg_mv_t(qt.view(np.int8), s1, s2, x[0], y[0], nt)
 
-    @_njit(fastmath=_FM)
+    # parallel: the decoding kernels' row tiles (inlined, so that the compiled function can be cached)
+    @_njit(fastmath=_FM, parallel=True)
     def _decode_layer(x, h, o, qkv, att, gu, act, scratch, n1, n2, eps1, eps2,
                       k_qkv, qs_qkv, s1_qkv, s2_qkv, k_o, qs_o, s1_o, s2_o, k_up, qs_up, s1_up, s2_up,
-                      k_down, qs_down, s1_down, s2_down,
-                      cos, sin, kc, vc, pos, nh, nkv, scale):
+                      k_down, qs_down, s1_down, s2_down, b_qkv,
+                      cos, sin, kc, vc, pos, nh, nkv, scale, nt):
         """One pre-RMSNorm Llama block for one token, in place on x [1, n_embd]: attention (fused qkv,
         RoPE, the cache kc / vc [nkv, max_len, hd] written at pos) and a SwiGLU MLP (fused gate/up)."""
         hd = kc.shape[2]
         _rms_norm(x, n1, h, eps1)
-        _linear(k_qkv, qs_qkv, s1_qkv, s2_qkv, h, qkv)
+        _linear(k_qkv, qs_qkv, s1_qkv, s2_qkv, h, qkv, nt)
+        for j in range(b_qkv.shape[0]):  # q/k/v biases (Qwen2); none: an empty array
+            qkv[0, j] += b_qkv[j]
         heads = qkv.reshape((nh + 2 * nkv, hd))
         _rope_store(heads, cos, sin, nh, nkv, kc[:, pos], vc[:, pos])
         _attend(heads[:nh], kc, vc, pos + 1, att.reshape((nh, hd)), scratch, scale)
-        _linear(k_o, qs_o, s1_o, s2_o, att, o)
+        _linear(k_o, qs_o, s1_o, s2_o, att, o, nt)
         for j in range(x.shape[1]):
             x[0, j] += o[0, j]
         _rms_norm(x, n2, h, eps2)
-        _linear(k_up, qs_up, s1_up, s2_up, h, gu)
+        _linear(k_up, qs_up, s1_up, s2_up, h, gu, nt)
         hidden = act.shape[1]
         for j in range(hidden):
             a = gu[0, j]
             act[0, j] = a / (np.float32(1.0) + np.exp(-a)) * gu[0, hidden + j]
-        _linear(k_down, qs_down, s1_down, s2_down, act, o)
+        _linear(k_down, qs_down, s1_down, s2_down, act, o, nt)
         for j in range(x.shape[1]):
             x[0, j] += o[0, j]
+
+
+def set_threads(n: int) -> int:
+    """Threads for the decoding kernels (at most numba's pool size); returns how many."""
+    if numba is None:
+        return 1
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
 
 
 def available() -> bool:
@@ -491,7 +520,7 @@ def q4_1_dequantize(qs: torch.Tensor, dm: torch.Tensor, dtype: torch.dtype) -> t
     """The dense [n, k] weight of Q4_1 blocks, in float32 or bfloat16 (rounded to nearest even)."""
     n, k = qs.shape[0], qs.shape[1] * 2
     if dm.dtype == torch.float32:  # K-quant scales (exact in fp32, not in fp16): vectorised in torch
-        b = qs.view(n, -1, 16)
+        b = qs.reshape(n, -1, 16)
         q = torch.cat([b & 15, b >> 4], dim=-1).float()
         out = torch.addcmul(dm[..., 1:], dm[..., :1], q).view(n, k)
         return out if dtype == torch.float32 else out.to(dtype)
