@@ -13,6 +13,8 @@ buffers, with the kernels of lmlab/nn/quant_kernels.py on block-major copies of 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -128,13 +130,16 @@ class FastDecoder:
         scale = np.float32(self.hd ** -0.5)
         # torch's thread count for numba's pool: the two take turns (decoding runs no torch op meanwhile)
         self.threads = kernels.set_threads(torch.get_num_threads())
-        for i, args in enumerate(self.layers):
-            kernels._decode_layer(*args, cos, sin, self.kc[i], self.vc[i], pos, self.nh, self.nkv, scale, self.threads)
+        with kernels.POOL if self.threads > 1 else contextlib.nullcontext():
+            for i, args in enumerate(self.layers):
+                kernels._decode_layer(*args, cos, sin, self.kc[i], self.vc[i], pos, self.nh, self.nkv, scale,
+                                      self.threads)
         c.advance(1)
         norm_f = self.model.norm_f
         h = kernels.rms_norm(self.x, norm_f.weight, norm_f.eps)
         if self.head is None:
             return self.model.lm_head(h.view(1, 1, -1))[:, -1]
         logits = torch.empty(1, self.head[1].shape[2])
-        kernels._linear(*self.head, h.numpy(), logits.numpy(), self.threads)
+        with kernels.POOL if self.threads > 1 else contextlib.nullcontext():
+            kernels._linear(*self.head, h.numpy(), logits.numpy(), self.threads)
         return logits

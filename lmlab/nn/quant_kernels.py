@@ -29,6 +29,7 @@ kernels instead.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -40,6 +41,15 @@ try:
     from numba import prange
 except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
+
+# The decoding kernels' threads: numba's own "workqueue" pool, unless NUMBA_THREADING_LAYER says otherwise.
+# Its OpenMP layer shares libgomp with torch, whose workers spin between parallel regions: on SmolLM2-135M
+# under load that made a decoding step 0.1-1 s instead of 13-20 ms (OMP_WAIT_POLICY=passive, which must be
+# set before torch is imported, fixed it too). workqueue runs one parallel call at a time per process:
+# `POOL` serialises the callers (lmlab/generate/fast_decode.py), and one thread never enters it.
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+POOL = threading.Lock()
 
 BLOCK = 32  # inputs per block in Q4_1 and Q8_0 (ggml-common.h QK4_1, QK8_0)
 
@@ -140,61 +150,79 @@ if numba is not None:
         per = -(-n // nt)
         return max(_MIN_TILE, min(_TILE, -(-per // 16) * 16))
 
+    @_njit(fastmath=_FM)
+    def _q4_1_tile(qt, d, m, x, y, r0, L):
+        """Rows r0 .. r0 + L - 1 of `_q4_1_mv_t` (one thread's tile)."""
+        nb = qt.shape[0]
+        T = np.empty(L, dtype=np.float32)
+        for r in range(L):
+            y[r0 + r] = 0.0
+        for b in range(nb):
+            for r in range(L):
+                T[r] = 0.0
+            for j in range(16):
+                xl = x[32 * b + j]
+                xh = x[32 * b + 16 + j]
+                q = qt[b, j, r0:r0 + L]
+                for r in range(L):
+                    f = np.float32(q[r])
+                    hi = np.floor(f * np.float32(0.0625))  # the nibbles, exactly, without integer ops
+                    T[r] += xl * (f - np.float32(16.0) * hi) + xh * hi
+            sxb = np.sum(x[32 * b:32 * b + 32])
+            db = d[b, r0:r0 + L]
+            mb = m[b, r0:r0 + L]
+            for r in range(L):
+                y[r0 + r] += db[r] * T[r] + mb[r] * sxb
+
     @_njit(fastmath=_FM, parallel=True, inline="always")
     def _q4_1_mv_t(qt, d, m, x, y, nt):
         """y [n] = W x [k]; qt [k/32, 16, n] uint8 (repacked Q4_1 bytes), d, m [k/32, n] float32."""
-        nb, _, n = qt.shape
+        n = qt.shape[2]
         tile = _tile(n, nt)
-        for t in prange((n + tile - 1) // tile):  # row tiles, one per thread
-            r0 = t * tile
-            L = min(n - r0, tile)
-            T = np.empty(L, dtype=np.float32)
+        tiles = (n + tile - 1) // tile
+        if nt == 1:  # no pool: waking its threads costs more than one core's rows
+            for t in range(tiles):
+                _q4_1_tile(qt, d, m, x, y, t * tile, min(n - t * tile, tile))
+        else:
+            for t in prange(tiles):  # row tiles over the threads
+                _q4_1_tile(qt, d, m, x, y, t * tile, min(n - t * tile, tile))
+
+    @_njit(fastmath=_FM)
+    def _q8_0_tile(qt, d, x, y, r0, L):
+        """Rows r0 .. r0 + L - 1 of `_q8_0_mv_t` (one thread's tile)."""
+        nb = qt.shape[0]
+        T = np.empty(L, dtype=np.float32)
+        for r in range(L):
+            y[r0 + r] = 0.0
+        for b in range(nb):
             for r in range(L):
-                y[r0 + r] = 0.0
-            for b in range(nb):
+                T[r] = 0.0
+            for j in range(0, 32, 4):  # four inputs per pass over T
+                c = 32 * b + j
+                x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
+                q0 = qt[b, j, r0:r0 + L]
+                q1 = qt[b, j + 1, r0:r0 + L]
+                q2 = qt[b, j + 2, r0:r0 + L]
+                q3 = qt[b, j + 3, r0:r0 + L]
                 for r in range(L):
-                    T[r] = 0.0
-                for j in range(16):
-                    xl = x[32 * b + j]
-                    xh = x[32 * b + 16 + j]
-                    q = qt[b, j, r0:r0 + L]
-                    for r in range(L):
-                        f = np.float32(q[r])
-                        hi = np.floor(f * np.float32(0.0625))  # the nibbles, exactly, without integer ops
-                        T[r] += xl * (f - np.float32(16.0) * hi) + xh * hi
-                sxb = np.sum(x[32 * b:32 * b + 32])
-                db = d[b, r0:r0 + L]
-                mb = m[b, r0:r0 + L]
-                for r in range(L):
-                    y[r0 + r] += db[r] * T[r] + mb[r] * sxb
+                    T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
+                        + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
+            db = d[b, r0:r0 + L]
+            for r in range(L):
+                y[r0 + r] += db[r] * T[r]
 
     @_njit(fastmath=_FM, parallel=True, inline="always")
     def _q8_0_mv_t(qt, d, x, y, nt):
         """y [n] = W x [k]; qt [k/32, 32, n] int8 (repacked Q8_0), d [k/32, n] float32."""
-        nb, _, n = qt.shape
+        n = qt.shape[2]
         tile = _tile(n, nt)
-        for t in prange((n + tile - 1) // tile):  # row tiles, one per thread
-            r0 = t * tile
-            L = min(n - r0, tile)
-            T = np.empty(L, dtype=np.float32)
-            for r in range(L):
-                y[r0 + r] = 0.0
-            for b in range(nb):
-                for r in range(L):
-                    T[r] = 0.0
-                for j in range(0, 32, 4):  # four inputs per pass over T
-                    c = 32 * b + j
-                    x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
-                    q0 = qt[b, j, r0:r0 + L]
-                    q1 = qt[b, j + 1, r0:r0 + L]
-                    q2 = qt[b, j + 2, r0:r0 + L]
-                    q3 = qt[b, j + 3, r0:r0 + L]
-                    for r in range(L):
-                        T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
-                            + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
-                db = d[b, r0:r0 + L]
-                for r in range(L):
-                    y[r0 + r] += db[r] * T[r]
+        tiles = (n + tile - 1) // tile
+        if nt == 1:  # no pool: waking its threads costs more than one core's rows
+            for t in range(tiles):
+                _q8_0_tile(qt, d, x, y, t * tile, min(n - t * tile, tile))
+        else:
+            for t in prange(tiles):  # row tiles over the threads
+                _q8_0_tile(qt, d, x, y, t * tile, min(n - t * tile, tile))
 
     @_njit(fastmath=_FM)
     def _qg_mm(qs, d, m, x, y):
@@ -228,41 +256,50 @@ if numba is not None:
                         acc += mi[b] * sx[r, b]
                 y[r, i] = acc
 
+    @_njit(fastmath=_FM)
+    def _qg_tile(qt, d, m, x, y, r0, L):
+        """Rows r0 .. r0 + L - 1 of `_qg_mv_t` (one thread's tile)."""
+        nb, g = qt.shape[0], qt.shape[1]
+        has_m = m.shape[0] > 0
+        T = np.empty(L, dtype=np.float32)
+        for r in range(L):
+            y[r0 + r] = 0.0
+        for b in range(nb):
+            for r in range(L):
+                T[r] = 0.0
+            for j in range(0, g, 4):  # four inputs per pass over T (g is 16 or 32)
+                c = g * b + j
+                x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
+                q0 = qt[b, j, r0:r0 + L]
+                q1 = qt[b, j + 1, r0:r0 + L]
+                q2 = qt[b, j + 2, r0:r0 + L]
+                q3 = qt[b, j + 3, r0:r0 + L]
+                for r in range(L):
+                    T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
+                        + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
+            db = d[b, r0:r0 + L]
+            if has_m:
+                sxb = np.sum(x[g * b:g * b + g])
+                mb = m[b, r0:r0 + L]
+                for r in range(L):
+                    y[r0 + r] += db[r] * T[r] + mb[r] * sxb
+            else:
+                for r in range(L):
+                    y[r0 + r] += db[r] * T[r]
+
     @_njit(fastmath=_FM, parallel=True, inline="always")
     def _qg_mv_t(qt, d, m, x, y, nt):
         """`_qg_mm` for one input row on weights repacked block-major (`repack_group`): y [n] = W x [k];
         qt [k/g, g, n] int8, d [k/g, n] float32, m [k/g, n] or [0, n] float32."""
-        nb, g, n = qt.shape
-        has_m = m.shape[0] > 0
+        n = qt.shape[2]
         tile = _tile(n, nt)
-        for t in prange((n + tile - 1) // tile):  # row tiles, one per thread
-            r0 = t * tile
-            L = min(n - r0, tile)
-            T = np.empty(L, dtype=np.float32)
-            for r in range(L):
-                y[r0 + r] = 0.0
-            for b in range(nb):
-                for r in range(L):
-                    T[r] = 0.0
-                for j in range(0, g, 4):  # four inputs per pass over T (g is 16 or 32)
-                    c = g * b + j
-                    x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
-                    q0 = qt[b, j, r0:r0 + L]
-                    q1 = qt[b, j + 1, r0:r0 + L]
-                    q2 = qt[b, j + 2, r0:r0 + L]
-                    q3 = qt[b, j + 3, r0:r0 + L]
-                    for r in range(L):
-                        T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
-                            + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
-                db = d[b, r0:r0 + L]
-                if has_m:
-                    sxb = np.sum(x[g * b:g * b + g])
-                    mb = m[b, r0:r0 + L]
-                    for r in range(L):
-                        y[r0 + r] += db[r] * T[r] + mb[r] * sxb
-                else:
-                    for r in range(L):
-                        y[r0 + r] += db[r] * T[r]
+        tiles = (n + tile - 1) // tile
+        if nt == 1:  # no pool: waking its threads costs more than one core's rows
+            for t in range(tiles):
+                _qg_tile(qt, d, m, x, y, t * tile, min(n - t * tile, tile))
+        else:
+            for t in prange(tiles):  # row tiles over the threads
+                _qg_tile(qt, d, m, x, y, t * tile, min(n - t * tile, tile))
 
     @_njit(fastmath=_FM)
     def _q4_1_dequant(qs, dm, out):
