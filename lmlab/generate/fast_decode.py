@@ -75,8 +75,22 @@ def _packed(m: nn.Module, model: nn.Module) -> tuple:
     key = (m.qs.data_ptr(), m.qs._version)
     hit = m.__dict__.get("_decode_pack")
     if hit is None or hit[0] != key:
-        hit = m.__dict__["_decode_pack"] = (key, _linear_args(m))
+        hit = m.__dict__["_decode_pack"] = (key, _share_scales(m, _linear_args(m)))
     return hit[1]
+
+
+def _share_scales(m: nn.Module, args: tuple) -> tuple:
+    """Point the module's scales at the decoding kernels' float32 block-major copies in `args` (the same
+    values: fp16 ones are exact in fp32), so that one set of scales is kept, not two; returns `args`."""
+    if isinstance(m, Int4Linear):
+        both = torch.stack([torch.from_numpy(args[2]), torch.from_numpy(args[3])])  # [2, k/32, n]: d, m
+        m.dm = both.permute(2, 1, 0)  # [n, k/32, 2], a view of the same memory
+        return (args[0], args[1], both[0].numpy(), both[1].numpy())
+    if isinstance(m, GroupLinear):
+        m.d = torch.from_numpy(args[2]).T
+        if m.m is not None:
+            m.m = torch.from_numpy(args[3]).T
+    return args
 
 
 class FastDecoder:

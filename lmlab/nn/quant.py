@@ -194,7 +194,7 @@ class Int4Linear(nn.Module):
         b = qs.reshape(n, g, 16)
         q = torch.cat([b & 15, b >> 4], dim=-1).float()
         dm = dm.float()
-        return torch.addcmul(dm[..., 1:], dm[..., :1], q).view(n, -1)
+        return torch.addcmul(dm[..., 1:], dm[..., :1], q).reshape(n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:

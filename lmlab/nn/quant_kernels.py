@@ -559,7 +559,7 @@ def q4_1_dequantize(qs: torch.Tensor, dm: torch.Tensor, dtype: torch.dtype) -> t
     if dm.dtype == torch.float32:  # K-quant scales (exact in fp32, not in fp16): vectorised in torch
         b = qs.reshape(n, -1, 16)
         q = torch.cat([b & 15, b >> 4], dim=-1).float()
-        out = torch.addcmul(dm[..., 1:], dm[..., :1], q).view(n, k)
+        out = torch.addcmul(dm[..., 1:], dm[..., :1], q).reshape(n, k)
         return out if dtype == torch.float32 else out.to(dtype)
     out = torch.empty(n, k, dtype=torch.float32)
     _q4_1_dequant(qs.contiguous().numpy(), _u16(dm, k // 16), out.numpy())
