@@ -131,10 +131,12 @@ def run_lmlab(precision: str, path: Path, ids: list[int], logits: Path) -> dict:
         new_ids: list[int] = []
         decode = decode_rate(t for t in generate_ids(model, ids, SamplingConfig(max_new_tokens=NEW, temperature=0))
                              if new_ids.append(int(t)) is None)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the logits kept for agreement
         np.save(logits, model(x).logits[0].float().numpy())
         if precision == DEFAULT_PRECISION:
             np.save(decoding_logits(logits), decoding_path(model, x).numpy())
-    return {"prefill": PROMPT / t_prefill, "decode": decode, "load_s": load_s, "greedy": new_ids}
+    return {"prefill": PROMPT / t_prefill, "decode": decode, "load_s": load_s, "greedy": new_ids,
+            "peak_rss_mb": peak}
 
 
 def decoding_logits(logits: Path) -> Path:
@@ -174,8 +176,10 @@ def run_transformers(path: Path, ids: list[int], logits: Path) -> dict:
         out = model.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, **kw)
         t_all = time.perf_counter() - t0
         assert out.shape[1] == PROMPT + NEW
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the logits kept for agreement
         np.save(logits, model(x).logits[0].float().numpy())
-    return {"prefill": PROMPT / t_prefill, "decode": (NEW - 1) / (t_all - t_one), "load_s": load_s}
+    return {"prefill": PROMPT / t_prefill, "decode": (NEW - 1) / (t_all - t_one), "load_s": load_s,
+            "greedy": out[0, PROMPT:].tolist(), "peak_rss_mb": peak}
 
 
 def run_llama_cpp(path: Path, ids: list[int], logits: Path, threads: int) -> dict:
