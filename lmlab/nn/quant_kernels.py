@@ -135,7 +135,7 @@ if numba is not None:
                     acc += xr[j] * (e[j] * np.float32(row[j]))
                 y[r, i] = acc
 
-    # Decoding (one input row) on weights repacked block-major and row-minor (`repack_q4_1`, `repack_q8_0`):
+    # Decoding (one input row) on weights repacked block-major and row-minor (`repack_q4_1`, `repack_group`):
     # byte j of block b of all rows is contiguous, so the innermost loop runs over output rows with x_j
     # broadcast, each row's scale is applied once per block, and no loop needs a horizontal reduction.
     # Rows go in tiles whose partial sums T stay in L1.
@@ -186,43 +186,6 @@ if numba is not None:
         else:
             for t in prange(tiles):  # row tiles over the threads
                 _q4_1_tile(qt, d, m, x, y, t * tile, min(n - t * tile, tile))
-
-    @_njit(fastmath=_FM)
-    def _q8_0_tile(qt, d, x, y, r0, L):
-        """Rows r0 .. r0 + L - 1 of `_q8_0_mv_t` (one thread's tile)."""
-        nb = qt.shape[0]
-        T = np.empty(L, dtype=np.float32)
-        for r in range(L):
-            y[r0 + r] = 0.0
-        for b in range(nb):
-            for r in range(L):
-                T[r] = 0.0
-            for j in range(0, 32, 4):  # four inputs per pass over T
-                c = 32 * b + j
-                x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
-                q0 = qt[b, j, r0:r0 + L]
-                q1 = qt[b, j + 1, r0:r0 + L]
-                q2 = qt[b, j + 2, r0:r0 + L]
-                q3 = qt[b, j + 3, r0:r0 + L]
-                for r in range(L):
-                    T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
-                        + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
-            db = d[b, r0:r0 + L]
-            for r in range(L):
-                y[r0 + r] += db[r] * T[r]
-
-    @_njit(fastmath=_FM, parallel=True, inline="always")
-    def _q8_0_mv_t(qt, d, x, y, nt):
-        """y [n] = W x [k]; qt [k/32, 32, n] int8 (repacked Q8_0), d [k/32, n] float32."""
-        n = qt.shape[2]
-        tile = _tile(n, nt)
-        tiles = (n + tile - 1) // tile
-        if nt == 1:  # no pool: waking its threads costs more than one core's rows
-            for t in range(tiles):
-                _q8_0_tile(qt, d, x, y, t * tile, min(n - t * tile, tile))
-        else:
-            for t in prange(tiles):  # row tiles over the threads
-                _q8_0_tile(qt, d, x, y, t * tile, min(n - t * tile, tile))
 
     @_njit(fastmath=_FM)
     def _qg_mm(qs, d, m, x, y):
@@ -415,7 +378,7 @@ if numba is not None:
         if kind == 0:
             _q4_1_mv_t(qt, s1, s2, x[0], y[0], nt)
         elif kind == 1:
-            _q8_0_mv_t(qt.view(np.int8), s1, x[0], y[0], nt)
+            _qg_mv_t(qt.view(np.int8), s1, s2[:0], x[0], y[0], nt)  # Q8_0: groups of 32, no offsets
         else:
             _qg_mv_t(qt.view(np.int8), s1, s2, x[0], y[0], nt)
 
@@ -496,7 +459,7 @@ def repack_q4_1(qs: torch.Tensor, dm: torch.Tensor) -> tuple[np.ndarray, np.ndar
 
 
 def repack_q8_0(qs: torch.Tensor, d: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Q8_0 blocks (`qs` [n, k] int8, `d` [n, k/32] fp16) block-major for `_q8_0_mv_t`: qt [k/32, 32, n] int8
+    """Q8_0 blocks (`qs` [n, k] int8, `d` [n, k/32] fp16) block-major for `_qg_mv_t`: qt [k/32, 32, n] int8
     and d float32 [k/32, n]."""
     n, nb = d.shape
     return qs.reshape(n, nb, 32).permute(1, 2, 0).contiguous().numpy(), d.float().T.contiguous().numpy()
