@@ -13,7 +13,8 @@ at each thread count:
 - decode: 128 new tokens, greedy, after that prompt, through each engine's own generate path
   (lmlab: `generate_ids`); tokens/s = 127 / (time of the 128th token - time of the first);
 - model memory: peak RSS minus the RSS after imports, before loading (what the model and its
-  runtime buffers add to the process).
+  runtime buffers add to the process; the peak count restarts there, /proc/self/clear_refs; lmlab's
+  imports include starting numba's JIT runtime, as llama.cpp's include loading its library).
 
 lmlab loads each file with `load_model(path, precision=...)`; `lmlab-gguf` is the default for GGUF
 files (the file's blocks kept as stored, exact kernels; prefill dense in fp32).
@@ -28,7 +29,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -68,6 +68,19 @@ def make_q4_k_m(out: Path) -> Path:
         sys.exit("llama_model_quantize failed")
     f32.unlink()
     return out
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory (VmHWM, reset by `reset_peak`), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Restart the peak-RSS count from the current RSS (Linux: /proc/self/clear_refs, "5")."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def rss_mb() -> float:
@@ -131,7 +144,7 @@ def run_lmlab(precision: str, path: Path, ids: list[int], logits: Path) -> dict:
         new_ids: list[int] = []
         decode = decode_rate(t for t in generate_ids(model, ids, SamplingConfig(max_new_tokens=NEW, temperature=0))
                              if new_ids.append(int(t)) is None)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the logits kept for agreement
+        peak = peak_mb()  # before the logits kept for agreement
         np.save(logits, model(x).logits[0].float().numpy())
         if precision == DEFAULT_PRECISION:
             np.save(decoding_logits(logits), decoding_path(model, x).numpy())
@@ -176,7 +189,7 @@ def run_transformers(path: Path, ids: list[int], logits: Path) -> dict:
         out = model.generate(x, max_new_tokens=NEW, min_new_tokens=NEW, **kw)
         t_all = time.perf_counter() - t0
         assert out.shape[1] == PROMPT + NEW
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the logits kept for agreement
+        peak = peak_mb()  # before the logits kept for agreement
         np.save(logits, model(x).logits[0].float().numpy())
     return {"prefill": PROMPT / t_prefill, "decode": (NEW - 1) / (t_all - t_one), "load_s": load_s,
             "greedy": out[0, PROMPT:].tolist(), "peak_rss_mb": peak}
@@ -200,7 +213,7 @@ def run_llama_cpp(path: Path, ids: list[int], logits: Path, threads: int) -> dic
     decode = decode_rate(t for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True)
                          if new_ids.append(int(t)) is None)
     out = {"prefill": PROMPT / t_prefill, "decode": decode, "load_s": load_s, "greedy": new_ids,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "peak_rss_mb": peak_mb()}
     del llm  # a second instance that keeps the logits of every position (slower; not timed)
     full = Llama(model_path=path, n_ctx=PROMPT + NEW, n_batch=PROMPT, n_threads=threads,
                  n_threads_batch=threads, logits_all=True, verbose=False)
@@ -221,6 +234,12 @@ def worker(engine: str, path: Path, result: Path, logits: Path, threads: int) ->
     else:
         import lmlab.generate.engine  # noqa: F401
         import lmlab.io.load  # noqa: F401
+        from lmlab.nn import quant_kernels
+
+        # numba's JIT runtime (LLVM, ~120 MB here) starts with the first kernel call: a library's
+        # runtime like llama.cpp's, counted with the imports, not as model memory
+        quant_kernels.rms_norm(torch.ones(1, 32), torch.ones(32), 1e-5)
+    reset_peak()  # the tokenizer built for the prompt ids above does not count
     base = rss_mb()
     if engine.startswith("lmlab-"):
         out = run_lmlab(engine.removeprefix("lmlab-"), path, ids, logits)
@@ -230,7 +249,7 @@ def worker(engine: str, path: Path, result: Path, logits: Path, threads: int) ->
         out = run_llama_cpp(path, ids, logits, threads)
     else:
         raise SystemExit(f"unknown engine {engine}")
-    out.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.setdefault("peak_rss_mb", peak_mb())
     out["base_rss_mb"] = base
     out["model_mb"] = out["peak_rss_mb"] - base
     result.write_text(json.dumps(out))
