@@ -326,12 +326,14 @@ def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
     stacked by rows, e.g. q, k, v into our fused projection, without re-quantizing: 4-bit codes in
     groups of 32 (Q4_0, Q4_1, Q4_K) as `Int4Linear`, anything else (or a mix, e.g. Q4_K_M's Q4_K q/k
     with a Q6_K v) as `GroupLinear` at the finest group size among them."""
+    def cat(arrays: list[np.ndarray]) -> torch.Tensor:  # one part: no copy
+        return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+
     if all(p.codes.dtype == np.uint8 and p.group == kernels.BLOCK and p.m is not None for p in parts):
-        d, m = (torch.from_numpy(np.concatenate([getattr(p, a) for p in parts])) for a in ("d", "m"))
+        d, m = (cat([getattr(p, a) for p in parts]) for a in ("d", "m"))
         if torch.equal(d.half().float(), d) and torch.equal(m.half().float(), m):
             d, m = d.half(), m.half()  # Q4_1's own fp16 scales: half the memory, the same values
-        return Int4Linear.from_codes(torch.from_numpy(np.concatenate([p.codes for p in parts])), d, m, bias,
-                                     dtype=prefill_dtype)
+        return Int4Linear.from_codes(cat([p.codes for p in parts]), d, m, bias, dtype=prefill_dtype)
     g = min(p.group for p in parts)
     if any(p.group % g for p in parts):
         raise ValueError(f"group sizes {[p.group for p in parts]} do not nest")
@@ -339,11 +341,11 @@ def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
     def spread(a: np.ndarray, p: Unpacked) -> np.ndarray:  # a group's scale over its g-sized subgroups
         return np.repeat(a, p.group // g, axis=1)
 
-    qs = torch.from_numpy(np.concatenate([p.codes.astype(np.int8, copy=False) for p in parts]))
-    d = torch.from_numpy(np.concatenate([spread(p.d, p) for p in parts]))
+    qs = cat([p.codes.astype(np.int8, copy=False) for p in parts])
+    d = cat([spread(p.d, p) for p in parts])
     m = None
     if any(p.m is not None for p in parts):
-        m = torch.from_numpy(np.concatenate([spread(p.m if p.m is not None else np.zeros_like(p.d), p) for p in parts]))
+        m = cat([spread(p.m if p.m is not None else np.zeros_like(p.d), p) for p in parts])
     return GroupLinear(qs, d, m, bias, dtype=torch.float32 if prefill_dtype == torch.float32 else prefill_dtype)
 
 
