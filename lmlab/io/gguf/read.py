@@ -1,7 +1,8 @@
 """GGUF import (llama.cpp's single-file format): Llama, Llama-3 (RoPE frequency factors), Qwen2 and the
 Mixtral layout (llama.cpp writes Mixtral as architecture "llama" with `{arch}.expert_count`).
 
-The format (ggml/docs/gguf.md) stores
+The format (ggml/docs/gguf.md) stores, read by `GGUFFile` (a lean parser; gguf-py's reader kept ~150 MB
+of numpy views for SmolLM2's vocabulary)
 - metadata as typed key/values: `general.architecture`, then `{arch}.block_count`,
   `{arch}.attention.head_count`, ... (converted here to a `LlamaConfig`), and `tokenizer.ggml.*`
   (converted to a tokenizer in lmlab/io/gguf/tokenizer.py);
@@ -79,28 +80,105 @@ def dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> torch.Te
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
-    """The key/value metadata of an open `gguf.GGUFReader` as plain Python values."""
-    out: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):  # header fields (version, counts), not metadata
-            continue
-        out[key] = f.contents()
-    return out
+    """The key/value metadata of an open GGUF file (`open_gguf`) as plain Python values."""
+    return dict(reader.metadata)
 
 
-def open_gguf(path: str | Path) -> Any:
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file: `shape` fastest-varying dimension first (as the file and gguf-py list
+    it), `data` a read-only view of its bytes in the memory-mapped file, one row per slowest index."""
+    name: str
+    tensor_type: Any   # gguf.GGMLQuantizationType
+    shape: np.ndarray
+    data: np.ndarray
+
+
+class GGUFFile:
+    """A GGUF file (ggml/docs/gguf.md, version 2 or 3, little-endian) parsed into plain values: `metadata`
+    {key: value} and `tensors` over one read-only memory map. gguf-py's `GGUFReader` keeps a numpy view
+    for every part of every metadata item (~150 MB for a 49k-token vocabulary); this keeps the values."""
+
+    _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
+                11: "<i8", 12: "<f8"}  # gguf_type codes -> numpy dtypes (7: bool, 8: string, 9: array)
+
+    def __init__(self, path: str | Path):
+        gguf = _gguf()
+        self.data = np.memmap(path, mode="r")
+        self.pos = 0
+        if bytes(self.data[:4]) != b"GGUF":
+            raise ValueError("bad magic (not a GGUF file)")
+        self.pos = 4
+        version, n_tensors, n_kv = self._read("<u4"), self._read("<u8"), self._read("<u8")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (lmlab reads 2 and 3)")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._read("<u4"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._read("<u8") for _ in range(self._read("<u4"))]
+            infos.append((name, dims, self._read("<u4"), self._read("<u8")))
+        align = int(self.metadata.get("general.alignment", 32))
+        start = -(-self.pos // align) * align
+        self.tensors: list[GGUFTensor] = []
+        for name, dims, kind, offset in infos:
+            qtype = gguf.GGMLQuantizationType(kind)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+            row_bytes = dims[0] // block * size
+            begin = start + offset
+            raw = self.data[begin:begin + rows * row_bytes]
+            if len(raw) != rows * row_bytes:
+                raise ValueError(f"tensor '{name}' runs past the end of the file")
+            if qtype.name in ("F32", "F16"):
+                raw = raw.view(np.float32 if qtype.name == "F32" else np.float16)
+            self.tensors.append(GGUFTensor(name, qtype, np.array(dims, dtype=np.uint64), raw.reshape(rows, -1)))
+
+    def _read(self, dtype: str) -> Any:
+        size = np.dtype(dtype).itemsize
+        v = self.data[self.pos:self.pos + size].view(dtype)[0]
+        self.pos += size
+        return v.item()
+
+    def _string(self) -> str:
+        n = self._read("<u8")
+        s = bytes(self.data[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def _value(self, kind: int) -> Any:
+        if kind == 8:
+            return self._string()
+        if kind == 9:
+            inner, n = self._read("<u4"), self._read("<u8")
+            if inner in self._SCALARS:  # numbers: one vectorised read
+                dt = np.dtype(self._SCALARS[inner])
+                arr = self.data[self.pos:self.pos + n * dt.itemsize].view(dt)
+                self.pos += n * dt.itemsize
+                return [bool(x) for x in arr] if inner == 7 else arr.tolist()
+            return [self._value(inner) for _ in range(n)]
+        if kind not in self._SCALARS:
+            raise ValueError(f"unknown metadata type {kind}")
+        v = self._read(self._SCALARS[kind])
+        return bool(v) if kind == 7 else v
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise LmlabError(f"no GGUF file at {path}")
     try:
-        return _gguf().GGUFReader(str(path))  # memory-maps the file (np.memmap, read-only)
-    except (ValueError, OSError) as e:
+        return GGUFFile(path)  # memory-maps the file (read-only)
+    except (ValueError, OSError, IndexError, KeyError) as e:
         raise LmlabError(f"{path} is not a readable GGUF file: {e}") from None
 
 
 def _release(reader: Any) -> None:
     """Drop the file's pages from this process's resident set (they are clean, re-read on demand)."""
-    mm = getattr(getattr(reader, "data", None), "_mmap", None)
+    mm = getattr(reader.data, "_mmap", None)
     if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED)
 
@@ -346,9 +424,6 @@ def load_gguf(path: str | Path, *, blocks: bool = False,
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
-    # gguf's reader keeps numpy views of every metadata item (~175 MB for a 49k-token vocabulary):
-    # dropped now that `meta` holds them as plain values, before any weight is unpacked
-    reader.fields.clear()
     _, spec = arch_spec(meta)
     tensors = {t.name: t for t in reader.tensors}
     factors = tensors.get(ROPE_FREQS)
