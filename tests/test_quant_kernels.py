@@ -95,15 +95,18 @@ def test_rope_store_rotates_queries_in_place_and_writes_keys_and_values():
     assert kc[:, :pos].abs().sum() == 0 and vc[:, pos + 1:].abs().sum() == 0  # nothing else written
 
 
-def test_repacked_decoding_matmuls_match_float64():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_repacked_decoding_matmuls_match_float64(threads):
     gen = torch.Generator().manual_seed(5)
+    nt = qk.set_threads(threads)  # 2: rows split into tiles over numba's pool
     qs, dm, w = q4_1_blocks(2100, 96, gen)  # more rows than a tile (2048)
     x = torch.randn(96, generator=gen)
     y = torch.empty(2100)
-    qk._q4_1_mv_t(*qk.repack_q4_1(qs, dm), x.numpy(), y.numpy())
+    qk._q4_1_mv_t(*qk.repack_q4_1(qs, dm), x.numpy(), y.numpy(), nt)
     torch.testing.assert_close(y.double(), w.double() @ x.double(), rtol=1e-5, atol=1e-5)
     q8, d8, w8 = q8_0_blocks(2100, 64, gen)
     x = torch.randn(64, generator=gen)
     y = torch.empty(2100)
-    qk._q8_0_mv_t(*qk.repack_q8_0(q8, d8), x.numpy(), y.numpy())
+    qt, d = qk.repack_q8_0(q8, d8)
+    qk._qg_mv_t(qt, d, d[:0], x.numpy(), y.numpy(), nt)  # Q8_0: the group kernel without offsets
     torch.testing.assert_close(y.double(), w8.double() @ x.double(), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,8 @@ buffers, with the kernels of lmlab/nn/quant_kernels.py on block-major copies of 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,11 +24,12 @@ from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
 from lmlab.nn.mlp import ACTIVATIONS
 from lmlab.nn.position import RotaryEmbedding
-from lmlab.nn.quant import FastRMSNorm, Int4Linear, Q8Linear
+from lmlab.nn.quant import FastRMSNorm, GroupLinear, Int4Linear, Q8Embedding, Q8Linear
 
 
-def _kernel_linear(m: nn.Module) -> bool:
-    return ((isinstance(m, Int4Linear) and m.packed is None) or isinstance(m, Q8Linear)) and m.bias is None
+def _kernel_linear(m: nn.Module, bias: bool = False) -> bool:
+    return ((isinstance(m, Int4Linear) and m.packed is None) or isinstance(m, (Q8Linear, GroupLinear))) \
+        and (bias or m.bias is None)
 
 
 def _fits(model: nn.Module, cache: KVCache) -> bool:
@@ -45,19 +48,49 @@ def _fits(model: nn.Module, cache: KVCache) -> bool:
                 and a.backend != "sliding_window" and a.alibi_slopes is None  # the kernel attends fully
                 and isinstance(b.norm1, FastRMSNorm) and isinstance(b.norm2, FastRMSNorm)
                 and m.gated and m.act is ACTIVATIONS["silu"] and a.head_dim == hd
-                and all(_kernel_linear(x) for x in (a.qkv, a.proj, m.up, m.down))):
+                and _kernel_linear(a.qkv, bias=True) and all(_kernel_linear(x) for x in (a.proj, m.up, m.down))):
             return False
     return True
 
 
-def _packed(m: nn.Module, make):
-    """The block-major copy of a quantized linear's weights, made once and kept on the module (quantized
-    modules are inference-only: their weights do not change), keyed by the weights' version."""
+def _linear_args(m: nn.Module) -> tuple:
+    if isinstance(m, GroupLinear):
+        return kernels.linear_args(m.qs, m.d, m.m, group=True)
+    return kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d)
+
+
+def _packed(m: nn.Module, model: nn.Module) -> tuple:
+    """A quantized linear's arguments for `_decode_layer`, its weights block-major and row-minor.
+
+    The codes are stored so once, in place: `qs` [n, k'] becomes the transpose of a contiguous [k', n]
+    array, the same values, so the decoding kernels read it without a copy and the model keeps one
+    copy of its weights (other calls copy what they need per call). Made once per module (quantized
+    modules are inference-only), keyed by the weights' version."""
+    if m.qs.is_contiguous():
+        old = m.qs
+        m.qs = old.T.contiguous().T
+        for e in model.modules():  # an embedding sharing the tied output layer's codes follows them
+            if isinstance(e, Q8Embedding) and e.qs is old:
+                e.qs = m.qs
     key = (m.qs.data_ptr(), m.qs._version)
     hit = m.__dict__.get("_decode_pack")
     if hit is None or hit[0] != key:
-        hit = m.__dict__["_decode_pack"] = (key, make())
+        hit = m.__dict__["_decode_pack"] = (key, _share_scales(m, _linear_args(m)))
     return hit[1]
+
+
+def _share_scales(m: nn.Module, args: tuple) -> tuple:
+    """Point the module's scales at the decoding kernels' float32 block-major copies in `args` (the same
+    values: fp16 ones are exact in fp32), so that one set of scales is kept, not two; returns `args`."""
+    if isinstance(m, Int4Linear):
+        both = torch.stack([torch.from_numpy(args[2]), torch.from_numpy(args[3])])  # [2, k/32, n]: d, m
+        m.dm = both.permute(2, 1, 0)  # [n, k/32, 2], a view of the same memory
+        return (args[0], args[1], both[0].numpy(), both[1].numpy())
+    if isinstance(m, GroupLinear):
+        m.d = torch.from_numpy(args[2]).T
+        if m.m is not None:
+            m.m = torch.from_numpy(args[3]).T
+    return args
 
 
 class FastDecoder:
@@ -82,14 +115,16 @@ class FastDecoder:
         for blk in model.blocks:
             lin = []
             for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.up, blk.mlp.down):
-                lin += _packed(m, lambda m=m: kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d))
+                lin += _packed(m, model)
+            b = blk.attn.qkv.bias
+            b = np.zeros(0, np.float32) if b is None else b.detach().float().contiguous().numpy()
             self.layers.append((*bufs, blk.norm1.weight.detach().numpy(), blk.norm2.weight.detach().numpy(),
-                                np.float32(blk.norm1.eps), np.float32(blk.norm2.eps), *lin))
+                                np.float32(blk.norm1.eps), np.float32(blk.norm2.eps), *lin, b))
         self.kc, self.vc = cache.k[:, 0].numpy(), cache.v[:, 0].numpy()  # [layers, nkv, max_len, hd]
         head = model.lm_head
-        # a Q8_0 output layer (the default) through the decoding kernel too; otherwise the module
-        self.head = _packed(head, lambda: kernels.repack_q8_0(head.qs, head.d)) \
-            if isinstance(head, Q8Linear) and head.bias is None else None
+        # a block-quantized output layer (Q8_0 by default) through the decoding kernels too; else the module
+        self.head = _packed(head, model) if _kernel_linear(head) else None
+        self.threads = 1
         self.keep = model  # the weights stay alive while their views are used
 
     @classmethod
@@ -107,13 +142,18 @@ class FastDecoder:
         cos, sin = self.model.rope.cos_sin(torch.tensor([[pos]]))
         cos, sin = cos.reshape(-1).contiguous().numpy(), sin.reshape(-1).contiguous().numpy()
         scale = np.float32(self.hd ** -0.5)
-        for i, args in enumerate(self.layers):
-            kernels._decode_layer(*args, cos, sin, self.kc[i], self.vc[i], pos, self.nh, self.nkv, scale)
+        # torch's thread count for numba's pool: the two take turns (decoding runs no torch op meanwhile)
+        self.threads = kernels.set_threads(torch.get_num_threads())
+        with kernels.POOL if self.threads > 1 else contextlib.nullcontext():
+            for i, args in enumerate(self.layers):
+                kernels._decode_layer(*args, cos, sin, self.kc[i], self.vc[i], pos, self.nh, self.nkv, scale,
+                                      self.threads)
         c.advance(1)
         norm_f = self.model.norm_f
         h = kernels.rms_norm(self.x, norm_f.weight, norm_f.eps)
         if self.head is None:
             return self.model.lm_head(h.view(1, 1, -1))[:, -1]
-        logits = torch.empty(1, self.head[0].shape[2])
-        kernels._q8_0_mv_t(self.head[0], self.head[1], h[0].numpy(), logits[0].numpy())
+        logits = torch.empty(1, self.head[1].shape[2])
+        with kernels.POOL if self.threads > 1 else contextlib.nullcontext():
+            kernels._linear(*self.head, h.numpy(), logits.numpy(), self.threads)
         return logits

@@ -174,11 +174,12 @@ def load_model(path: str | Path, *, device: str = "cpu", precision: str | None =
     from lmlab.nn.quant import DEFAULT_PRECISION
 
     if kind == "gguf":
-        from lmlab.io.gguf.read import load_gguf, open_gguf, read_metadata
+        from lmlab.io.gguf.read import load_gguf
 
-        model, tok = load_gguf(p)
-        loaded = LoadedModel(model, tok, kind, p, bos=gguf_bos(read_metadata(open_gguf(p)), tok))
         precision = precision or DEFAULT_PRECISION
+        # "gguf": quantized matrices stay in the file's blocks; other precisions start from float32
+        model, tok = load_gguf(p, blocks=precision == "gguf")
+        loaded = LoadedModel(model, tok, kind, p, bos=gguf_bos(tok.gguf_meta, tok))  # the file's own keys
     elif kind == "hf":
         from lmlab.io.hf import load_hf_dir
 

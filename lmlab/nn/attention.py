@@ -32,7 +32,8 @@ class Attention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, bias: bool = True,
                  dropout: float = 0.0, causal: bool = True, backend: str = "sdpa", window: int = 0,
-                 n_global: int = 0, global_stride: int = 0, global_rope: bool = True, alibi: bool = False):
+                 n_global: int = 0, global_stride: int = 0, global_rope: bool = True, alibi: bool = False,
+                 qkv_bias: bool | None = None):
         super().__init__()
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend '{backend}' (known: {', '.join(ATTENTION_BACKENDS)})")
@@ -51,7 +52,9 @@ class Attention(nn.Module):
         self.head_dim = n_embd // n_head
         self.causal = causal
         self.dropout = dropout
-        self.qkv = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        # qkv_bias: biases on the query/key/value projections alone (Qwen2), None: as `bias`
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * self.head_dim,
+                             bias=bias if qkv_bias is None else qkv_bias)
         self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
 
     def _project(self, x: torch.Tensor, rows: slice) -> torch.Tensor:

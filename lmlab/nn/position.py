@@ -14,7 +14,10 @@ RoPE scaling stretches a model's positions past the context it was trained on, w
 - `yarn`: per-frequency blend of interpolation and extrapolation between `beta_fast` and `beta_slow`
   rotations, and cos/sin scaled by 0.1 ln(factor) + 1 (Peng et al. 2023, "YaRN", eqs. 18-23);
 - `llama3`: low frequencies divided by `factor`, high ones kept, a smooth ramp between (Meta's
-  Llama 3.1 `apply_scaling`: factor 8, low_freq_factor 1, high_freq_factor 4, original context 8192).
+  Llama 3.1 `apply_scaling`: factor 8, low_freq_factor 1, high_freq_factor 4, original context 8192);
+- `freq_factors`: each inverse frequency divided by its own factor (`factors`, head_dim / 2 of them):
+  how GGUF files carry Llama 3.1's scaling, as the tensor `rope_freqs.weight` (llama.cpp's
+  `rope_freq_factors`), without the parameters that made it.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "freq_factors")
 
 
 def _yarn_inv_freq(inv_freq: torch.Tensor, d: int, theta: float, s: dict[str, Any]) -> torch.Tensor:
@@ -131,6 +134,8 @@ class RotaryEmbedding:
             return _yarn_inv_freq(inv_freq, d, theta, s)
         if self.rope_type == "llama3":
             return _llama3_inv_freq(inv_freq, s)
+        if self.rope_type == "freq_factors":
+            return inv_freq / torch.tensor(s["factors"], dtype=torch.float32, device=device)
         return inv_freq
 
     def cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,9 @@
   exactly).
 - `int4`: weight-only 4-bit, asymmetric, one scale and offset per group of 32 inputs (GGUF's Q4_1,
   whose weights come back exactly).
+- `gguf`: a GGUF file's block-quantized matrices as stored (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, put
+  into `Int4Linear` / `GroupLinear` by the loader without re-quantizing), the rest in fp32; on a model
+  from elsewhere, fp32 with the decoding kernels.
 
 int8 and int4 keep their weights in GGUF's block layouts. Decoding a token reads every weight once,
 so on a CPU it is bound by memory bandwidth and 4-bit blocks are fastest: a few rows go through our
@@ -26,6 +29,7 @@ activations, and the output layer to fp16 weights whose largest logits are recom
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,9 +37,11 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.nn import quant_kernels as kernels
 from lmlab.nn.attention import Attention
+from lmlab.nn.quant_formats import Unpacked
 
-PRECISIONS = ("fp32", "bf16", "int8", "int4")
-DEFAULT_PRECISION = "int4"  # the fastest decode here; Q4_1 weights map onto its grid (benchmarks/llm_inference.py)
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "gguf")
+# GGUF files: their block-quantized matrices kept exactly as stored (lmlab/io/gguf/read.py, blocks=True)
+DEFAULT_PRECISION = "gguf"
 INT4_GROUP = 32  # inputs per scale/offset; GGUF Q4_0/Q4_1 block size (ggml-common.h QK4_0)
 # Up to this many rows per call (decoding, small batches) the block kernels run; more rows (prefill)
 # make the matmul compute-bound, where a dense matmul on weights dequantized on the fly is faster.
@@ -162,13 +168,33 @@ class Int4Linear(nn.Module):
             self.scales_zeros = torch.stack([d32, lo32 + 8 * d32], dim=-1).transpose(0, 1).contiguous().bfloat16()
         self.dtype, self.group, self.in_features, self.out_features = dtype, group, g * group, n
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight the exact kernel multiplies by, in float32 ([n, k])."""
-        n, g, _ = self.dm.shape
-        b = self.qs.view(n, g, 16)
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+        """From 4-bit codes [n, k] (0..15) and (d, m) [n, k/32] as stored (fp16 for Q4_1, float32 for Q4_0's
+        m = -8 d and Q4_K's sub-block scales): w = d q + m, no re-quantization."""
+        if not kernels.available():
+            raise LmlabError("4-bit GGUF blocks need lmlab's kernels (numba; LMLAB_NO_KERNELS unset)")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        n, k = codes.shape
+        q = codes.view(n, k // kernels.BLOCK, kernels.BLOCK).to(torch.uint8)
+        self.register_buffer("qs", (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2))
+        self.register_buffer("dm", torch.stack([d, m], dim=-1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("packed", None)
+        self.register_buffer("scales_zeros", None)
+        self.dtype, self.group, self.in_features, self.out_features = dtype, kernels.BLOCK, k, n
+        return self
+
+    def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight (or its `rows`) the exact kernel multiplies by, in float32 ([n, k])."""
+        qs, dm = (self.qs, self.dm) if rows is None else (self.qs[rows], self.dm[rows])
+        n, g, _ = dm.shape
+        b = qs.reshape(n, g, 16)
         q = torch.cat([b & 15, b >> 4], dim=-1).float()
-        dm = self.dm.float()
-        return torch.addcmul(dm[..., 1:], dm[..., :1], q).view(n, -1)
+        dm = dm.float()
+        return torch.addcmul(dm[..., 1:], dm[..., :1], q).reshape(n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -205,7 +231,7 @@ class Q8Linear(nn.Module):
 
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         qs, d = (self.qs, self.d) if rows is None else (self.qs[rows], self.d[rows])
-        return (qs.float().view(*d.shape, kernels.BLOCK) * d.float()[..., None]).view(*qs.shape)
+        return (qs.float().reshape(*d.shape, kernels.BLOCK) * d.float()[..., None]).view(*qs.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= KERNEL_ROWS * self.in_features:
@@ -234,8 +260,93 @@ class Q8Embedding(nn.Module):
         self.register_buffer("d", table.d)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qs[ids].float().view(*ids.shape, -1, kernels.BLOCK) * self.d[ids].float()[..., None]
+        rows = self.qs[ids].float().reshape(*ids.shape, -1, kernels.BLOCK) * self.d[ids].float()[..., None]
         return rows.view(*ids.shape, self.qs.shape[1])
+
+
+class GroupLinear(nn.Module):
+    """y = x W^T (+ b) with W as integer codes and one float32 scale (and offset) per group of inputs,
+    w = d q + m: the layout GGUF's Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 unpack to (lmlab/nn/quant_formats.py),
+    so a file's weights are multiplied exactly as stored. `qs` [n, k] int8, `d`, `m` [n, k / group]
+    (m None: no offsets). A few rows go through the exact kernel; many (prefill) through dense `dtype`
+    weights made `chunk` rows at a time, one layer's worth of memory at most."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, chunk: int = 8192):
+        super().__init__()
+        n, k = qs.shape
+        if k % d.shape[1] or d.shape[0] != n or (m is not None and m.shape != d.shape):
+            raise ValueError(f"group scales {tuple(d.shape)} do not fit codes {tuple(qs.shape)}")
+        self.register_buffer("qs", qs.to(torch.int8))
+        self.register_buffer("d", d.float())
+        self.register_buffer("m", None if m is None else m.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.group, self.dtype, self.chunk = k // d.shape[1], dtype, chunk
+        self.in_features, self.out_features = k, n
+
+    def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        qs, d, m = (self.qs, self.d, self.m) if rows is None else \
+            (self.qs[rows], self.d[rows], None if self.m is None else self.m[rows])
+        w = qs.float().reshape(*d.shape, self.group) * d[..., None]
+        return (w if m is None else w + m[..., None]).view(*qs.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= KERNEL_ROWS * self.in_features and kernels.available():
+            y = kernels.group_matmul(x.float().contiguous(), self.qs, self.d, self.m)
+        else:
+            x2 = x.reshape(-1, self.in_features).to(self.dtype)
+            y = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype)
+            for i in range(0, self.out_features, self.chunk):
+                w = self.dequantized_weight(torch.arange(i, min(i + self.chunk, self.out_features)))
+                torch.mm(x2, w.to(self.dtype).T, out=y[:, i:i + self.chunk])
+            y = y.view(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
+                f"offsets={self.m is not None}, bias={self.bias is not None}")
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table kept in a quantized linear's blocks (`Int4Linear` or `GroupLinear`, possibly
+    the tied output layer), each looked-up row dequantized exactly in float32."""
+
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.dequantized_weight(ids.reshape(-1)).view(*ids.shape, -1)
+
+
+def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
+                       prefill_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """One linear layer whose weight is `parts` (GGUF tensors unpacked by lmlab/nn/quant_formats.py)
+    stacked by rows, e.g. q, k, v into our fused projection, without re-quantizing: 4-bit codes in
+    groups of 32 (Q4_0, Q4_1, Q4_K) as `Int4Linear`, anything else (or a mix, e.g. Q4_K_M's Q4_K q/k
+    with a Q6_K v) as `GroupLinear` at the finest group size among them."""
+    def cat(arrays: list[np.ndarray]) -> torch.Tensor:  # one part: no copy
+        return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+
+    if all(p.codes.dtype == np.uint8 and p.group == kernels.BLOCK and p.m is not None for p in parts):
+        d, m = (cat([getattr(p, a) for p in parts]) for a in ("d", "m"))
+        if torch.equal(d.half().float(), d) and torch.equal(m.half().float(), m):
+            d, m = d.half(), m.half()  # Q4_1's own fp16 scales: half the memory, the same values
+        return Int4Linear.from_codes(cat([p.codes for p in parts]), d, m, bias, dtype=prefill_dtype)
+    g = min(p.group for p in parts)
+    if any(p.group % g for p in parts):
+        raise ValueError(f"group sizes {[p.group for p in parts]} do not nest")
+
+    def spread(a: np.ndarray, p: Unpacked) -> np.ndarray:  # a group's scale over its g-sized subgroups
+        return np.repeat(a, p.group // g, axis=1)
+
+    qs = cat([p.codes.astype(np.int8, copy=False) for p in parts])
+    d = cat([spread(p.d, p) for p in parts])
+    m = None
+    if any(p.m is not None for p in parts):
+        m = cat([spread(p.m if p.m is not None else np.zeros_like(p.d), p) for p in parts])
+    return GroupLinear(qs, d, m, bias, dtype=torch.float32 if prefill_dtype == torch.float32 else prefill_dtype)
 
 
 class FastRMSNorm(nn.Module):
@@ -314,6 +425,8 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
         return model.float()
     model.float()  # what stays (norms, biases elsewhere) computes in fp32
     blocks = kernels.available()
+    if precision == "gguf":
+        return _decoding_kernels(model, blocks).eval()
     heads: dict[int, nn.Module] = {}  # id(fp32 weight) -> output layer, to share with a tied embedding
 
     def fits(m: nn.Module) -> bool:
@@ -342,9 +455,14 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
 
     _swap(model, nn.Linear, linear)
     _swap(model, nn.Embedding, embedding)
-    if blocks:  # decoding's small ops: one kernel call each
+    return _decoding_kernels(model, blocks).eval()
+
+
+def _decoding_kernels(model: nn.Module, blocks: bool) -> nn.Module:
+    """Decoding's small ops (RMSNorm, one query's attention) as one kernel call each, where they run."""
+    if blocks:
         _swap(model, nn.RMSNorm, lambda name, m: FastRMSNorm(m) if len(m.normalized_shape) == 1 else m)
         for m in model.modules():
             if isinstance(m, Attention):
                 m.sdpa = kernels.sdpa
-    return model.eval()
+    return model

@@ -28,6 +28,10 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+# Qwen2's: Llama 3's with every digit its own piece (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_QWEN2)
+_QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
 def _gpt2() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's own regex
 
@@ -37,15 +41,20 @@ def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2()])
 
 
-def _llama3() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+def _split_then_bytes(regex: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
+    def make() -> pre_tokenizers.PreTokenizer:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return make
+
+
+_llama3, _qwen2 = _split_then_bytes(LLAMA3_SPLIT), _split_then_bytes(_QWEN2_SPLIT)
 
 
 _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
     "default": _gpt2, "gpt2": _gpt2, "gpt-2": _gpt2,
     "smollm": _digits_then_gpt2, "starcoder": _digits_then_gpt2,
-    "llama3": _llama3, "llama-v3": _llama3, "llama-bpe": _llama3,
+    "llama3": _llama3, "llama-v3": _llama3, "llama-bpe": _llama3, "qwen2": _qwen2,
 }
 
 
@@ -79,4 +88,5 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> BPETokenizer:
     specials = SpecialTokens(**{r: v if v is not None else getattr(defaults, r) for r, v in roles.items()})
     tok = BPETokenizer(hf, specials)
     tok.chat_template = meta.get("tokenizer.chat_template")
+    tok.gguf_pre = pre  # written back unchanged on export (lmlab/io/gguf/write.py)
     return tok

@@ -1,9 +1,12 @@
-"""GGUF export of an lmlab Llama or Mixtral (and its byte-level BPE tokenizer), the inverse of
-lmlab/io/gguf/read.py. Mixtral goes out as llama.cpp's converter writes it: architecture "llama" with
-`expert_count` / `expert_used_count` and stacked `ffn_{gate,up,down}_exps` tensors plus `ffn_gate_inp`.
+"""GGUF export of an lmlab Llama, Qwen2 (Llama with q/k/v biases) or Mixtral (and its byte-level BPE
+tokenizer), the inverse of lmlab/io/gguf/read.py. Mixtral goes out as llama.cpp's converter writes it:
+architecture "llama" with `expert_count` / `expert_used_count` and stacked `ffn_{gate,up,down}_exps`
+tensors plus `ffn_gate_inp`; a model with q/k/v biases as architecture "qwen2".
 
-Weights go out under llama.cpp's names with q/k rows permuted for its pairwise RoPE (what
+Weights go out under llama.cpp's names, for "llama" with q/k rows permuted for its pairwise RoPE (what
 convert_hf_to_gguf.py does), matrices in the chosen type and norms in F32 (as llama.cpp keeps them).
+Llama 3.1's RoPE scaling goes out as llama.cpp's converter writes it, the tensor `rope_freqs.weight`
+(one divisor per frequency); linear scaling as `rope.scaling.type` / `rope.scaling.factor`.
 Block-quantized types need rows that are a multiple of the block size (32 values); a matrix whose
 rows are not falls back to F16.
 """
@@ -15,13 +18,24 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.io.gguf.read import _LAYER_NAMES, _TOP_NAMES, SUPPORTED_TYPES, _gguf, moe_names, permute_qk
+from lmlab.io.gguf.read import (
+    _LAYER_NAMES,
+    _TOP_NAMES,
+    ARCHS,
+    ROPE_FREQS,
+    SUPPORTED_TYPES,
+    _gguf,
+    moe_names,
+    permute_qk,
+)
 from lmlab.io.gguf.tokenizer import CONTROL, LLAMA3_SPLIT
 from lmlab.io.hf import state_dict_to_hf
+from lmlab.nn.position import RotaryEmbedding
 
 _TO_GGUF = {v: k for k, v in {**_LAYER_NAMES, **_TOP_NAMES}.items()}
 NORMAL = 1  # llama.cpp llama_token_type
@@ -77,7 +91,8 @@ def _add_tokenizer(w, tokenizer) -> None:
     special = {a["content"] for a in data.get("added_tokens", []) if a.get("special")}
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_name(data))
+    # how text is split before BPE: as the file it came from said, else as its tokenizer.json splits
+    w.add_tokenizer_pre(getattr(tokenizer, "gguf_pre", None) or _pre_name(data))
     w.add_token_list(tokens)
     w.add_token_types([CONTROL if t in special else NORMAL for t in tokens])
     w.add_token_merges(merges)
@@ -88,6 +103,24 @@ def _add_tokenizer(w, tokenizer) -> None:
             add(i)
     if getattr(tokenizer, "chat_template", None):
         w.add_chat_template(tokenizer.chat_template)
+
+
+def _rope_tensors_and_keys(c) -> dict:
+    """RoPE scaling as llama.cpp stores it: {GGUFWriter method: value} plus {ROPE_FREQS: factors}."""
+    s = dict(c.rope_scaling or {})
+    kind = s.get("rope_type", "default")
+    if kind == "default":
+        return {}
+    if kind == "linear":
+        return {"add_rope_scaling_type": _gguf().RopeScalingType.LINEAR, "add_rope_scaling_factor": float(s["factor"])}
+    if kind == "freq_factors":  # read from a GGUF file: as it was
+        return {ROPE_FREQS: np.asarray(s["factors"], dtype=np.float32)}
+    if kind == "llama3":  # convert_hf_to_gguf.py LlamaModel: base / scaled inverse frequencies
+        d = c.n_embd // c.n_head
+        plain = RotaryEmbedding(d, c.rope_theta).inv_freq(0)
+        scaled = RotaryEmbedding(d, c.rope_theta, s, max_position=c.block_size).inv_freq(0)
+        return {ROPE_FREQS: (plain / scaled).numpy().astype(np.float32)}
+    raise LmlabError(f"GGUF export: RoPE scaling '{kind}' has no GGUF form here (supported: linear, llama3)")
 
 
 def save_gguf(model: nn.Module, path: str | Path, tokenizer=None, *, qtype: str = "F16",
@@ -102,8 +135,12 @@ def save_gguf(model: nn.Module, path: str | Path, tokenizer=None, *, qtype: str 
     path = Path(path)
     if path.exists() and not overwrite:
         raise LmlabError(f"{path} already exists (pass overwrite=True to replace it)")
+    arch = "qwen2" if getattr(c, "qkv_bias", False) else "llama"
+    if arch == "qwen2" and c.n_expert:
+        raise LmlabError("GGUF export: a MoE model with q/k/v biases has no llama.cpp architecture")
+    extra = _rope_tensors_and_keys(c)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = gguf.GGUFWriter(str(tmp), arch)
     w.add_block_count(c.n_layer)
     w.add_context_length(c.block_size)
     w.add_embedding_length(c.n_embd)
@@ -117,14 +154,19 @@ def save_gguf(model: nn.Module, path: str | Path, tokenizer=None, *, qtype: str 
     if c.n_expert:
         w.add_expert_count(c.n_expert)
         w.add_expert_used_count(c.n_expert_per_token)
+    for key, value in extra.items():
+        if key == ROPE_FREQS:
+            w.add_tensor(ROPE_FREQS, value)
+        else:
+            getattr(w, key)(value)
     if tokenizer is not None:
         _add_tokenizer(w, tokenizer)
     q = gguf.GGMLQuantizationType[qtype]
     for name, t in _gguf_tensors(state_dict_to_hf(model.state_dict(), c)).items():
         x = t.detach().to(torch.float32).cpu().numpy()
-        if name.endswith("attn_q.weight"):
+        if ARCHS[arch].permute_qk and ".attn_q." in name:
             x = permute_qk(x, c.n_head)
-        elif name.endswith("attn_k.weight"):
+        elif ARCHS[arch].permute_qk and ".attn_k." in name:
             x = permute_qk(x, c.n_kv_head)
         if x.ndim == 1:
             w.add_tensor(name, x)

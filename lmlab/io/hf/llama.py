@@ -1,4 +1,5 @@
-"""Hugging Face adapter: Llama (LlamaForCausalLM)."""
+"""Hugging Face adapter: Llama (LlamaForCausalLM), and Mistral and Qwen2 as Llama with a sliding window or
+with biases on q/k/v (`qkv_bias`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     rope, scaling = rope_settings(hf)
     # Mistral is Llama with a sliding window (key j visible to query i when i - j < sliding_window)
     window = get(hf, "sliding_window", None) if hf.get("model_type") == "mistral" else None
+    # Qwen2: q/k/v biases; its sliding window applies only with use_sliding_window (off in released models)
+    qwen2 = hf.get("model_type") == "qwen2"
+    if qwen2 and get(hf, "use_sliding_window", False):
+        raise unsupported(hf, "use_sliding_window", True)
     block_size = get(hf, "max_position_embeddings")
     if scaling and scaling["rope_type"] == "dynamic":
         # dynamic NTK stretches past max_position_embeddings: our context is the stretched one
@@ -31,7 +36,7 @@ def config_from_hf(hf: dict) -> LlamaConfig:
                        n_kv_head=get(hf, "num_key_value_heads", n_head), n_embd=n_embd,
                        mlp_hidden=get(hf, "intermediate_size"),
                        rope_theta=float(rope.get("rope_theta") or get(hf, "rope_theta", 10000.0)),
-                       rope_scaling=scaling, sliding_window=window or 0,
+                       rope_scaling=scaling, sliding_window=window or 0, qkv_bias=qwen2,
                        norm_eps=get(hf, "rms_norm_eps", 1e-6), tie_embeddings=get(hf, "tie_word_embeddings", False),
                        dropout=get(hf, "attention_dropout", 0.0), init_std=get(hf, "initializer_range", 0.02))
 
@@ -42,6 +47,11 @@ def config_to_hf(c: LlamaConfig) -> dict:
                          "equivalent")
     window = {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
               "sliding_window": c.sliding_window} if c.sliding_window else {}
+    if c.qkv_bias:
+        if c.sliding_window:
+            raise LmlabError("transformers has no Llama with both q/k/v biases and a sliding window")
+        window = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
+                  "sliding_window": None}
     scaling = dict(c.rope_scaling or {})
     max_pos = scaling.pop("original_max_position_embeddings") if scaling.get("rope_type") == "dynamic" else c.block_size
     return {"vocab_size": c.vocab_size, "max_position_embeddings": max_pos, "hidden_size": c.n_embd,
@@ -80,6 +90,8 @@ def params(c: LlamaConfig) -> list[Param]:
         out += [Param(f"blocks.{i}.norm1.weight", (f"{h}.input_layernorm.weight",)),
                 Param(f"blocks.{i}.attn.qkv.weight", tuple(f"{h}.self_attn.{p}_proj.weight" for p in "qkv"),
                       sizes=(c.n_embd, kv, kv)),
+                *([Param(f"blocks.{i}.attn.qkv.bias", tuple(f"{h}.self_attn.{p}_proj.bias" for p in "qkv"),
+                         sizes=(c.n_embd, kv, kv))] if c.qkv_bias else []),
                 Param(f"blocks.{i}.attn.proj.weight", (f"{h}.self_attn.o_proj.weight",)),
                 Param(f"blocks.{i}.norm2.weight", (f"{h}.post_attention_layernorm.weight",)),
                 Param(f"blocks.{i}.mlp.up.weight", (f"{h}.mlp.gate_proj.weight", f"{h}.mlp.up_proj.weight"),
@@ -94,4 +106,4 @@ def params(c: LlamaConfig) -> list[Param]:
 ADAPTER = register(Adapter(
     "llama", "llama", "LlamaForCausalLM", config_from_hf, config_to_hf, params,
     ignore=re.compile(r"rotary_emb\.inv_freq$"),
-    also_reads=("mistral",)))
+    also_reads=("mistral", "qwen2")))

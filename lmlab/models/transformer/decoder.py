@@ -54,11 +54,13 @@ def layer_attention(c: ModelConfig, i: int) -> dict:
         raise ValueError("global_stride and global_rope=False shape sliding-window attention: set sliding_window")
     if not c.global_rope and not hasattr(c, "rope_theta"):
         raise ValueError("global_rope=False needs a RoPE model (its positions enter through the embeddings)")
-    alibi = {"alibi": True} if getattr(c, "position", "") == "alibi" else {}
+    extra = {"alibi": True} if getattr(c, "position", "") == "alibi" else {}
+    if getattr(c, "qkv_bias", False):  # Qwen2: biases on q/k/v only
+        extra["qkv_bias"] = True
     if window <= 0 or (c.global_every and (i + 1) % c.global_every == 0):
-        return {"backend": "sdpa" if backend == "sliding_window" else backend, **alibi}
+        return {"backend": "sdpa" if backend == "sliding_window" else backend, **extra}
     return {"backend": "sliding_window", "window": window, "n_global": c.global_tokens,
-            "global_stride": c.global_stride, "global_rope": c.global_rope, **alibi}
+            "global_stride": c.global_stride, "global_rope": c.global_rope, **extra}
 
 
 class DecoderLM(nn.Module):

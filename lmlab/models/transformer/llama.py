@@ -1,4 +1,5 @@
 """Llama (Touvron et al. 2023): the decoder of GPT with RMSNorm, SwiGLU, RoPE and no biases.
+Qwen2 (Yang et al. 2024) is this model with biases on the query/key/value projections (`qkv_bias`).
 
 Pre-RMSNorm blocks (Zhang & Sennrich 2019), SwiGLU MLP (Shazeer 2020), rotary position embeddings
 (Su et al. 2021; half-split layout as in Hugging Face Llama) and grouped-query attention (Ainslie et
@@ -36,6 +37,7 @@ class LlamaConfig(MoEConfig, AttentionConfig, ModelConfig):
     # "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-5
+    qkv_bias: bool = False        # biases on the query/key/value projections (Qwen2), none elsewhere
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
