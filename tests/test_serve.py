@@ -4,6 +4,7 @@ the bad-input suite (each answered 4xx in OpenAI's shape, the server healthy aft
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 import time
@@ -336,3 +337,59 @@ def test_key_from_a_file_and_models_that_cannot_be_served(tiny_run, tmp_path):
     assert main(["serve", str(arpa)]) != 0
     with pytest.raises(LmlabError, match="n-gram"):
         check_servable(load_model(arpa))
+
+
+def _stream_in_thread(server, body: dict, started: threading.Event, out: list) -> threading.Thread:
+    """A streamed completion read on its own thread: `out` gets (finish_reason, tokens, saw [DONE]) or the error."""
+    def read() -> None:
+        try:
+            r = server.post("/v1/completions", OK | body | {"stream": True, "stream_options": {"include_usage": True}},
+                            stream=True)
+            finish, n, done = None, 0, False
+            for line in r.iter_lines():
+                started.set()
+                if line == b"data: [DONE]":
+                    done = True
+                elif line.startswith(b"data: "):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+                    for ch in chunk["choices"]:
+                        finish = ch["finish_reason"] or finish
+            out.append((finish, n, done))
+        except Exception as e:  # noqa: BLE001 (reported through `out`)
+            out.append(e)
+        finally:
+            started.set()
+    t = threading.Thread(target=read)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("grace, finish", [("30", "length"), ("0", "abort")])
+def test_sigterm_ends_in_flight_requests_cleanly_and_exits_0(tiny_run, grace, finish):
+    """SIGTERM with streams in flight: the port closes at once, the streams run to their end (or, once the
+    grace period is over, end with finish_reason "abort" and [DONE]), and the process exits 0."""
+    with serve(tiny_run, "--max-batch", "4", "--shutdown-grace", grace) as s:
+        started, out = threading.Event(), []
+        body = {"prompt": "the", "max_tokens": 110, "temperature": 0}
+        threads = [_stream_in_thread(s, body, started, out) for _ in range(3)]
+        assert started.wait(30)
+        s.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        deadline = t0 + 5
+        while time.monotonic() < deadline:  # the listening socket goes away at once
+            try:
+                socket.create_connection(("127.0.0.1", s.port), timeout=1).close()
+                time.sleep(0.05)
+            except OSError:
+                break
+        else:
+            raise AssertionError("the server still accepts connections 5 s after SIGTERM")
+        for t in threads:
+            t.join(60)
+        assert s.proc.wait(40) == 0 and time.monotonic() - t0 < 40
+    assert len(out) == 3 and all(isinstance(o, tuple) for o in out), out
+    assert all(o[0] == finish and o[2] for o in out), out
+    if finish == "length":
+        assert all(o[1] == 110 for o in out), out
