@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MARGIN = 1e-3
 SUBJECTS = ["the sea", "a robot", "the moon", "bread", "winter", "a library", "trains", "the piano", "bees",
             "a lighthouse", "mathematics", "a garden", "the desert", "clocks", "a river", "volcanoes"]
-FORMS = ["Write one sentence about {}.", "Once upon a time, {}", "Here is a short poem about {}:\n",
-         "Q: What do you know about {}?\nA:", "{} is"]
+# continuations rather than instructions: the instruct model would end a reply to a bare instruction
+# at once (EOS), and the load is meant to be decode-heavy
+FORMS = ["The history of {} begins", "A list of facts about {}:\n1.", "Chapter 1: {}\n\nIt was",
+         "My favourite thing about {} is that", "In this essay I will explain why {}"]
 
 
 def prompts(n: int) -> list[str]:
@@ -236,16 +238,25 @@ def main() -> None:
             name = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
             for mode, clients, these in (("batched", args.clients, ps), ("one_at_a_time", 1, seq_ps)):
                 res = load(url, name, these, args.max_tokens, clients, False, args.max_seconds)
-                res.pop("_results")
+                # its stream has no usage and a chunk may hold several tokens or none: count the text's
+                # tokens with the same GGUF tokenizer (a round trip can differ by a token at a word join)
+                results = res.pop("_results")
+                res["completion_tokens"] = sum(len(loaded.tokenizer.encode(r["text"])) for r in results
+                                               if "error" not in r)
+                res["tokens_per_s"] = round(res["completion_tokens"] / res["wall_s"], 2)
                 out[f"llama_cpp_{mode}"] = res
                 print(f"llama.cpp {mode}:", res, flush=True)
 
     b, s, g = out["lmlab_batched"], out["lmlab_one_at_a_time"], out["lmlab_generate"]
-    out["ratios"] = {"batched_over_one_at_a_time": round(b["tokens_per_s"] / s["tokens_per_s"], 2),
-                     "one_at_a_time_over_lmlab_generate": round(s["tokens_per_s"] / g["tokens_per_s"], 2)}
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 2) if b else None
+
+    out["ratios"] = {"batched_over_one_at_a_time": ratio(b["tokens_per_s"], s["tokens_per_s"]),
+                     "one_at_a_time_over_lmlab_generate": ratio(s["tokens_per_s"], g["tokens_per_s"])}
     if "llama_cpp_batched" in out:
-        out["ratios"]["lmlab_batched_over_llama_cpp_batched"] = round(
-            b["tokens_per_s"] / out["llama_cpp_batched"]["tokens_per_s"], 2)
+        out["ratios"]["lmlab_batched_over_llama_cpp_batched"] = ratio(
+            b["tokens_per_s"], out["llama_cpp_batched"]["tokens_per_s"])
     write_results(args.name, out, markdown(out))
     print(json.dumps(out["ratios"]))
 
