@@ -16,14 +16,9 @@ Bounded: every request has a 300 s timeout and the run stops a mode at --max-sec
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,10 +26,15 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from peers import smollm2_gguf  # noqa: E402
+from serve_server import free_port, process  # noqa: E402
+
 from benchmarks.common import machine, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGIN = 1e-3
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 SUBJECTS = ["the sea", "a robot", "the moon", "bread", "winter", "a library", "trains", "the piano", "bees",
             "a lighthouse", "mathematics", "a garden", "the desert", "clocks", "a river", "volcanoes"]
 # continuations rather than instructions: the instruct model would end a reply to a bare instruction
@@ -47,40 +47,6 @@ def prompts(n: int) -> list[str]:
     """n distinct prompts of varied length (mixed-length batches, as real traffic is)."""
     return [FORMS[i % len(FORMS)].format(SUBJECTS[(i // len(FORMS)) % len(SUBJECTS)]) + " " * (i // 80)
             for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server(cmd: list[str], port: int, health: str, timeout: float = 300):
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"{cmd[:4]} exited ({proc.returncode}):\n{log.read()[-3000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}{health}", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{cmd[:4]} did not come up")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def one_request(url: str, model: str, prompt: str, max_tokens: int, lmlab: bool) -> dict:
@@ -199,12 +165,7 @@ def main() -> None:
 
     from lmlab.io.load import load_model
 
-    if args.model:
-        gguf = Path(args.model)
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from peers import smollm2_gguf
-        gguf = smollm2_gguf()
+    gguf = Path(args.model) if args.model else smollm2_gguf()
     torch.set_num_threads(args.threads)
     ps = prompts(args.requests)
     seq_ps = ps[:args.sequential or args.requests]
@@ -218,7 +179,8 @@ def main() -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "lmlab", "serve", str(gguf), "--port", str(port), "--precision", args.precision,
            "--threads", str(args.threads), "--max-batch", str(min(args.clients, 32)), "--max-len", "512"]
-    with server(cmd, port, "/health") as url:
+    url = f"http://127.0.0.1:{port}"
+    with process(cmd, url + "/health", env=ENV, timeout=300):
         for mode, clients, these in (("batched", args.clients, ps), ("one_at_a_time", 1, seq_ps)):
             res = load(url, gguf.name, these, args.max_tokens, clients, True, args.max_seconds)
             res["greedy_check"] = check_greedy(loaded, these, res.pop("_results"), args.max_tokens)
@@ -234,7 +196,8 @@ def main() -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
                str(port), "--n_threads", str(args.threads), "--n_ctx", "512"]
-        with server(cmd, port, "/v1/models") as url:
+        url = f"http://127.0.0.1:{port}"
+        with process(cmd, url + "/v1/models", env=ENV, timeout=300):
             name = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
             for mode, clients, these in (("batched", args.clients, ps), ("one_at_a_time", 1, seq_ps)):
                 res = load(url, name, these, args.max_tokens, clients, False, args.max_seconds)

@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 from peers import require_module
-from serve_server import KEY, serve
+from serve_server import KEY, serve, train_tiny
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
@@ -26,11 +26,8 @@ openai = require_module("openai")
 
 @pytest.fixture(scope="module")
 def tiny_run(bpe_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "run"
-    assert main(["train", "--data", str(bpe_data), "--out", str(run), "--model.n_layer=2", "--model.n_head=2",
-                 "--model.n_embd=32", "--model.block_size=128", "--train.max_steps=3", "--train.batch_size=2",
-                 "--train.progress=false", "--train.eval_iters=1", "-q"]) == 0
-    return run
+    return train_tiny(tmp_path_factory.mktemp("serve") / "run", bpe_data, "--model.n_layer=2", "--model.n_embd=32",
+                      "--model.block_size=128", "--train.max_steps=3")
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@ server process on loopback): valid and malformed bodies for every operation, no 
 
 import pytest
 from peers import require_module
-from serve_server import KEY, serve
-
-from lmlab.cli import main
+from serve_server import KEY, serve, train_tiny
 
 schemathesis = require_module("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402 (hypothesis comes with schemathesis)
@@ -16,10 +14,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def api_schema(bpe_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("fuzz") / "run"
-    assert main(["train", "--data", str(bpe_data), "--out", str(run), "--model.n_layer=1", "--model.n_head=2",
-                 "--model.n_embd=16", "--model.block_size=64", "--train.max_steps=1", "--train.batch_size=2",
-                 "--train.progress=false", "--train.eval_iters=1", "-q"]) == 0
+    run = train_tiny(tmp_path_factory.mktemp("fuzz") / "run", bpe_data, "--model.n_layer=1", "--model.n_embd=16",
+                     "--model.block_size=64", "--train.max_steps=1")
     # a small queue and batch: fuzzed n / prompt lists meet the limits; a short context bounds each request
     with serve(run, "--max-batch", "4", "--max-queue", "16", "--max-body", "65536") as s:
         yield schemathesis.openapi.from_url(s.url + "/openapi.json", headers=AUTH)
