@@ -195,7 +195,9 @@ def main() -> None:
     if have_llama:
         port = free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-               str(port), "--n_threads", str(args.threads), "--n_ctx", "512"]
+               str(port), "--n_threads", str(args.threads), "--n_ctx", "512",
+               # by default a new request interrupts the stream in progress (cut replies, not served load)
+               "--interrupt_requests", "False"]
         url = f"http://127.0.0.1:{port}"
         with process(cmd, url + "/v1/models", env=ENV, timeout=300):
             name = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
