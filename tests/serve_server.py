@@ -52,30 +52,24 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(model: str | Path, *args: str, key: str | None = KEY, threads: int = 1,
-          timeout: float = 120) -> Iterator[Server]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("LMLAB_API_KEY", None)
-    if key:
-        env["LMLAB_API_KEY"] = key
-    cmd = [sys.executable, "-m", "lmlab", "serve", str(model), "--port", str(port), "--threads", str(threads), *args]
+def process(cmd: list[str], health_url: str, *, env: dict | None = None, timeout: float = 120
+            ) -> Iterator[subprocess.Popen]:
+    """Start a server process, wait until `health_url` answers 200, and SIGTERM it afterwards."""
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    server = Server(proc, port, key)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"lmlab serve exited ({proc.returncode}):\n{log.read()}")
-            with contextlib.suppress(requests.ConnectionError):
-                if server.healthy():
+                raise RuntimeError(f"{' '.join(cmd[:4])} exited ({proc.returncode}):\n{log.read()[-5000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(health_url, timeout=10).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise TimeoutError("lmlab serve did not come up")
+                raise TimeoutError(f"{' '.join(cmd[:4])} did not come up")
             time.sleep(0.2)
-        yield server
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -84,3 +78,25 @@ def serve(model: str | Path, *args: str, key: str | None = KEY, threads: int = 1
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def serve(model: str | Path, *args: str, key: str | None = KEY, threads: int = 1,
+          timeout: float = 120) -> Iterator[Server]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LMLAB_API_KEY", None)
+    if key:
+        env["LMLAB_API_KEY"] = key
+    cmd = [sys.executable, "-m", "lmlab", "serve", str(model), "--port", str(port), "--threads", str(threads), *args]
+    with process(cmd, f"http://127.0.0.1:{port}/health", env=env, timeout=timeout) as proc:
+        yield Server(proc, port, key)
+
+
+def train_tiny(run: Path, data: Path, *overrides: str) -> Path:
+    """A tiny lmlab run to serve (a few steps: what is served matters, not how good it is)."""
+    from lmlab.cli import main
+
+    assert main(["train", "--data", str(data), "--out", str(run), "--model.n_head=2", "--train.batch_size=2",
+                 "--train.progress=false", "--train.eval_iters=1", "-q", *overrides]) == 0
+    return run

@@ -71,6 +71,8 @@ def test_filters():
     kept = ~torch.isinf(top_p_filter(probs, 0.75))
     assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.75
     assert (~torch.isinf(top_p_filter(probs, 0.5))).sum() == 1
+    # a p that rounds to 0 in float32 (found by fuzzing lmlab serve) keeps the top token, not none
+    assert (~torch.isinf(top_p_filter(probs, 5e-324))).tolist() == [[True, False, False, False]]
     assert sample(logits, temperature=0).item() == 1
     g = torch.Generator().manual_seed(0)
     draws = {sample(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(50)}

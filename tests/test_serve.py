@@ -4,6 +4,7 @@ the bad-input suite (each answered 4xx in OpenAI's shape, the server healthy aft
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 import requests
 import torch
 from peers import require_module
-from serve_server import KEY, serve
+from serve_server import KEY, serve, train_tiny
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
@@ -25,11 +26,8 @@ openai = require_module("openai")
 
 @pytest.fixture(scope="module")
 def tiny_run(bpe_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "run"
-    assert main(["train", "--data", str(bpe_data), "--out", str(run), "--model.n_layer=2", "--model.n_head=2",
-                 "--model.n_embd=32", "--model.block_size=128", "--train.max_steps=3", "--train.batch_size=2",
-                 "--train.progress=false", "--train.eval_iters=1", "-q"]) == 0
-    return run
+    return train_tiny(tmp_path_factory.mktemp("serve") / "run", bpe_data, "--model.n_layer=2", "--model.n_embd=32",
+                      "--model.block_size=128", "--train.max_steps=3")
 
 
 @pytest.fixture(scope="module")
@@ -297,9 +295,17 @@ def test_oversized_bodies_are_refused_before_they_are_read(server):
 
 
 def test_full_queue_is_a_503_with_retry_after(server):
+    # more sequences than the queue can ever hold: a 400 (retrying could never help)
     r = server.post("/v1/completions", OK | {"prompt": ["a"] * 17})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"
+    # 16 sequences on 4 rows: 12 wait while the first 4 decode, so 8 more do not fit now
+    busy = server.post("/v1/completions", OK | {"prompt": ["a"] * 16, "max_tokens": 100, "stream": True},
+                       stream=True)
+    next(busy.iter_lines())
+    r = server.post("/v1/completions", OK | {"prompt": ["a"] * 8})
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["code"] == "queue_full"
+    busy.close()
     assert server.healthy()
 
 
@@ -336,3 +342,59 @@ def test_key_from_a_file_and_models_that_cannot_be_served(tiny_run, tmp_path):
     assert main(["serve", str(arpa)]) != 0
     with pytest.raises(LmlabError, match="n-gram"):
         check_servable(load_model(arpa))
+
+
+def _stream_in_thread(server, body: dict, started: threading.Event, out: list) -> threading.Thread:
+    """A streamed completion read on its own thread: `out` gets (finish_reason, tokens, saw [DONE]) or the error."""
+    def read() -> None:
+        try:
+            r = server.post("/v1/completions", OK | body | {"stream": True, "stream_options": {"include_usage": True}},
+                            stream=True)
+            finish, n, done = None, 0, False
+            for line in r.iter_lines():
+                started.set()
+                if line == b"data: [DONE]":
+                    done = True
+                elif line.startswith(b"data: "):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+                    for ch in chunk["choices"]:
+                        finish = ch["finish_reason"] or finish
+            out.append((finish, n, done))
+        except Exception as e:  # noqa: BLE001 (reported through `out`)
+            out.append(e)
+        finally:
+            started.set()
+    t = threading.Thread(target=read)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("grace, finish", [("30", "length"), ("0", "abort")])
+def test_sigterm_ends_in_flight_requests_cleanly_and_exits_0(tiny_run, grace, finish):
+    """SIGTERM with streams in flight: the port closes at once, the streams run to their end (or, once the
+    grace period is over, end with finish_reason "abort" and [DONE]), and the process exits 0."""
+    with serve(tiny_run, "--max-batch", "4", "--shutdown-grace", grace) as s:
+        started, out = threading.Event(), []
+        body = {"prompt": "the", "max_tokens": 110, "temperature": 0}
+        threads = [_stream_in_thread(s, body, started, out) for _ in range(3)]
+        assert started.wait(30)
+        s.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        deadline = t0 + 5
+        while time.monotonic() < deadline:  # the listening socket goes away at once
+            try:
+                socket.create_connection(("127.0.0.1", s.port), timeout=1).close()
+                time.sleep(0.05)
+            except OSError:
+                break
+        else:
+            raise AssertionError("the server still accepts connections 5 s after SIGTERM")
+        for t in threads:
+            t.join(60)
+        assert s.proc.wait(40) == 0 and time.monotonic() - t0 < 40
+    assert len(out) == 3 and all(isinstance(o, tuple) for o in out), out
+    assert all(o[0] == finish and o[2] for o in out), out
+    if finish == "length":
+        assert all(o[1] == 110 for o in out), out

@@ -25,13 +25,13 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
-    import uvicorn
 
     from lmlab.io.load import load_model
-    from lmlab.serve.app import ServeConfig, check_servable, create_app
+    from lmlab.serve.app import ServeConfig, check_servable, create_app, run_server
 
-    if args.max_batch < 1 or args.max_len < 2 or args.max_queue < 1:
-        raise LmlabError("--max-batch, --max-queue must be at least 1 and --max-len at least 2")
+    if args.max_batch < 1 or args.max_len < 2 or args.max_queue < 1 or args.shutdown_grace < 0:
+        raise LmlabError("--max-batch, --max-queue must be at least 1, --max-len at least 2 and "
+                         "--shutdown-grace not negative")
     key = _api_key(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,9 +44,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         log.warning(f"serving on {args.host} without an API key: anyone who reaches this port can use the model")
     log.info(f"serving {loaded.name} on http://{args.host}:{args.port} (batch {cfg.max_batch}, context "
              f"{app.app.state.lmlab.scheduler.max_len}, key {'on' if key else 'off'})")
-    # timeout_graceful_shutdown: on SIGTERM uvicorn stops accepting and lets in-flight requests finish
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
-                limit_concurrency=args.max_connections, timeout_keep_alive=5)
+    run_server(app, host=args.host, port=args.port, grace=args.shutdown_grace, max_connections=args.max_connections)
     return 0
 
 
@@ -65,5 +63,8 @@ def add_parser(add) -> None:
     sp.add_argument("--max-queue", type=int, default=256, help="waiting sequences before answering 503")
     sp.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     sp.add_argument("--max-connections", type=int, default=1024, help="open connections before answering 503")
+    sp.add_argument("--shutdown-grace", type=float, default=30.0,
+                    help="seconds in-flight requests may run on after SIGTERM before they end with "
+                         "finish_reason 'abort' (new connections are refused at once)")
     sp.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     add_precision(sp)

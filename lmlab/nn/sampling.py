@@ -24,6 +24,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     drop = cum - sorted_logits.softmax(dim=-1) >= p  # mass before this token already reaches p
+    drop[..., 0] = False  # the top token always stays: a tiny p (0 in float32) must not drop every token
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 

@@ -69,6 +69,9 @@ class Api:
                               seed=None if req.seed is None else req.seed + choice, stop=_stops(req.stop))
 
     def _submit(self, seqs: list[Sequence]) -> None:
+        if len(seqs) > self.state.scheduler.max_queue:  # could never fit: a retry after 503 would loop
+            raise ApiError(400, f"the request asks for {len(seqs)} sequences (prompts x n); this server queues "
+                           f"at most {self.state.scheduler.max_queue}", param="n", code="too_many_sequences")
         if not self.state.scheduler.submit(seqs):
             raise ApiError(503, "the server is busy (its queue is full); retry shortly", code="queue_full",
                            headers={"Retry-After": "1"})

@@ -189,3 +189,34 @@ def _openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = build
+
+
+def run_server(app: Any, *, host: str, port: int, grace: float = 30.0, max_connections: int = 1024) -> None:
+    """Serve `app` (from create_app) until SIGTERM or SIGINT, then shut down gracefully: the listening
+    socket closes at once (new connections are refused), in-flight requests run on for up to `grace`
+    seconds, then whatever is still decoding ends with finish_reason "abort" (a complete response, not a
+    cut connection), and the call returns, so `lmlab serve` exits 0 after a SIGTERM."""
+    import signal
+
+    import uvicorn
+
+    scheduler = app.app.state.lmlab.scheduler
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            import asyncio
+
+            # at the end of the grace period, end the sequences so their responses finish cleanly;
+            # uvicorn cancels tasks still open 5 s after that (a client that stopped reading)
+            asyncio.get_running_loop().call_later(grace, scheduler.stop, None)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace + 5,
+                            limit_concurrency=max_connections, timeout_keep_alive=5)
+    # uvicorn re-raises the signal it caught once it has shut down; with the default SIGTERM handler
+    # that kills the process (exit -15) after a clean shutdown. A handler of ours makes that a no-op.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

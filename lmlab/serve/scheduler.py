@@ -87,12 +87,15 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the loop: sequences still waiting or running end with finish_reason "abort"."""
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """End the loop: sequences still waiting or running end with finish_reason "abort" (their
+        responses end normally, so clients see a clean end, not a cut connection). `timeout=None`:
+        do not wait for the thread (the event loop calls this and must not block on a decode step)."""
         with self.lock:
             self.stopping = True
             self.lock.notify()
-        self.thread.join(timeout)
+        if timeout is not None and self.thread.is_alive():
+            self.thread.join(timeout)
 
     def submit(self, seqs: list[Sequence]) -> bool:
         """Queue all of a request's sequences, or none when the queue has no room for them."""
