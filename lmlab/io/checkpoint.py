@@ -62,13 +62,15 @@ def read_model_config(ckpt: Path) -> ModelConfig:
     return from_dict(ModelConfig, read_config_dict(ckpt).get("model", {}), prefix="model.")
 
 
-def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer, Path]:
-    """Model (eval mode), tokenizer and the checkpoint directory of a checkpoint or run directory."""
+def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer | None, Path]:
+    """Model (eval mode), tokenizer (None for an image classifier, which reads no text) and the
+    checkpoint directory of a checkpoint or run directory."""
     ckpt = resolve_checkpoint(path)
     model = build(read_model_config(ckpt))
     load_weights(model, ckpt / "model.safetensors")
     model.to(device).eval()
-    return model, load_tokenizer(ckpt), ckpt
+    reads_text = (ckpt / "tokenizer.json").is_file() or getattr(model, "objective", "causal") != "classify"
+    return model, load_tokenizer(ckpt) if reads_text else None, ckpt
 
 
 def load_weights(model: nn.Module, file: Path) -> None:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from lmlab.config import dump_yaml
+from lmlab.data.images import open_split
 from lmlab.data.objectives import make_sampler
-from lmlab.data.stream import SAMPLERS, TokenSplit
+from lmlab.data.stream import SAMPLERS
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints, load_weights
 from lmlab.models.registry import build
@@ -84,8 +85,11 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.world = world_from_env()
         self.device = setup(self.world, pick_device(t.device), t.parallel)
-        self.train_data = TokenSplit(cfg.data.dir, "train")
-        self.val_data = TokenSplit(cfg.data.dir, "val")
+        self.train_data = open_split(cfg.data.dir, "train")
+        self.val_data = open_split(cfg.data.dir, "val")
+        for key, value in self.train_data.meta.get("model", {}).items():  # image data: classes, size, channels
+            if hasattr(cfg.model, key):
+                setattr(cfg.model, key, value)
         vocab = self.train_data.meta["vocab_size"]
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab
@@ -100,7 +104,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
                                         betas=(t.beta1, t.beta2), eps=t.eps)
         self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
-                                    t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq)
+                                    t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq, augment=cfg.data.augment)
         self.step = 0
         self.tokens_seen = 0
         # Applied from outside the model; the checkpoint always saves the plain module's names.
