@@ -194,6 +194,7 @@ def test_cli_prepare_train_eval_on_a_folder(tmp_path, capsys):
     assert main(["prepare", str(root), "--out", str(data), "--image_size", "8", "--test_fraction", "0.34",
                  "--val_fraction", "0.17"]) == 0
     assert main(["prepare", str(root), "--out", str(data), "--tokenizer", "char"]) == 2  # a text option
+    assert main(["info", str(data)]) == 0 and "3 classes: cat, dog, owl" in capsys.readouterr().out
     assert main(["train", "--data", str(data), "--model", "vit-tiny", "--out", str(run), "--model.patch_size=4",
                  "--train.max_steps=40", "--train.batch_size=8", "--train.lr=3e-3", "--train.warmup_steps=2",
                  "--train.eval_interval=0", "--train.eval_iters=1", "--train.progress=false"]) == 0
