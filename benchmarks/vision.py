@@ -89,6 +89,26 @@ def _pixels(split: ImageSplit) -> np.ndarray:
     return np.asarray(split.images, dtype=np.float32).reshape(len(split), -1) / 255
 
 
+def baselines(splits: dict[str, ImageSplit]) -> dict:
+    """scikit-learn's RBF SVM and k-NN on the raw pixels of the same split, each tuned on val."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
+
+    X = {s: _pixels(v) for s, v in splits.items()}
+    y = {s: v.labels for s, v in splits.items()}
+    out = {}
+    for name, make, grid in (("svm_rbf", lambda v: SVC(C=v, gamma="scale"), (1, 3, 10, 30, 100)),
+                             ("knn", lambda v: KNeighborsClassifier(n_neighbors=v), (1, 3, 5, 7, 9))):
+        val = {v: float(make(v).fit(X["train"], y["train"]).score(X["val"], y["val"])) for v in grid}
+        best = max(grid, key=lambda v: (val[v], -grid.index(v)))
+        t0 = time.time()
+        test = float(make(best).fit(X["train"], y["train"]).score(X["test"], y["test"]))
+        out[name] = {"val_by_param": {str(k): v for k, v in val.items()}, "param": best, "test_accuracy": test,
+                     "seconds": round(time.time() - t0, 2)}
+        log.info(f"{name}: {best} -> test {test:.4f}")
+    return out
+
+
 def digits(state: dict) -> None:
     data = WORK / "digits"
     if not data.exists():
@@ -97,22 +117,7 @@ def digits(state: dict) -> None:
     splits = {s: ImageSplit(data, s) for s in ("train", "val", "test")}
     d = state.setdefault("digits", {"split": {s: len(v) for s, v in splits.items()}})
     if "baselines" not in d:
-        from sklearn.neighbors import KNeighborsClassifier
-        from sklearn.svm import SVC
-
-        X = {s: _pixels(v) for s, v in splits.items()}
-        y = {s: v.labels for s, v in splits.items()}
-        out = {}
-        for name, make, grid in (("svm_rbf", lambda v: SVC(C=v, gamma="scale"), (1, 3, 10, 30, 100)),
-                                 ("knn", lambda v: KNeighborsClassifier(n_neighbors=v), (1, 3, 5, 7, 9))):
-            val = {v: float(make(v).fit(X["train"], y["train"]).score(X["val"], y["val"])) for v in grid}
-            best = max(grid, key=lambda v: (val[v], -grid.index(v)))
-            t0 = time.time()
-            test = float(make(best).fit(X["train"], y["train"]).score(X["test"], y["test"]))
-            out[name] = {"val_by_param": {str(k): v for k, v in val.items()}, "param": best, "test_accuracy": test,
-                         "seconds": round(time.time() - t0, 2)}
-            log.info(f"{name}: {best} -> test {test:.4f}")
-        d["baselines"] = out
+        d["baselines"] = baselines(splits)
         _save(state)
     tune = d.setdefault("tune", {})
     for name, args in DIGITS_CANDIDATES.items():
