@@ -46,6 +46,7 @@ DIGITS_BASE = ["train.batch_size=128", "train.lr=3e-3", "train.min_lr=1e-5", "tr
 DIGITS_CANDIDATES = {
     "patch2": ["train.max_steps=600"],
     "patch4": ["train.max_steps=800", "model.patch_size=4"],
+    "patch4-mean": ["train.max_steps=800", "model.patch_size=4", "model.pool=mean"],
 }
 CAPTION_ARGS = ["train.batch_size=32", "train.lr=2e-3", "train.min_lr=1e-5", "train.warmup_steps=200",
                 "train.weight_decay=0.05", "train.beta2=0.99", "train.eval_interval=1000", "train.eval_iters=4",
