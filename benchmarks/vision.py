@@ -47,6 +47,8 @@ DIGITS_CANDIDATES = {
     "patch2": ["train.max_steps=600"],
     "patch4": ["train.max_steps=800", "model.patch_size=4"],
     "patch4-mean": ["train.max_steps=800", "model.patch_size=4", "model.pool=mean"],
+    "patch2-3000": ["train.max_steps=3000"],
+    "patch4-3000": ["train.max_steps=3000", "model.patch_size=4"],
 }
 CAPTION_ARGS = ["train.batch_size=32", "train.lr=2e-3", "train.min_lr=1e-5", "train.warmup_steps=200",
                 "train.weight_decay=0.05", "train.beta2=0.99", "train.eval_interval=1000", "train.eval_iters=4",
@@ -131,6 +133,8 @@ def digits(state: dict) -> None:
         _save(state)
     best = max(tune, key=lambda k: tune[k]["val_accuracy"])
     d["chosen"] = best
+    if d.get("seeds_of") != best:  # seeds of an earlier choice do not count
+        d["seeds"], d["seeds_of"] = {}, best
     runs = d.setdefault("seeds", {})
     for seed in SEEDS:
         if str(seed) in runs:
@@ -263,6 +267,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     state = _state()
     {"digits": digits, "captions": captions, "report": report}[args.stage](state)
+    if args.stage == "captions":  # then any digits candidate or seed not run yet
+        digits(_state())
     if args.stage != "report":
         report(_state())
 
