@@ -91,7 +91,7 @@ PRESETS: dict[str, ModelConfig] = {
     "cmlm-tiny": CMLMConfig(n_layer=2, n_dec_layer=2, n_head=2, n_embd=64, mlp_hidden=256, block_size=64),
     # ViT (Dosovitskiy et al. 2021): image size, class count and channels come from the prepared data
     "vit-tiny": ViTConfig(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64),
-    # 8x8 digits (sklearn's load_digits): 2x2 patches, tuned on the validation split (docs/vision/)
+    # 8x8 digits (sklearn's load_digits); docs/vision/ compares patch sizes on validation (4x4 won there)
     "vit-digits": ViTConfig(image_size=8, patch_size=2, n_channels=1, n_layer=4, n_head=4, n_embd=64,
                             mlp_hidden=128, dropout=0.1),
     "vit-b16": ViTConfig(n_classes=1000),  # ViT-Base/16 (table 1 of the paper; google/vit-base-patch16-224)
