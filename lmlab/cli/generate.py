@@ -22,11 +22,12 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         raise LmlabError("give the model: lmlab generate MODEL \"text\"")
     loaded = load_model(args.model, precision=args.precision)
     model, tok = loaded.model, loaded.tokenizer
+    inputs = _image_inputs(args, loaded)
     if hasattr(model, "cross_kv"):  # an encoder-decoder: the text is its source
         return _generate_seq2seq(args, model, tok)
     if args.mode == "nar":
         raise LmlabError("--mode nar needs a conditional masked LM (e.g. trained with --model cmlm-tiny)")
-    if loaded.objective != "causal" or tok is None:
+    if loaded.objective not in ("causal", "caption") or tok is None:
         raise LmlabError(f"generate continues text with a causal LM; '{loaded.name}' is not one"
                          + (" (try lmlab fill-mask)" if loaded.objective == "mlm" else ""))
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens,
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in args.stop or []])
     pieces = stream_text(model, tok, args.prompt, cfg, use_cache=not args.no_cache,
-                         bos=loaded.bos)
+                         bos=loaded.bos, inputs=inputs)
     first = next(pieces, "")  # a bad prompt (e.g. longer than the context) fails before any output
     sys.stdout.write(args.prompt + first)
     for piece in pieces:
@@ -42,6 +43,23 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _image_inputs(args: argparse.Namespace, loaded) -> dict | None:
+    """`--image FILE`: the image preprocessed as the model's training data was (its checkpoint's
+    preprocessor_config.json), for a model that reads images before text (a captioner)."""
+    reads_images = hasattr(loaded.model, "n_prefix_tokens")
+    if args.image is None:
+        if reads_images:
+            raise LmlabError(f"{loaded.name} captions images: give one with --image FILE")
+        return None
+    if not reads_images:
+        raise LmlabError(f"--image needs a model that reads images before text (e.g. --model caption-shapes), "
+                         f"not '{loaded.model.config.family}'")
+    from lmlab.data.images import Preprocess
+
+    pre = Preprocess.load(loaded.checkpoint or loaded.path)
+    return {"pixel_values": pre(args.image)[None]}
 
 
 def _generate_seq2seq(args: argparse.Namespace, model, tok) -> int:
@@ -81,12 +99,14 @@ def add_parser(add) -> None:
              "  lmlab generate runs/<run> \"def \" --top_p 0.9 --seed 1 --stop \"\\n\\n\"\n"
              "  lmlab generate SmolLM2-135M.Q8_0.gguf \"Once upon a time\"\n"
              "  lmlab generate runs/<bart-run> \"alfa bravo\" --num_beams 4            (encoder-decoder)\n"
-             "  lmlab generate runs/<cmlm-run> \"alfa bravo\" --mode nar --iterations 4 (mask-predict)")
+             "  lmlab generate runs/<cmlm-run> \"alfa bravo\" --mode nar --iterations 4 (mask-predict)\n"
+             "  lmlab generate --image picture.png runs/<captioner-run> --temperature 0      (image to text)")
     sp.add_argument("model", metavar="MODEL", nargs="?",
                     help="run directory (latest checkpoint), checkpoint directory, .gguf file or HF directory")
     sp.add_argument("prompt", nargs="?", default="",
                     help="text to continue (default: start a new document); an encoder-decoder's source text")
     sp.add_argument("--model", dest="old_model", metavar="MODEL", help=argparse.SUPPRESS)
+    sp.add_argument("--image", metavar="FILE", help="an image to caption (a captioner, e.g. --model caption-shapes)")
     add_sampling(sp, max_new_tokens=200, temperature=None,
                  temperature_help="0 for greedy decoding (default: 0.8; 0 for encoder-decoders)")
     sp.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")

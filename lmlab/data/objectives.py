@@ -72,12 +72,39 @@ def _chats(kind: str, data: TokenSplit, model: nn.Module, block_size: int, batch
     return PackedChats(data, block_size, batch_size, seed=seed, shuffle=kind == "random")
 
 
+# objectives that read images (lmlab/data/images.py): the prepared directory's task each needs
+IMAGE_OBJECTIVES = {"classify": "classify", "caption": "caption"}
+
+
+def _images(data, model: nn.Module, block_size: int, batch_size: int, seed: int, augment: int):
+    from lmlab.data.images import ImageBatches
+
+    objective = getattr(model, "objective", "causal")
+    if not getattr(data, "is_images", False) or objective not in IMAGE_OBJECTIVES:
+        what = "images" if getattr(data, "is_images", False) else "text"
+        raise LmlabError(f"{data.dir} holds {what}; '{model.config.family}' models (objective '{objective}') "
+                         "do not train on it")
+    if data.task != IMAGE_OBJECTIVES[objective]:
+        raise LmlabError(f"{data.dir} is prepared for '{data.task}', not for a '{objective}' model")
+    eos = 0
+    if data.task == "caption":
+        from lmlab.tokenizers import load_tokenizer
+
+        eos = load_tokenizer(data.dir).eos_id
+        if data.meta["max_tokens"] > block_size:
+            raise LmlabError(f"captions of up to {data.meta['max_tokens']} tokens exceed block_size {block_size}")
+    return ImageBatches(data, batch_size, seed=seed, augment=augment, eos_id=eos)
+
+
 def make_sampler(kind: str, data: TokenSplit, model: nn.Module, block_size: int, batch_size: int, seed: int,
-                 pairs: str = ""):
+                 pairs: str = "", augment: int = 0):
     """The resumable training-batch sampler for `model`: `kind` windows (random | sequential),
     turned into the batches of the model's objective; or, given a `pairs` JSONL file (data.seq2seq),
     batches of its (source, target) pairs, tokenized with the data directory's tokenizer; given chat
-    data (`lmlab prepare --format chat`), packed conversations with their loss masks (SFT)."""
+    data (`lmlab prepare --format chat`), packed conversations with their loss masks (SFT); or, for a
+    prepared image directory, batches of images (`augment`: random shifts of up to that many pixels)."""
+    if getattr(data, "is_images", False) or getattr(model, "objective", "causal") in IMAGE_OBJECTIVES:
+        return _images(data, model, block_size, batch_size, seed, augment)
     if pairs:
         return _pairs(pairs, data, model, block_size, batch_size, seed)
     if kind not in SAMPLERS:

@@ -7,6 +7,10 @@ batch when it samples EOS, reaches its `max_new_tokens` or its caller ends it (a
 row rambling on does not keep the others decoding. Every request samples from its own random
 generator (seeded by its `seed`), so its tokens do not depend on what else is in the batch.
 
+Conditioning inputs (`inputs`, e.g. an image captioner's `pixel_values`, one row per request) go to
+the model with each request's prompt whenever it is prefilled; the model puts them before the prompt
+in the cache (its `n_prefix_tokens` positions), and the decoding steps that follow are the ordinary ones.
+
 Without a cache (`use_cache=False`, or a model without one such as the NPLM) each row recomputes its
 window every step. One request alone (B = 1) slides past the model's context by re-prefilling the
 last half of it, and quantized Llama-style models take the lean step of lmlab/generate/fast_decode.py.
@@ -52,8 +56,13 @@ class Decoder:
 
     def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]],
                  cfgs: SamplingConfig | Sequence[SamplingConfig], *, eos_id: int | None = None,
-                 use_cache: bool = True):
+                 use_cache: bool = True, inputs: dict[str, torch.Tensor] | None = None):
         cfgs = [cfgs] * len(prompts) if isinstance(cfgs, SamplingConfig) else list(cfgs)
+        self.inputs = inputs or {}
+        if any(len(v) != len(prompts) for v in self.inputs.values()):
+            raise ValueError(f"conditioning inputs need one row per prompt ({len(prompts)})")
+        # cache positions the conditioning inputs take before the prompt (an image's patch tokens)
+        self.n_prefix = getattr(model, "n_prefix_tokens", 0) if self.inputs else 0
         if len(cfgs) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(cfgs)} sampling configs")
         if any(not p for p in prompts):
@@ -105,17 +114,21 @@ class Decoder:
             x[r, width - len(c):], mask[r, width - len(c):] = torch.tensor(c), True
         self.cache = self.model.make_kv_cache(B, self.capacity)
         kw = {"attention_mask": mask.to(self.device)} if not bool(mask.all()) else {}
+        kw |= self._inputs(self.rows)
         logits = self.model(x.to(self.device), kv_cache=self.cache, logits_to_keep=1, **kw).logits[:, -1]
         self.fast = FastDecoder.build(self.model, self.cache) if B == 1 else None  # quantized Llama-style
         return logits
 
+    def _inputs(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v[rows].to(self.device) for k, v in self.inputs.items()}
+
     def _logits(self) -> torch.Tensor:
         if not self.cached:  # recompute each row's window
-            return torch.cat([self.model(torch.tensor([self.ids[i][-self.block:]], device=self.device))
-                              .logits[:, -1] for i in self.rows])
+            return torch.cat([self.model(torch.tensor([self.ids[i][-self.block:]], device=self.device),
+                                         **self._inputs([i])).logits[:, -1] for i in self.rows])
         if self.cache is None:
             return self._prefill([self.ids[i] for i in self.rows])
-        if len(self.rows) == 1 and self.cache.pos >= self.capacity:
+        if len(self.rows) == 1 and self.cache.pos - self.n_prefix >= self.capacity:
             # one request past the window: re-prefill the last half of it
             return self._prefill([self.ids[self.rows[0]][-(self.block // 2):]])
         if self.fast is not None:
@@ -160,9 +173,9 @@ class Decoder:
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompt: list[int], cfg: SamplingConfig, *, eos_id: int | None = None,
-                 use_cache: bool = True) -> Iterator[int]:
+                 use_cache: bool = True, inputs: dict[str, torch.Tensor] | None = None) -> Iterator[int]:
     """Yield new token ids one at a time (the EOS token, if sampled, is the last)."""
-    dec = Decoder(model, [prompt], cfg, eos_id=eos_id, use_cache=use_cache)
+    dec = Decoder(model, [prompt], cfg, eos_id=eos_id, use_cache=use_cache, inputs=inputs)
     while not dec.done:
         for _, t in dec.step():
             yield t
@@ -219,11 +232,12 @@ class Detokenizer:
 
 
 def stream_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
-                 cfgs: SamplingConfig | Sequence[SamplingConfig], *, use_cache: bool = True
-                 ) -> Iterator[tuple[int, str]]:
+                 cfgs: SamplingConfig | Sequence[SamplingConfig], *, use_cache: bool = True,
+                 inputs: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[int, str]]:
     """Yield (request index, text piece) as each request's text becomes printable; a request ends at
-    EOS (not part of the text), `max_new_tokens` or a stop string (the text is cut before it)."""
-    dec = Decoder(model, prompts, cfgs, eos_id=tokenizer.eos_id, use_cache=use_cache)
+    EOS (not part of the text), `max_new_tokens` or a stop string (the text is cut before it).
+    `inputs`: conditioning tensors, one row per prompt (see the module docstring)."""
+    dec = Decoder(model, prompts, cfgs, eos_id=tokenizer.eos_id, use_cache=use_cache, inputs=inputs)
     detok = [Detokenizer(tokenizer, c.stop) for c in dec.cfgs]
     while not dec.done:
         for i, t in dec.step():
@@ -240,11 +254,12 @@ def stream_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Seque
 
 
 def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
-                   cfgs: SamplingConfig | Sequence[SamplingConfig], *, use_cache: bool = True) -> list[str]:
+                   cfgs: SamplingConfig | Sequence[SamplingConfig], *, use_cache: bool = True,
+                   inputs: dict[str, torch.Tensor] | None = None) -> list[str]:
     """The finished text of every request (see `stream_batch`)."""
     out = [""] * len(prompts)
     pieces: list[list[str]] = [[] for _ in prompts]
-    for i, piece in stream_batch(model, tokenizer, prompts, cfgs, use_cache=use_cache):
+    for i, piece in stream_batch(model, tokenizer, prompts, cfgs, use_cache=use_cache, inputs=inputs):
         pieces[i].append(piece)
     for i, p in enumerate(pieces):
         out[i] = "".join(p)
@@ -262,11 +277,13 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], bos: Sequence[
 
 
 def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], cfg: SamplingConfig, *,
-                use_cache: bool = True, bos: Sequence[int] = ()) -> Iterator[str]:
+                use_cache: bool = True, bos: Sequence[int] = (), inputs: dict[str, torch.Tensor] | None = None
+                ) -> Iterator[str]:
     """Yield pieces of generated text as they become printable, honouring stop strings. `prompt` is
     text (encoded after `bos`), or token ids already encoded (e.g. a chat template's, with its special
-    tokens), taken as they are."""
-    for _, piece in stream_batch(model, tokenizer, [prompt_ids(tokenizer, prompt, bos)], cfg, use_cache=use_cache):
+    tokens), taken as they are. `inputs`: conditioning tensors with one row (e.g. an image)."""
+    for _, piece in stream_batch(model, tokenizer, [prompt_ids(tokenizer, prompt, bos)], cfg, use_cache=use_cache,
+                                 inputs=inputs):
         yield piece
 
 

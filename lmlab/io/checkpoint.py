@@ -74,15 +74,17 @@ def read_model_config(ckpt: Path) -> ModelConfig:
     return from_dict(ModelConfig, read_config_dict(ckpt).get("model", {}), prefix="model.")
 
 
-def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer, Path]:
-    """Model (eval mode), tokenizer and the checkpoint directory of a checkpoint or run directory."""
+def load_model_dir(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer | None, Path]:
+    """Model (eval mode), tokenizer (None for an image classifier, which reads no text) and the
+    checkpoint directory of a checkpoint or run directory."""
     from lmlab.io.peft import apply_run_lora
 
     ckpt = resolve_checkpoint(path)
     model = apply_run_lora(build(read_model_config(ckpt)), read_config_dict(ckpt).get("lora"))  # a LoRA run's layers
     load_checkpoint_weights(model, ckpt)
     model.to(device).eval()
-    return model, load_tokenizer(ckpt), ckpt
+    reads_text = (ckpt / "tokenizer.json").is_file() or getattr(model, "objective", "causal") != "classify"
+    return model, load_tokenizer(ckpt) if reads_text else None, ckpt
 
 
 def load_weights(model: nn.Module, file: Path) -> None:

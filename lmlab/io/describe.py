@@ -18,8 +18,11 @@ def describe_path(path: Path) -> str:
 
 
 def _describe_data(path: Path) -> str:
+    from lmlab.data.images import FORMAT as IMAGES
     from lmlab.data.prepare import read_meta
 
+    if json.loads((path / "meta.json").read_text(encoding="utf-8")).get("format") == IMAGES:
+        return _describe_images(path)
     m = read_meta(path)
     c = m["corpus"]
     lines = [f"data directory {path}",
@@ -30,6 +33,17 @@ def _describe_data(path: Path) -> str:
         ratio = s["n_bytes"] / s["n_tokens"] if s["n_tokens"] else 0
         lines.append(f"  {name:<5}      {s['n_tokens']:>12,} tokens  {s['n_docs']:>7,} documents  "
                      f"{s['n_bytes']:>12,} bytes  ({ratio:.2f} bytes/token, {len(s['shards'])} shard(s))")
+    return "\n".join(lines)
+
+
+def _describe_images(path: Path) -> str:
+    m = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    model = m["model"]
+    lines = [f"image directory {path} ({m['task']})", f"  source     {m['corpus']['source']}",
+             f"  images     {model['image_size']}x{model['image_size']}, {model['n_channels']} channel(s)"
+             + (f", {model['n_classes']} classes: {', '.join(model['labels'][:12])}" if "labels" in model else
+                f", captions of up to {m['max_tokens']} tokens, vocabulary {m['vocab_size']}")]
+    lines += [f"  {name:<5}      {s['n']:>8,} images" for name, s in m["splits"].items()]
     return "\n".join(lines)
 
 

@@ -197,7 +197,8 @@ def load_model(path: str | Path, *, device: str = "cpu", precision: str | None =
 
         model, tok, ckpt = load_model_dir(p)
         # lmlab models are trained on documents each closed by </s>: a new text follows a </s>
-        loaded = LoadedModel(model, tok, kind, p, bos=[tok.eos_id], run_config=read_config_dict(ckpt),
+        loaded = LoadedModel(model, tok, kind, p, bos=[tok.eos_id] if tok is not None else [],
+                             run_config=read_config_dict(ckpt),
                              checkpoint=ckpt)
     if precision:
         from lmlab.nn.quant import quantize_

@@ -17,10 +17,12 @@ from lmlab.models.ngram.model import NGramConfig, NGramModel
 from lmlab.models.nplm import NPLM, NPLMConfig
 from lmlab.models.transformer.bart import BART, BartConfig
 from lmlab.models.transformer.bert import BERT, BertConfig
+from lmlab.models.transformer.captioner import Captioner, CaptionerConfig
 from lmlab.models.transformer.cmlm import CMLM, CMLMConfig
 from lmlab.models.transformer.gpt import GPT, GPTConfig
 from lmlab.models.transformer.llama import Llama, LlamaConfig
 from lmlab.models.transformer.mixtral import Mixtral, MixtralConfig
+from lmlab.models.transformer.vit import ViT, ViTConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ FAMILIES: dict[str, Family] = {
     "bert": Family(BertConfig, BERT),
     "bart": Family(BartConfig, BART),
     "cmlm": Family(CMLMConfig, CMLM),
+    "vit": Family(ViTConfig, ViT),
+    "captioner": Family(CaptionerConfig, Captioner),
     "nplm": Family(NPLMConfig, NPLM),
     "ngram": Family(NGramConfig, NGramModel, built=False),
 }
@@ -85,6 +89,16 @@ PRESETS: dict[str, ModelConfig] = {
     "bert-tiny": BertConfig(n_layer=2, n_head=2, n_embd=64, mlp_hidden=256, block_size=64),
     "bart-tiny": BartConfig(n_layer=2, n_dec_layer=2, n_head=2, n_embd=64, mlp_hidden=256, block_size=64),
     "cmlm-tiny": CMLMConfig(n_layer=2, n_dec_layer=2, n_head=2, n_embd=64, mlp_hidden=256, block_size=64),
+    # ViT (Dosovitskiy et al. 2021): image size, class count and channels come from the prepared data
+    "vit-tiny": ViTConfig(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64),
+    # 8x8 digits (sklearn's load_digits); docs/vision/ compares patch sizes on validation (4x4 won there)
+    "vit-digits": ViTConfig(image_size=8, patch_size=2, n_channels=1, n_layer=4, n_head=4, n_embd=64,
+                            mlp_hidden=128, dropout=0.1),
+    "vit-b16": ViTConfig(n_classes=1000),  # ViT-Base/16 (table 1 of the paper; google/vit-base-patch16-224)
+    "caption-tiny": CaptionerConfig(image_size=16, patch_size=4, n_enc_layer=1, n_layer=1, n_head=2, n_embd=32,
+                                    mlp_hidden=64, block_size=16),
+    "caption-shapes": CaptionerConfig(image_size=32, patch_size=4, n_enc_layer=2, n_layer=2, n_head=4,
+                                      n_embd=128, mlp_hidden=256, block_size=16),
     # SmolLM2-135M's published shape (HuggingFaceTB/SmolLM2-135M config.json): 134,515,008 parameters
     "smollm2-135m": LlamaConfig(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536,
                                 vocab_size=49152, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,

@@ -64,7 +64,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg: RunConfig, 
             if sharded_optimizer is None:
                 save_model(model, str(tmp / "model.safetensors"))
             (tmp / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-            for name in ("tokenizer.json", "tokenizer_config.json"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
                 if (tokenizer_dir / name).is_file():
                     shutil.copyfile(tokenizer_dir / name, tmp / name)
             torch.save(trainer_state, tmp / "trainer_state.pt")

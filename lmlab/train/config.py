@@ -14,6 +14,7 @@ class DataConfig:
     dir: str = "data/stdlib-docs"   # a directory made by `lmlab prepare`
     sampler: str = "random"         # random | sequential windows for training
     seq2seq: str = ""               # JSONL of {"source", "target"} pairs to train an encoder-decoder on
+    augment: int = 0                # images: shift each training image by up to this many pixels
 
 
 @dataclass(kw_only=True)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from lmlab.config import dump_yaml
+from lmlab.data.images import open_split
 from lmlab.data.objectives import make_sampler
-from lmlab.data.stream import SAMPLERS, TokenSplit
+from lmlab.data.stream import SAMPLERS
 from lmlab.errors import LmlabError
 from lmlab.io.checkpoint import list_checkpoints
 from lmlab.io.peft import apply_run_lora
@@ -96,8 +97,11 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.world = world_from_env()
         self.device = setup(self.world, pick_device(t.device), t.parallel)
-        self.train_data = TokenSplit(cfg.data.dir, "train")
-        self.val_data = TokenSplit(cfg.data.dir, "val")
+        self.train_data = open_split(cfg.data.dir, "train")
+        self.val_data = open_split(cfg.data.dir, "val")
+        for key, value in self.train_data.meta.get("model", {}).items():  # image data: classes, size, channels
+            if hasattr(cfg.model, key):
+                setattr(cfg.model, key, value)
         # --init MODEL: the data must speak the model's tokenizer (a resumed run has its own weights)
         self._init_from = t.init if t.init and not list_checkpoints(self.run_dir) else ""
         if self._init_from:
@@ -114,7 +118,7 @@ class Trainer:
         np.random.seed(t.seed % 2**32)
         self.model = self._build_model().to(self.device)
         self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
-                                    t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq)
+                                    t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq, augment=cfg.data.augment)
         self.step = 0
         self.tokens_seen = 0
         # Applied from outside the model; the checkpoint always saves the plain module's names.

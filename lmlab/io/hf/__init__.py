@@ -7,7 +7,7 @@ Adding a family means adding its module here (an `Adapter` passed to `register`)
 
 from __future__ import annotations
 
-from lmlab.io.hf import bart, bert, gpt2, llama, mixtral  # noqa: F401  (each registers its adapter)
+from lmlab.io.hf import bart, bert, gpt2, llama, mixtral, vit  # noqa: F401  (each registers its adapter)
 from lmlab.io.hf.adapter import (
                                  ADAPTERS,
                                  config_from_hf,

@@ -104,7 +104,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     LmlabError naming it. A tied output layer is taken from the token embedding."""
     a = _adapter(cfg.family)
     sd = {a.normalize(k): v for k, v in a.prepare(sd).items() if not a.ignore.search(k)}
-    if cfg.tie_embeddings:
+    if getattr(cfg, "tie_embeddings", False):  # (an image classifier has no embedding to tie)
         sd.pop("lm_head.weight", None)  # transformers ties it to the embedding on load
     shapes = _expected_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
@@ -123,7 +123,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     if sd:
         raise LmlabError(f"HF weight '{sorted(sd)[0]}' is not used by {cfg.family} with this config "
                          f"({len(sd)} unused)")
-    if cfg.tie_embeddings:
+    if getattr(cfg, "tie_embeddings", False):  # (an image classifier has no embedding to tie)
         out["lm_head.weight"] = out["wte.weight"]
     return out
 

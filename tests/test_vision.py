@@ -1,0 +1,227 @@
+"""ViT and the image captioner: HF parity both ways, ViTImageProcessor parity, position-embedding
+interpolation, bad images, captions through the one decode loop, and the CLI on a tiny folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peers import require_module
+
+from lmlab.cli import main
+from lmlab.data.images import (
+    ImageBatches,
+    ImagePrepareConfig,
+    ImageSplit,
+    Preprocess,
+    prepare_images,
+    read_image_folder,
+)
+from lmlab.data.shapes import HELD_OUT, generate, parse_caption
+from lmlab.errors import LmlabError
+from lmlab.generate.engine import Decoder, SamplingConfig, generate_ids
+from lmlab.io.hf import load_hf_dir, save_hf_dir
+from lmlab.models.transformer.captioner import Captioner, CaptionerConfig
+from lmlab.models.transformer.vit import ViT, ViTConfig
+from lmlab.nn.patch import interpolate_pos_embed
+
+PIL = require_module("PIL")
+from PIL import Image  # noqa: E402
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _hf():
+    transformers = require_module("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _tiny_vit(**kw) -> ViT:
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=12, patch_size=4, n_channels=3, n_classes=5, n_layer=2, n_head=4, n_embd=32,
+                    mlp_hidden=64, init_std=0.2, labels=list("abcde"), **kw)
+    return ViT(cfg).eval()
+
+
+def test_vit_from_hf_matches_logits_and_interpolation(tmp_path):
+    transformers = _hf()
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=12, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, num_labels=5, initializer_range=0.2)
+    hf = transformers.ViTForImageClassification(cfg).eval()
+    hf.save_pretrained(tmp_path)  # the file layout every Hub ViT has
+    ours, _ = load_hf_dir(tmp_path)
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(pixel_values=x).logits, **TOL)
+        # another size: bicubically interpolated position embeddings, as transformers interpolates them
+        y = torch.randn(2, 3, 20, 16)
+        torch.testing.assert_close(ours(y).logits, hf(pixel_values=y, interpolate_pos_encoding=True).logits, **TOL)
+        # in-memory (transformers 5) names read too
+        from lmlab.io.hf import from_hf
+
+        torch.testing.assert_close(from_hf(cfg.to_dict(), hf.state_dict())(x).logits, hf(pixel_values=x).logits, **TOL)
+
+
+def test_vit_to_hf_matches_logits(tmp_path):
+    transformers = _hf()
+    ours = _tiny_vit()
+    save_hf_dir(ours, tmp_path / "hf")
+    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label == {i: c for i, c in enumerate("abcde")}
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, ours(x).logits, **TOL)
+    with pytest.raises(LmlabError, match="pool='cls'"):
+        save_hf_dir(_tiny_vit(pool="mean"), tmp_path / "mean")
+
+
+def test_position_embeddings_interpolate():
+    pos = torch.randn(1, 1 + 16, 8)
+    assert interpolate_pos_embed(pos, (4, 4), 1) is pos  # the learned grid: unchanged
+    big = interpolate_pos_embed(pos, (6, 8), 1)
+    assert big.shape == (1, 1 + 48, 8) and torch.equal(big[:, 0], pos[:, 0])  # the class token's row kept
+    # a linear ramp across the grid stays a ramp inside the grid (bicubic reproduces linear functions)
+    ramp = torch.arange(4.0).repeat(4).view(1, 16, 1).expand(1, 16, 2).contiguous()
+    out = interpolate_pos_embed(torch.cat([torch.zeros(1, 1, 2), ramp], 1), (4, 7), 1)[0, 1:, 0].view(4, 7)
+    assert torch.all(out[:, 2:5].diff(dim=1) > 0) and torch.allclose(out[0], out[3])
+    vit = _tiny_vit(pool="mean")
+    assert vit(torch.randn(1, 3, 16, 24)).logits.shape == (1, 5)
+    with pytest.raises(ValueError, match="whole number"):
+        vit(torch.randn(1, 3, 13, 12))
+
+
+def test_preprocess_equals_vit_image_processor(tmp_path):
+    transformers = _hf()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "odd.png"
+    Image.fromarray(rng.integers(0, 256, size=(37, 23, 3), dtype=np.uint8)).save(path)
+    pre = Preprocess(16, 16, 3, [0.48, 0.46, 0.41], [0.27, 0.26, 0.28])
+    proc_cls = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
+    proc = proc_cls(**{k: v for k, v in pre.to_hf().items() if k not in ("image_processor_type", "lmlab_channels")})
+    want = proc(Image.open(path), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pre(path), want, rtol=0, atol=1e-6)
+    # the saved config reads back to the same preprocessing
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre.to_hf()))
+    assert Preprocess.load(tmp_path) == pre
+
+
+def _folder(root, sizes=((9, 7), (12, 12), (5, 11)), n=4):
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(("cat", "dog", "owl")):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            h, w = sizes[i % len(sizes)]
+            px = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+            px[..., k] += 180  # class k: a noisy red, green or blue
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    return root
+
+
+def test_bad_images_name_the_file(tmp_path):
+    pre = Preprocess(8, 8, 3, [0.5] * 3, [0.5] * 3)
+    root = _folder(tmp_path / "a")
+    data = (root / "dog" / "0.png").read_bytes()
+    (root / "dog" / "0.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LmlabError, match=r"dog/0\.png is a damaged image"):
+        read_image_folder(root, pre)
+    root = _folder(tmp_path / "b")
+    (root / "owl" / "notes.png").write_text("not a picture")
+    with pytest.raises(LmlabError, match=r"owl/notes\.png is not an image"):
+        read_image_folder(root, pre)
+    root = _folder(tmp_path / "c")
+    (root / "empty").mkdir()
+    with pytest.raises(LmlabError, match=r"class folder .*empty is empty"):
+        read_image_folder(root, pre)
+
+
+def test_digits_split_is_stratified_and_seeded(tmp_path):
+    require_module("sklearn")
+    out = prepare_images(ImagePrepareConfig(source="sklearn-digits", out=str(tmp_path / "d")))
+    meta = json.loads((out / "meta.json").read_text())
+    counts = {s: np.array(meta["splits"][s]["per_class"]) for s in ("train", "val", "test")}
+    total = sum(counts.values())
+    assert total.sum() == 1797 and np.all(np.abs(counts["test"] / total - 0.2) < 0.01)
+    again = prepare_images(ImagePrepareConfig(source="sklearn-digits", out=str(tmp_path / "e")))
+    assert np.array_equal(np.load(out / "test.images.npy"), np.load(again / "test.images.npy"))
+    split = ImageSplit(out, "train")
+    b = ImageBatches(split, 8, seed=3, augment=1)
+    first = [b.next_batch()["labels"] for _ in range(3)]
+    b2 = ImageBatches(split, 8, seed=3, augment=1)
+    b2.load_state_dict({"seed": 3, "step": 2})  # resuming reproduces the batch
+    assert torch.equal(b2.next_batch()["labels"], first[2])
+
+
+def test_shapes_generator():
+    images, captions, slots = generate(200, 5)
+    again = generate(200, 5)
+    assert np.array_equal(images, again[0]) and captions == again[1]
+    assert all(parse_caption(c) == s for c, s in zip(captions, slots))
+    pairs = {(s["colour"], s["shape"]) for s in slots} | {(s["colour2"], s["shape2"]) for s in slots}
+    assert not pairs & set(HELD_OUT) and len({s["relation"] for s in slots}) == 4
+    _, _, novel = generate(50, 6, novel=True)
+    assert all({(s["colour"], s["shape"]), (s["colour2"], s["shape2"])} & set(HELD_OUT) for s in novel)
+
+
+def test_captioner_decodes_through_the_engine():
+    torch.manual_seed(0)
+    cfg = CaptionerConfig(image_size=8, patch_size=4, n_enc_layer=1, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64,
+                          vocab_size=20, block_size=12, init_std=0.3)
+    model = Captioner(cfg).eval()
+    px = torch.randn(3, 3, 8, 8)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    rows = [[] for _ in range(3)]
+    dec = Decoder(model, [[1]] * 3, greedy, inputs={"pixel_values": px})  # the three images in one batch
+    while not dec.done:
+        for i, t in dec.step():
+            rows[i].append(t)
+    for i in range(3):
+        # reference: the whole sequence recomputed without a cache at every step
+        ids = [1]
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]), pixel_values=px[i:i + 1]).logits[0, -1].argmax()))
+        cached = list(generate_ids(model, [1], greedy, inputs={"pixel_values": px[i:i + 1]}))
+        uncached = list(generate_ids(model, [1], greedy, use_cache=False, inputs={"pixel_values": px[i:i + 1]}))
+        assert cached == uncached == rows[i] == ids[1:]
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(torch.tensor([[1]]))
+
+
+def test_cli_prepare_train_eval_on_a_folder(tmp_path, capsys):
+    root = _folder(tmp_path / "pics", n=6)
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", str(root), "--out", str(data), "--image_size", "8", "--test_fraction", "0.34",
+                 "--val_fraction", "0.17"]) == 0
+    assert main(["prepare", str(root), "--out", str(data), "--tokenizer", "char"]) == 2  # a text option
+    assert main(["info", str(data)]) == 0 and "3 classes: cat, dog, owl" in capsys.readouterr().out
+    assert main(["train", "--data", str(data), "--model", "vit-tiny", "--out", str(run), "--model.patch_size=4",
+                 "--train.max_steps=40", "--train.batch_size=8", "--train.lr=3e-3", "--train.warmup_steps=2",
+                 "--train.eval_interval=0", "--train.eval_iters=1", "--train.progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--plot", str(tmp_path / "cm.png"), "--json", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["labels"] == ["cat", "dog", "owl"] and res["n"] == 6
+    assert res["accuracy"] == 1.0  # red, green and blue pictures
+    assert Image.open(tmp_path / "cm.png").size[0] > 50
+    assert main(["generate", "--image", str(root / "cat" / "0.png"), str(run)]) == 2
+
+
+def test_cli_caption_generate(tmp_path, capsys):
+    data, run = tmp_path / "cap", tmp_path / "run"
+    assert main(["prepare", "shapes-captions", "--out", str(data), "--n_train", "40", "--image_size", "16"]) == 0
+    assert main(["train", "--data", str(data), "--model", "caption-tiny", "--out", str(run), "--train.max_steps=3",
+                 "--train.batch_size=4", "--train.eval_interval=0", "--train.eval_iters=1",
+                 "--train.progress=false"]) == 0
+    Image.fromarray(np.load(data / "test.images.npy")[0]).resize((23, 19)).save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["generate", "--image", str(tmp_path / "x.png"), str(run), "--temperature", "0",
+                 "--max_new_tokens", "5"]) == 0
+    words = capsys.readouterr().out.split()
+    known = {w for line in (data / "train.captions.jsonl").read_text().splitlines()
+             for w in json.loads(line)["caption"].split()}
+    assert len(words) <= 5 and set(words) <= known  # (3 steps of training: maybe no words yet)
+    assert main(["generate", str(run)]) == 2  # a captioner needs --image
+    assert main(["eval", str(run), "--json", str(tmp_path / "e.json")]) == 0
+    assert set(json.loads((tmp_path / "e.json").read_text())["per_slot"]) == {"colour", "shape", "relation",
+                                                                               "colour2", "shape2"}
