@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -53,7 +54,7 @@ DIGITS_CANDIDATES = {
 CAPTION_ARGS = ["train.batch_size=32", "train.lr=2e-3", "train.min_lr=1e-5", "train.warmup_steps=200",
                 "train.weight_decay=0.05", "train.beta2=0.99", "train.eval_interval=1000", "train.eval_iters=4",
                 "train.ckpt_interval=250", "train.progress=false", f"train.threads={THREADS}"]
-CAPTION_STEPS = 2000
+CAPTION_STEPS = int(os.environ.get("VISION_CAPTION_STEPS", 2000))  # the 30-minute budget: ~12000
 
 log = logging.getLogger("vision")
 
