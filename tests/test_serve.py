@@ -395,6 +395,9 @@ def test_sigterm_ends_in_flight_requests_cleanly_and_exits_0(tiny_run, grace, fi
             t.join(60)
         assert s.proc.wait(40) == 0 and time.monotonic() - t0 < 40
     assert len(out) == 3 and all(isinstance(o, tuple) for o in out), out
-    assert all(o[0] == finish and o[2] for o in out), out
+    assert all(o[2] for o in out), out  # every stream ended with [DONE]
     if finish == "length":
-        assert all(o[1] == 110 for o in out), out
+        assert all(o[:2] == ("length", 110) for o in out), out
+    else:  # a stream may still finish while the signal is handled (a loaded machine); the rest are cut
+        assert all(o[:2] == ("length", 110) or (o[0] == "abort" and o[1] < 110) for o in out), out
+        assert any(o[0] == "abort" for o in out), out
