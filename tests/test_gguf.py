@@ -251,3 +251,15 @@ def test_export_loads_in_transformers(tmp_path, qtype):
     assert back_tok.eos_id == tok.eos_id
     with pytest.raises(LmlabError, match="already exists"):
         save_gguf(model, path, tok)
+
+
+@pytest.mark.parametrize("setting", [{"sliding_window": 16}, {"sliding_window": 16, "global_tokens": 2}])
+def test_export_refuses_attention_llama_cpp_cannot_compute(tmp_path, setting):
+    from lmlab.io.gguf.write import save_gguf
+    from lmlab.models.transformer.llama import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
+                              mlp_hidden=32, **setting))
+    with pytest.raises(LmlabError, match="sliding-window"):
+        save_gguf(model, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())

@@ -135,6 +135,11 @@ def save_gguf(model: nn.Module, path: str | Path, tokenizer=None, *, qtype: str 
     path = Path(path)
     if path.exists() and not overwrite:
         raise LmlabError(f"{path} already exists (pass overwrite=True to replace it)")
+    if c.sliding_window or c.global_tokens or c.global_every or c.global_stride or not c.global_rope:
+        # llama.cpp's llama/qwen2 graphs attend to every earlier position: written as is, the file would
+        # load and silently compute another model
+        raise LmlabError("GGUF export: sliding-window attention and global tokens have no form in the llama "
+                         "architecture (llama.cpp would attend to every position); export to an HF directory")
     arch = "qwen2" if getattr(c, "qkv_bias", False) else "llama"
     if arch == "qwen2" and c.n_expert:
         raise LmlabError("GGUF export: a MoE model with q/k/v biases has no llama.cpp architecture")
