@@ -108,3 +108,38 @@ def test_our_writer_round_trips_mixtral(tmp_path):
     back.load_state_dict(state_dict_from_gguf(reader, cfg))
     x = torch.randint(0, V, (1, 16))
     torch.testing.assert_close(back.eval()(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+
+
+# F32 and F16 (the writer's default). Not Q8_0: on this random model 8-bit weights flip router choices (llama.cpp's
+# Q8_0 top-1 agreed with our float model at 90%; our own load of that file was as far off: docs/moe/README.md).
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+@torch.no_grad()
+def test_our_mixtral_gguf_runs_in_llama_cpp(tmp_path, qtype):
+    """A Mixtral GGUF written by lmlab's writer runs in llama.cpp itself (llama-cpp-python), whose logits
+    pick the same next token as ours at >= 99% of positions (the issue's bar) and are close in value."""
+    llama_cpp = require_module("llama_cpp")
+    from lmlab.models.transformer.mixtral import Mixtral, MixtralConfig
+    from lmlab.tokenizers import BPETokenizer
+
+    lines = ["the experts route each token", "def f(x):\n    return x + 1", "then the router picks two"] * 20
+    tok = BPETokenizer.train(lines, vocab_size=320, min_count=1)
+    torch.manual_seed(0)
+    ours = Mixtral(MixtralConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=4, n_kv_head=2,
+                                 n_embd=64, mlp_hidden=96, n_expert=4, n_expert_per_token=2, init_std=0.2)).eval()
+    path = save_gguf(ours, tmp_path / f"m-{qtype}.gguf", tok, qtype=qtype)
+    f32 = llama_cpp.GGML_TYPE_F32  # llama.cpp's KV cache is F16 by default: keep F32 to compare at float precision
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, n_threads_batch=1,
+                          logits_all=True, type_k=f32, type_v=f32, verbose=False)
+    assert llm.metadata.get("llama.expert_count") == "4"
+    rows = torch.randint(4, tok.vocab_size, (3, 40), generator=torch.Generator().manual_seed(3))
+    agree, total = 0, 0
+    for ids in rows:  # one sequence at a time, from an empty cache
+        llm.reset()
+        llm.eval(ids.tolist())
+        theirs = torch.from_numpy(np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+        mine = ours(ids[None]).logits[0]
+        agree += int((theirs.argmax(-1) == mine.argmax(-1)).sum())
+        total += len(ids)
+        # F32: summation order only (measured 1.6e-5); F16: half-precision weights (measured 0.023; logits O(1-10))
+        torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-4 if qtype == "F32" else 0.1)
+    assert agree / total >= 0.99, f"top-1 agreement {agree}/{total}"
