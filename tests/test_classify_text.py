@@ -180,3 +180,14 @@ def test_a_decoder_does_not_train_on_labelled_texts(tiny, tmp_path):
     with pytest.raises(LmlabError, match="labelled texts"):
         main(["train", "--model", "tiny", "--data", str(tiny["cls"]), "--out", str(tmp_path / "r"),
               "--train.max_steps=1"])
+
+
+def test_pretraining_corpus_leaves_out_every_held_out_docstring(task):
+    from lmlab.data.docstring_task import pretraining_corpus
+
+    corpus = " ".join(" ".join(pretraining_corpus(task)).split())
+    # held-out texts with nothing stripped or cut are their docstrings, whitespace collapsed
+    plain = [it.text for it in task if it.split != "train" and PLACEHOLDER not in it.text and len(it.text) < 300]
+    assert len(plain) > 20
+    assert not [t for t in plain if t in corpus]
+    assert sum(it.text in corpus for it in task if it.split == "train" and PLACEHOLDER not in it.text) > 100

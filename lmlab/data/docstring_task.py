@@ -14,6 +14,10 @@ kept once, so no text is in two splits. The split is stratified with the same nu
 test items per class (a balanced test set: chance is 1 / n_classes) and the rest for training, seeded
 and independent of the order files are read in. The items depend on the Python version (its standard
 library): `python_tag()` names it.
+
+`pretraining_corpus` is stdlib-docs (one document per file, plus the help topics) without the docstrings
+that became validation or test items, for masked-LM pre-training of the encoder: it never reads a
+held-out text, not even unlabelled (it does read the package names in the training docstrings).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from lmlab.data.sources import _docstrings, _read_python_source, _stdlib_files, stdlib_root
+from lmlab.data.sources import _docstrings, _pydoc_topics, _read_python_source, _stdlib_files, stdlib_root
 from lmlab.errors import LmlabError
 
 PLACEHOLDER = "___"
@@ -80,6 +84,10 @@ def _cut(text: str, max_chars: int) -> str:
     return head[:head.rfind(" ")] if " " in head else text[:max_chars]
 
 
+def _task_text(doc: str, names: list[str], max_chars: int) -> str:
+    return _cut(strip_names(doc, names), max_chars)
+
+
 def package_docstrings() -> Iterator[tuple[str, str]]:
     """(top-level package, docstring) of every module inside a package of the standard library, in
     sorted file order (top-level modules such as `os.py` belong to no package and are skipped)."""
@@ -109,7 +117,7 @@ def build_docstring_task(n_classes: int = 10, *, n_val: int = 15, n_test: int = 
     seen: dict[str, set[str]] = defaultdict(set)  # stripped text -> packages it came from
     for package in classes:
         for doc in by_package[package]:
-            text = _cut(strip_names(doc, names), max_chars)
+            text = _task_text(doc, names, max_chars)
             if len(text.split()) >= min_words:
                 seen[text].add(package)
     per_class: dict[str, list[str]] = defaultdict(list)
@@ -128,3 +136,16 @@ def build_docstring_task(n_classes: int = 10, *, n_val: int = 15, n_test: int = 
         out += [LabelledText(t, package, "train") for t in texts[n_test + n_val:]]
     order = {"train": 0, "val": 1, "test": 2}
     return sorted(out, key=lambda it: order[it.split])  # stable: within a split, by class then shuffle
+
+
+def pretraining_corpus(items: list[LabelledText], max_chars: int = 400) -> list[str]:
+    """stdlib-docs' documents with every docstring whose task text is a val/test item left out."""
+    held_out = {it.text for it in items if it.split != "train"}
+    names = aliases(sorted({it.label for it in items}))
+    docs = []
+    for f in _stdlib_files(include_tests=False):
+        source = _read_python_source(f)
+        kept = [d for d in (_docstrings(source) if source else []) if _task_text(d, names, max_chars) not in held_out]
+        if kept:
+            docs.append("\n\n".join(kept))
+    return docs + _pydoc_topics()
