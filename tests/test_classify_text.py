@@ -191,3 +191,26 @@ def test_pretraining_corpus_leaves_out_every_held_out_docstring(task):
     assert len(plain) > 20
     assert not [t for t in plain if t in corpus]
     assert sum(it.text in corpus for it in task if it.split == "train" and PLACEHOLDER not in it.text) > 100
+
+
+def test_chat_scoring_reads_what_sft_trains_on_a_smollm2_conversation(task):
+    from peers import smollm2_gguf
+
+    from lmlab.data.chat import chat_tokenizer, encode_chat
+    from lmlab.eval.tasks.packages import chat_pairs, conversation, fewshot_task
+    from lmlab.tokenizers.chat_template import chat_template_for
+
+    tok, bos = chat_tokenizer(smollm2_gguf())
+    template = chat_template_for(tok)
+    labels = sorted({it.label for it in task})
+    item = next(it for it in task if it.split == "test")
+    pairs = chat_pairs(template, tok, bos, item, labels)
+    assert len({tuple(c) for c, _ in pairs}) == 1  # one prompt, ten replies
+    assert [tok.decode(x) for _, x in pairs] == [f"{lab}<|im_end|>\n" for lab in labels]
+    ids, trained = encode_chat(template, tok, conversation(item, labels), bos)
+    gold = pairs[labels.index(item.label)]
+    assert gold[0] + gold[1] == ids and sum(trained) == len(gold[1])
+    fs = fewshot_task(task)
+    assert len(fs.items) == 100 and len(fs.pool) == sum(it.split == "train" for it in task)
+    assert all(fs.items[i].choices[fs.items[i].gold] == it.label
+               for i, it in enumerate(it for it in task if it.split == "test"))
