@@ -5,7 +5,7 @@ from, package names stripped; a balanced test split of 25 items per class (250) 
 
 - pre-LLM: a BERT pre-trained by masked LM on stdlib-docs (without the held-out docstrings), then fine-
   tuned with a classification head on the train split (`lmlab prepare --format classify`, `lmlab train
-  --init BERT_RUN`); the learning rate chosen on the validation split, then two seeds. Also the same
+  --init BERT_RUN`, mean pooling); the learning rate chosen on the validation split, then two seeds. Also the same
   classifier from random weights (what pre-training buys) and TF-IDF + logistic regression (scikit-learn).
 - LLM: SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantized to fp32) scoring the 10 package names as
   continuations (lmlab/eval/tasks/packages.py): 0 and 5 shots in a plain prompt, 0-shot as a chat turn,
@@ -143,7 +143,10 @@ def finetune(lr: float, seed: int, init: bool = True) -> dict:
     if res is not None:
         return res
     data, run = classify_data(), WORK / "finetune" / name
+    # mean pooling: this encoder was pre-trained by MLM alone (no next-sentence task trained a [CLS] summary);
+    # Reimers & Gurevych 2019 (Sentence-BERT, table 6) found the mean of the token states the better summary
     start = ["--init", str(WORK / "bert-mlm")] if init else [*BERT]
+    start += ["--model.pool=mean"]
     t0 = time.time()
     train_run(run, [*start, "--data", str(data), *QUIET, f"--train.max_steps={FT_STEPS}", "--train.batch_size=32",
                     f"--train.lr={lr}", f"--train.min_lr={lr / 10}", "--train.warmup_steps=30",

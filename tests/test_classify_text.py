@@ -137,31 +137,35 @@ def test_head_loss_is_cross_entropy_and_mean_pool_ignores_padding():
     torch.testing.assert_close(model(padded, attention_mask=mask).logits, out.logits, atol=1e-5, rtol=1e-5)
 
 
-def test_init_from_an_mlm_encoder_loads_all_but_the_new_head(tiny, tmp_path):
-    mlm = tmp_path / "mlm"
-    assert main(["train", "--model", "bert-tiny", "--data", str(tiny["text"]), "--out", str(mlm),
+@pytest.fixture(scope="module")
+def mlm_run(tiny):
+    run = tiny["root"] / "mlm"
+    assert main(["train", "--model", "bert-tiny", "--data", str(tiny["text"]), "--out", str(run),
                  "--train.max_steps=2", "--train.batch_size=4", "--train.progress=false", "--train.eval_interval=0",
                  "--model.block_size=32"]) == 0
-    encoder = load_model(mlm).model
+    return run
+
+
+def test_init_from_an_mlm_encoder_loads_all_but_the_new_head(mlm_run):
+    encoder = load_model(mlm_run).model
     cfg = encoder.config
     cfg.n_classes, cfg.labels = 2, ["cold", "warm"]
     torch.manual_seed(1)
     model = build(cfg)
     head = model.classifier.weight.clone()
-    load_init_weights(model, mlm)
+    load_init_weights(model, mlm_run)
     ref = encoder.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if k in ref)
     assert torch.equal(model.classifier.weight, head)
 
 
-def test_bert_learns_a_separable_task_and_eval_reports_accuracy(tiny, tmp_path, capsys):
+def test_bert_from_mlm_learns_a_separable_task_and_eval_reports_accuracy(tiny, mlm_run, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--model", "bert-tiny", "--data", str(tiny["cls"]), "--out", str(run),
+    assert main(["train", "--init", str(mlm_run), "--data", str(tiny["cls"]), "--out", str(run), "--model.pool=mean",
                  "--train.max_steps=60", "--train.batch_size=16", "--train.lr=3e-3", "--train.warmup_steps=5",
-                 "--train.progress=false", "--train.eval_interval=0", "--train.seed=0", "--model.block_size=32",
-                 "--model.dropout=0.0"]) == 0
+                 "--train.progress=false", "--train.eval_interval=0", "--train.seed=0", "--model.dropout=0.0"]) == 0
     loaded = load_model(run)
-    assert loaded.model.config.labels == ["cold", "warm"]
+    assert loaded.model.config.labels == ["cold", "warm"] and loaded.model.config.pool == "mean"
     test = TextClassSplit(tiny["cls"], "test", max_len=32)
     res = evaluate_classifier(loaded.model, test, batch_size=7)
     b = test.batch(np.arange(len(test)))
