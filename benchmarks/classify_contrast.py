@@ -52,11 +52,11 @@ from lmlab.utils.atomic import atomic_write_text  # noqa: E402
 
 WORK = ROOT / "runs" / "classify-contrast"
 THREADS = int(os.environ.get("CC_THREADS", 2))
-MLM_STEPS = int(os.environ.get("CC_MLM_STEPS", 1000))
-FT_STEPS = int(os.environ.get("CC_FT_STEPS", 200))      # ~2.7 epochs of the 2,357 training items at batch 32
+MLM_STEPS = int(os.environ.get("CC_MLM_STEPS", 400))
+FT_STEPS = int(os.environ.get("CC_FT_STEPS", 150))      # ~2 epochs of the 2,357 training items at batch 32
 SFT_STEPS = int(os.environ.get("CC_SFT_STEPS", 60))
 SFT_SEED = int(os.environ.get("CC_SFT_SEED", 0))
-FT_LRS = (1e-4, 3e-4, 1e-3)
+FT_LRS = (3e-4, 1e-3)
 FT_SEEDS = (0, 1)
 # the encoder: BERT's shape at 4 layers of 256 (BERT-mini of Turc et al. 2019), windows of 128 tokens
 BERT = ["--model", "bert-tiny", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=256",
@@ -90,16 +90,19 @@ def gguf() -> Path:
     return path
 
 
-def train_run(out: Path, args: list[str]) -> None:
-    """`lmlab train` into `out`, resumed if it has a checkpoint; nothing if it finished."""
-    done = load_json(out / "done.json")
-    if done is not None:
+def train_run(out: Path, args: list[str], steps: int) -> None:
+    """`lmlab train` into `out`, resumed if it has a checkpoint; nothing if it reached `steps`. A run
+    stopped early (a signal: the trainer checkpoints and returns) is not marked done."""
+    if load_json(out / "done.json") is not None:
         return
     if list_checkpoints(out):
         lmlab(["train", "--resume", str(out)])
     else:
         lmlab(["train", *args, "--out", str(out)])
-    save(out / "done.json", {"finished": time.time()})
+    reached = max((int(p.name.split("-")[-1]) for p in list_checkpoints(out)), default=0)
+    if reached < steps:
+        sys.exit(f"{out} stopped at step {reached} of {steps}; rerun to continue it")
+    save(out / "done.json", {"finished": time.time(), "steps": reached})
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -121,9 +124,10 @@ def stage_mlm() -> None:
                               vocab_size=4096, val_fraction=0.03, test_fraction=0.0))
     t0 = time.time()
     train_run(WORK / "bert-mlm", [*BERT, "--data", str(data), *QUIET, f"--train.max_steps={MLM_STEPS}",
-                                  "--train.batch_size=32", "--train.lr=1e-3", "--train.warmup_steps=100",
-                                  "--train.weight_decay=0.01", "--train.eval_interval=200", "--train.eval_iters=10",
-                                  "--train.ckpt_interval=200", f"--train.threads={THREADS}", "--train.dtype=float32"])
+                                  "--train.batch_size=32", "--train.lr=1e-3", "--train.warmup_steps=40",
+                                  "--train.weight_decay=0.01", "--train.eval_interval=100", "--train.eval_iters=10",
+                                  "--train.ckpt_interval=100", f"--train.threads={THREADS}", "--train.dtype=float32"],
+              MLM_STEPS)
     log(f"mlm: {time.time() - t0:.0f}s")
 
 
@@ -151,7 +155,7 @@ def finetune(lr: float, seed: int, init: bool = True) -> dict:
     train_run(run, [*start, "--data", str(data), *QUIET, f"--train.max_steps={FT_STEPS}", "--train.batch_size=32",
                     f"--train.lr={lr}", f"--train.min_lr={lr / 10}", "--train.warmup_steps=30",
                     "--train.weight_decay=0.01", "--train.eval_interval=0", "--train.ckpt_interval=100",
-                    f"--train.seed={seed}", f"--train.threads={THREADS}", "--train.dtype=float32"])
+                    f"--train.seed={seed}", f"--train.threads={THREADS}", "--train.dtype=float32"], FT_STEPS)
     model = load_model(run).model
     out = {"arm": "encoder", "init": "mlm" if init else "random", "lr": lr, "seed": seed, "steps": FT_STEPS,
            "train_seconds": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters())}
@@ -260,6 +264,8 @@ def stage_sft() -> None:
     trainer.resume()
     t0 = time.time()
     summary = trainer.fit()
+    if summary["step"] < SFT_STEPS:
+        sys.exit(f"{run} stopped at step {summary['step']} of {SFT_STEPS}; rerun the sft stage to continue it")
     save(run / "done.json", {"summary": summary, "seconds_this_session": round(time.time() - t0, 1)})
     log(f"sft: {json.dumps(summary)}")
 
