@@ -52,8 +52,8 @@ from lmlab.utils.atomic import atomic_write_text  # noqa: E402
 
 WORK = ROOT / "runs" / "classify-contrast"
 THREADS = int(os.environ.get("CC_THREADS", 2))
-MLM_STEPS = int(os.environ.get("CC_MLM_STEPS", 400))
-FT_STEPS = int(os.environ.get("CC_FT_STEPS", 150))      # ~2 epochs of the 2,357 training items at batch 32
+MLM_STEPS = int(os.environ.get("CC_MLM_STEPS", 300))
+FT_STEPS = int(os.environ.get("CC_FT_STEPS", 150))      # ~1 epoch of the 2,357 training items at batch 16
 SFT_STEPS = int(os.environ.get("CC_SFT_STEPS", 60))
 SFT_SEED = int(os.environ.get("CC_SFT_SEED", 0))
 FT_LRS = (3e-4, 1e-3)
@@ -152,9 +152,9 @@ def finetune(lr: float, seed: int, init: bool = True) -> dict:
     start = ["--init", str(WORK / "bert-mlm")] if init else [*BERT]
     start += ["--model.pool=mean"]
     t0 = time.time()
-    train_run(run, [*start, "--data", str(data), *QUIET, f"--train.max_steps={FT_STEPS}", "--train.batch_size=32",
-                    f"--train.lr={lr}", f"--train.min_lr={lr / 10}", "--train.warmup_steps=30",
-                    "--train.weight_decay=0.01", "--train.eval_interval=0", "--train.ckpt_interval=100",
+    train_run(run, [*start, "--data", str(data), *QUIET, f"--train.max_steps={FT_STEPS}", "--train.batch_size=16",
+                    f"--train.lr={lr}", f"--train.min_lr={lr / 10}", "--train.warmup_steps=15",
+                    "--train.weight_decay=0.01", "--train.eval_interval=0", "--train.ckpt_interval=50",
                     f"--train.seed={seed}", f"--train.threads={THREADS}", "--train.dtype=float32"], FT_STEPS)
     model = load_model(run).model
     out = {"arm": "encoder", "init": "mlm" if init else "random", "lr": lr, "seed": seed, "steps": FT_STEPS,
@@ -179,6 +179,7 @@ def stage_finetune() -> None:
     save(WORK / "finetune" / "best.json", {"lr": best, "by_val": {r["lr"]: r["val"]["accuracy"] for r in grid}})
     for seed in FT_SEEDS:
         finetune(best, seed)
+    for seed in FT_SEEDS:
         finetune(best, seed, init=False)
 
 
@@ -212,7 +213,7 @@ def lm_arms(model, tokenizer, bos, prefix: str, arms: list[str]) -> None:
     test = [it for it in task if it.split == "test"]
     lm = TorchLM(model, tokenizer, prefix=bos, batch_size=8)
     for arm in arms:
-        f = WORK / "arms" / f"{prefix}{arm.replace(' ', '_')}.json"
+        f = WORK / "arms" / f"{(prefix + arm).replace(' ', '_')}.json"
         if f.is_file():
             continue
         t0 = time.time()
