@@ -310,7 +310,7 @@ def stage_report() -> None:
         for init in ("mlm", "scratch"):
             for seed in FT_SEEDS:
                 r = load_json(WORK / "finetune" / f"ft-{init}-lr{best['lr']:g}-s{seed}.json")
-                if r:
+                if r and "test_correct" in r:
                     label = ("BERT, MLM-pretrained + fine-tuned" if init == "mlm" else "BERT, random init + fine-tuned")
                     rows.append({"arm": f"{label} (seed {seed})", "kind": "encoder", "lr": best["lr"],
                                  "seconds": r["train_seconds"], **acc_cell(r["test_correct"]),
@@ -331,15 +331,17 @@ def stage_report() -> None:
         p = r["mcnemar_p_vs_bert_s0"]
         lines.append(f"| {r['arm']} | {r['acc']:.1%} ({r['correct']}/{r['n']}) | "
                      f"{r['ci95'][0]:.1%} - {r['ci95'][1]:.1%} | {'-' if p is None else f'{p:.2g}'} |")
-    expected = ["encoder (MLM, 2 seeds)", "encoder (random, 2 seeds)", "TF-IDF", "SmolLM2 0/5-shot, 0-shot chat",
-                f"SmolLM2 after SFT (seed {SFT_SEED})"]
+    expected = [f"BERT, {a} + fine-tuned (seed {s})" for a in ("MLM-pretrained", "random init") for s in FT_SEEDS]
+    expected += ["TF-IDF + logistic regression", "SmolLM2 0-shot", "SmolLM2 5-shot", "SmolLM2 0-shot chat",
+                 f"SmolLM2 SFT s{SFT_SEED} 0-shot chat"]
+    missing = [e for e in expected if e not in {r["arm"] for r in rows}]
     md = ("# Classification contrast: fine-tuned encoder vs SmolLM2 (issue 19)\n\n"
           "Which of 10 standard-library packages a docstring is from (names stripped); the same 250 balanced "
           "test items (25 per class, chance 10%) for every arm. Produced by `benchmarks/classify_contrast.py`; "
           "timings under load on a shared 2-core machine.\n\n" + "\n".join(lines) + "\n\n"
           + (f"Encoder learning rate {best['lr']:g}, chosen on validation accuracy {best['by_val']}.\n" if best else "")
-          + ("" if len(rows) >= 8 else f"\nPartial: not every arm has finished ({', '.join(expected)} expected); "
-             "rerun `flock /tmp/lmlab-heavy.lock python benchmarks/classify_contrast.py all` to continue.\n"))
+          + ("" if not missing else f"\nPartial: not finished: {'; '.join(missing)}. Rerun "
+             "`flock /tmp/lmlab-heavy.lock python benchmarks/classify_contrast.py all` to continue.\n"))
     data = {"machine": machine(), "mlm_steps": MLM_STEPS, "ft_steps": FT_STEPS, "sft_steps": SFT_STEPS,
             "mlm": mlm, "best_lr": best, "sft": sft,
             "rows": [{k: v for k, v in r.items() if k != "_correct"} for r in rows]}
