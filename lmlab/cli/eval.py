@@ -20,7 +20,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     text_file = args.data is not None and Path(args.data).is_file()
     if kind in ("lmlab", "hf") and not text_file:
         loaded = load_model(path)
-        if loaded.objective in ("classify", "caption"):  # an image model: a prepared image split
+        if loaded.objective in ("classify", "caption", "classify_text"):  # a classifier: a prepared split
             out = _eval_images(args, loaded)
             if args.json:
                 from lmlab.utils.atomic import atomic_write_text
@@ -68,13 +68,26 @@ def _eval_split(args: argparse.Namespace, loaded) -> dict:
 def _eval_images(args: argparse.Namespace, loaded) -> dict:
     """Accuracy and a confusion-matrix plot (a classifier), or caption exact match (a captioner)."""
     from lmlab.data.images import ImageSplit
+    from lmlab.eval.harness.fewshot import wilson
     from lmlab.eval.images import caption_images, caption_scores, evaluate_classifier, plot_confusion
 
     data_dir = args.data or (loaded.run_config or {}).get("data", {}).get("dir")
     if not data_dir:
         raise LmlabError(f"{loaded.path}: no data directory recorded; give --data DIR (made by lmlab prepare)")
-    split = ImageSplit(data_dir, args.split)
     name = str(loaded.checkpoint or loaded.path)
+    if loaded.objective == "classify_text":
+        from lmlab.data.classify import TextClassSplit
+
+        split = TextClassSplit(data_dir, args.split, max_len=loaded.model.config.block_size)
+        res = evaluate_classifier(loaded.model, split, batch_size=args.batch_size)
+        lo, hi = wilson(res.accuracy, res.n)
+        print(f"{name} on {data_dir} [{args.split}]: {res.n} texts, accuracy {res.accuracy:.2%} "
+              f"(95% Wilson interval {lo:.1%} - {hi:.1%})")
+        out = {"checkpoint": name, "data": str(data_dir), **res.as_dict(), "accuracy_interval_95": [lo, hi]}
+        if args.plot:
+            plot_confusion(res, args.plot)
+        return out
+    split = ImageSplit(data_dir, args.split)
     if loaded.objective == "caption":
         from lmlab.data.shapes import parse_caption
 

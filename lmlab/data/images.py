@@ -321,9 +321,13 @@ class ImageSplit:
 
 
 def open_split(data_dir: str | Path, split: str):
-    """A split of any prepared data directory: token shards (TokenSplit) or images (ImageSplit)."""
+    """A split of any prepared data directory: token shards (TokenSplit), images (ImageSplit) or
+    labelled texts (lmlab/data/classify.py's TextClassSplit)."""
+    from lmlab.data.classify import TextClassSplit, is_labelled_text
     from lmlab.data.stream import TokenSplit
 
+    if is_labelled_text(data_dir):
+        return TextClassSplit(data_dir, split)
     meta = Path(data_dir) / "meta.json"
     if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT:
         return ImageSplit(data_dir, split)

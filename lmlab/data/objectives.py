@@ -96,13 +96,29 @@ def _images(data, model: nn.Module, block_size: int, batch_size: int, seed: int,
     return ImageBatches(data, batch_size, seed=seed, augment=augment, eos_id=eos)
 
 
+def _labelled_text(data, model: nn.Module, block_size: int, batch_size: int, seed: int):
+    from lmlab.data.classify import TASK, TextClassBatches
+
+    objective = getattr(model, "objective", "causal")
+    if getattr(data, "task", None) != TASK:
+        raise LmlabError(f"a text classifier trains on labelled texts (lmlab prepare LABELLED.jsonl --format "
+                         f"classify), not on {data.dir}")
+    if objective != TASK:
+        raise LmlabError(f"{data.dir} holds labelled texts; '{model.config.family}' models do not classify text "
+                         "(fine-tune an encoder: lmlab train --init BERT_RUN --data DIR)")
+    return TextClassBatches(data, batch_size, seed=seed, max_len=block_size)
+
+
 def make_sampler(kind: str, data: TokenSplit, model: nn.Module, block_size: int, batch_size: int, seed: int,
                  pairs: str = "", augment: int = 0):
     """The resumable training-batch sampler for `model`: `kind` windows (random | sequential),
     turned into the batches of the model's objective; or, given a `pairs` JSONL file (data.seq2seq),
     batches of its (source, target) pairs, tokenized with the data directory's tokenizer; given chat
-    data (`lmlab prepare --format chat`), packed conversations with their loss masks (SFT); or, for a
-    prepared image directory, batches of images (`augment`: random shifts of up to that many pixels)."""
+    data (`lmlab prepare --format chat`), packed conversations with their loss masks (SFT); for
+    labelled texts (`--format classify`), padded batches of texts and labels; or, for a prepared image
+    directory, batches of images (`augment`: random shifts of up to that many pixels)."""
+    if getattr(data, "task", None) == "classify_text" or getattr(model, "objective", "") == "classify_text":
+        return _labelled_text(data, model, block_size, batch_size, seed)
     if getattr(data, "is_images", False) or getattr(model, "objective", "causal") in IMAGE_OBJECTIVES:
         return _images(data, model, block_size, batch_size, seed, augment)
     if pairs:

@@ -37,6 +37,7 @@ class PrepareConfig:
     source: str = "stdlib-docs"       # path, folder, glob, .jsonl, or stdlib-docs / stdlib-code
     format: str = "text"              # text | chat: a JSONL of {"messages": [...]} conversations for SFT,
                                       # rendered with the chat template of --tokenizer MODEL (lmlab/data/chat.py)
+                                      # | classify: a JSONL of {"text", "label"} (lmlab/data/classify.py)
     out: str = ""                     # data directory to create (default: data/<source name>)
     tokenizer: str = "bpe"            # char | word | bpe, a directory holding tokenizer.json, or a model
                                       # (GGUF, HF directory, lmlab run) whose tokenizer to use (train --init)
@@ -48,6 +49,7 @@ class PrepareConfig:
     test_fraction: float = 0.05
     seed: int = 1337
     shard_tokens: int = 50_000_000    # tokens per shard file
+    max_tokens: int = 128             # --format classify: each text cut to this many tokens
     splits: str = "hash"              # hash: documents split by a seeded hash of their text | files: the
                                       # source is a folder of given train/valid/test .txt files (as PTB)
 
@@ -125,8 +127,12 @@ def prepare(cfg: PrepareConfig, *, force: bool = False) -> Path:
         from lmlab.data.chat import prepare_chat
 
         return prepare_chat(cfg, out, force)
+    if cfg.format == "classify":
+        from lmlab.data.classify import prepare_classify
+
+        return prepare_classify(cfg, out, force)
     if cfg.format != "text":
-        raise LmlabError(f"unknown format '{cfg.format}': text | chat")
+        raise LmlabError(f"unknown format '{cfg.format}': text | chat | classify")
     if cfg.splits == "files":
         return _prepare_split_files(cfg, out, force)
     if cfg.splits != "hash":

@@ -30,12 +30,14 @@ class ClassifierResult:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, split: ImageSplit, batch_size: int = 256) -> ClassifierResult:
+    """Accuracy and confusion matrix of a classifier on a split whose `batch(idx)` gives the model's
+    keyword arguments and `labels` (images, or labelled texts: lmlab/data/classify.py)."""
     model.eval()
     k = model.config.n_classes
     confusion = np.zeros((k, k), dtype=np.int64)
     for lo in range(0, len(split), batch_size):
         b = split.batch(np.arange(lo, min(lo + batch_size, len(split))))
-        pred = model(b["pixel_values"]).logits.argmax(-1).numpy()
+        pred = model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1).numpy()
         np.add.at(confusion, (b["labels"].numpy(), pred), 1)
     labels = list(model.config.labels) or [str(i) for i in range(k)]
     return ClassifierResult(len(split), float(np.trace(confusion) / max(confusion.sum(), 1)), confusion.tolist(),

@@ -39,6 +39,10 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     source = merge_lora(load_model(path, precision="fp32").model)
     state = source.state_dict()
     ours = model.state_dict()
+    # a head the source lacks (a classifier on an MLM-pretrained encoder) keeps its fresh initialisation
+    fresh = tuple(getattr(model, "new_weights", ()))
+    kept = sorted(k for k in set(ours) - set(state) if fresh and k.startswith(fresh))
+    state = {**state, **{k: ours[k] for k in kept}}
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     misshapen = [k for k in set(ours) & set(state) if ours[k].shape != state[k].shape]
     if missing or unexpected or misshapen:

@@ -130,7 +130,11 @@ class TorchLM(LM):
         return logits[:, -keep:] if keep else logits
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        pairs = [self.encode_pair(c, x) for c, x in requests]
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """`loglikelihood` of (context, continuation) pairs given as token ids (e.g. a chat prompt
+        rendered with special tokens, and the assistant's reply); contexts are not prefixed."""
         if not self.cached:
             return self.score_tokens([(c + x, len(x)) for c, x in pairs])
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
