@@ -10,6 +10,10 @@ budget, a stop string, a client gone) leaves at once: the last occupied row move
 Sampling is the engine's (lmlab/generate/engine.py): greedy rows take the argmax, others draw with
 `lmlab.nn.sampling.sample` from their own generator seeded by their `seed`, so a sequence's tokens do
 not depend on what else is in the batch (up to the float rounding of batched kernels).
+
+With LoRA adapters (`adapters`, lmlab/nn/multi_lora.py) each slot names its adapter, and the decoder
+tells the wrapped layers which row uses which before every forward, so rows of different adapters
+decode in one step.
 """
 
 from __future__ import annotations
