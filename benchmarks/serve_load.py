@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from peers import smollm2_gguf  # noqa: E402
 from serve_server import free_port, process  # noqa: E402
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import OtherLoad, machine, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGIN = 1e-3
@@ -78,7 +78,7 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int, lmlab: bool)
 
 def load(url: str, model: str, ps: list[str], max_tokens: int, clients: int, lmlab: bool, max_seconds: float
          ) -> dict:
-    t0 = time.monotonic()
+    t0, others = time.monotonic(), OtherLoad().start()
     with ThreadPoolExecutor(clients) as pool:
         futs = [pool.submit(one_request, url, model, p, max_tokens, lmlab) for p in ps]
         results = []
@@ -100,7 +100,8 @@ def load(url: str, model: str, ps: list[str], max_tokens: int, clients: int, lml
                                                                              if "error" in r][:5],
             "wall_s": round(wall, 2), "completion_tokens": toks, "tokens_per_s": round(toks / wall, 2),
             "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99),
-            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "_results": results}
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "machine_load": others.stop(),
+            "_results": results}
 
 
 def check_greedy(loaded, ps: list[str], results: list[dict], max_tokens: int) -> dict:
@@ -135,7 +136,11 @@ def offline_speed(loaded, ps: list[str], max_tokens: int) -> dict:
     """`lmlab generate`'s loop (lmlab.generate.engine) on the same prompts, one at a time."""
     from lmlab.generate.engine import SamplingConfig, generate_ids, prompt_ids
 
-    toks, t0 = 0, time.monotonic()
+    # one untimed call first: the first forward pays one-off costs (allocations, kernel set-up), as the
+    # server's first request does, which the load modes do not time separately either
+    list(generate_ids(loaded.model, prompt_ids(loaded.tokenizer, ps[0], loaded.bos),
+                      SamplingConfig(max_new_tokens=2, temperature=0), eos_id=loaded.tokenizer.eos_id))
+    toks, t0, others = 0, time.monotonic(), OtherLoad().start()
     for p in ps:
         ids = prompt_ids(loaded.tokenizer, p, loaded.bos)
         out = list(generate_ids(loaded.model, ids, SamplingConfig(max_new_tokens=max_tokens, temperature=0),
@@ -143,7 +148,7 @@ def offline_speed(loaded, ps: list[str], max_tokens: int) -> dict:
         toks += len([t for t in out if t != loaded.tokenizer.eos_id])
     wall = time.monotonic() - t0
     return {"requests": len(ps), "completion_tokens": toks, "wall_s": round(wall, 2),
-            "tokens_per_s": round(toks / wall, 2)}
+            "tokens_per_s": round(toks / wall, 2), "machine_load": others.stop()}
 
 
 def main() -> None:
@@ -227,24 +232,33 @@ def main() -> None:
 
 
 def markdown(out: dict) -> str:
-    rows = ["| server | mode | clients | requests ok | tokens/s | latency p50 / p99 s | TTFT p50 / p99 s |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| server | mode | clients | requests ok | tokens/s | latency p50 / p99 s | TTFT p50 / p99 s "
+            "| others' CPU, cores (normal / nice) |", "|---|---|---|---|---|---|---|---|"]
     for key, label in (("lmlab", "lmlab serve"), ("llama_cpp", "llama-cpp-python server")):
         for mode in ("batched", "one_at_a_time"):
             r = out.get(f"{key}_{mode}")
             if r:
                 rows.append(f"| {label} | {mode.replace('_', ' ')} | {r['clients']} | {r['ok']}/{r['requests']} | "
                             f"{r['tokens_per_s']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
-                            f"{r['ttft_p50_s']} / {r['ttft_p99_s']} |")
+                            f"{r['ttft_p50_s']} / {r['ttft_p99_s']} | {_load(r)} |")
     g = out["lmlab_generate"]
     checks = "; ".join(f"{m}: {out[f'lmlab_{m}']['greedy_check']}" for m in ("batched", "one_at_a_time"))
     return (f"# lmlab serve under load: {out['model']} ({out['precision']}), {out['threads']} threads\n\n"
             f"Streamed greedy completions of up to {out['max_tokens']} tokens, loopback. {out['load_note']}\n\n"
             + "\n".join(rows) + "\n\n"
-            f"`lmlab generate` (one at a time, {g['requests']} of the prompts): {g['tokens_per_s']} tok/s.\n\n"
+            f"`lmlab generate` (one at a time, {g['requests']} of the prompts): {g['tokens_per_s']} tok/s "
+            f"(others' CPU: {_load(g)} cores).\n\n"
+            "Others' CPU: cores the rest of the machine kept busy during each mode (/proc/stat's busy time minus "
+            "this benchmark's processes), at normal priority / at nice > 0 (a nice-19 job only takes idle time "
+            f"and yields to this run). The machine has {out['machine']['cpus']} cores.\n\n"
             f"Ratios: {json.dumps(out['ratios'])}\n\n"
             f"Every lmlab reply vs offline greedy decoding (argmax of one full forward, up to the first top-2 "
             f"margin < {MARGIN}): {checks}\n\nMachine: {out['machine']}\n")
+
+
+def _load(r: dict) -> str:
+    m = r.get("machine_load")
+    return f"{m['others_cores']} / {m['others_nice_cores']}" if m else "?"
 
 
 if __name__ == "__main__":
