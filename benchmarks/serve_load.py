@@ -10,7 +10,9 @@ reply is what offline greedy decoding gives: one full forward over prompt + repl
 step up to the first top-2 logit margin below 1e-3 (the issue's rule; float rounding of batched kernels may
 break a near tie), so none is lost or mixed up.
 
-    flock /tmp/lmlab-heavy.lock python benchmarks/serve_load.py --requests 200 --clients 32
+    flock /tmp/lmlab-heavy.lock python benchmarks/serve_load.py --requests 200 --clients 32 --sequential 32 --threads 1
+
+(1 thread: on shared cores a 2-thread pool in the main thread collapses; see docs/serve/README.md.)
 
 Bounded: every request has a 300 s timeout and the run stops a mode at --max-seconds.
 """
