@@ -38,7 +38,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     loaded = load_model(args.model, precision=args.precision)
     check_servable(loaded)
     cfg = ServeConfig(api_key=key, model_name=args.served_model_name, max_batch=args.max_batch,
-                      max_len=args.max_len, max_queue=args.max_queue, max_body=args.max_body)
+                      max_len=args.max_len, max_queue=args.max_queue, max_body=args.max_body,
+                      lora_modules=args.lora_modules)
     app = create_app(loaded, cfg)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         log.warning(f"serving on {args.host} without an API key: anyone who reaches this port can use the model")
@@ -52,12 +53,16 @@ def add_parser(add) -> None:
     sp = add("serve", run, "Serve a causal model over an OpenAI-compatible HTTP API (with a chat page at /).",
              "examples:\n  lmlab serve SmolLM2-135M-Instruct.Q4_1.gguf            http://127.0.0.1:8000/\n"
              "  LMLAB_API_KEY=secret lmlab serve runs/<run> --port 8080 --max-batch 32\n"
+             "  lmlab serve model.gguf --lora-modules sql=adapters/sql poems=adapters/poems   (by model name)\n"
              "the API key comes from $LMLAB_API_KEY or --api-key-file (never a flag: it would show in ps)")
     sp.add_argument("model", metavar="MODEL", help="run directory, checkpoint, .gguf file or HF directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--api-key-file", help="a file holding the API key (default: $LMLAB_API_KEY, else no key)")
     sp.add_argument("--served-model-name", help="the model's name in the API (default: the file's name)")
+    sp.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                    help="PEFT LoRA adapters of this model, each served as model NAME beside the base (as "
+                         "vLLM's flag; repeatable); requests of different adapters share the decode batch")
     sp.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache rows)")
     sp.add_argument("--max-len", type=int, default=2048, help="context per sequence, prompt + completion")
     sp.add_argument("--max-queue", type=int, default=256, help="waiting sequences before answering 503")

@@ -10,6 +10,10 @@ budget, a stop string, a client gone) leaves at once: the last occupied row move
 Sampling is the engine's (lmlab/generate/engine.py): greedy rows take the argmax, others draw with
 `lmlab.nn.sampling.sample` from their own generator seeded by their `seed`, so a sequence's tokens do
 not depend on what else is in the batch (up to the float rounding of batched kernels).
+
+With LoRA adapters (`adapters`, lmlab/nn/multi_lora.py) each slot names its adapter, and the decoder
+tells the wrapped layers which row uses which before every forward, so rows of different adapters
+decode in one step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.generate.engine import SamplingConfig
+from lmlab.nn.multi_lora import AdapterRows
 from lmlab.nn.sampling import sample
 
 
@@ -42,6 +47,7 @@ class Slot:
     cfg: SamplingConfig
     logprobs: int | None = None        # None: none; k: the sampled token's and the top k's
     prompt_logprobs: bool = False       # echo: the prompt's tokens scored too (the first is None)
+    adapter: int = 0                    # its LoRA adapter (lmlab/nn/multi_lora.py); 0: the base model
     n_new: int = 0
     last: int = -1
     generator: torch.Generator | None = field(default=None, repr=False)
@@ -61,10 +67,12 @@ def _info(logits: torch.Tensor, token: int, k: int | None) -> TokenInfo:
 class SlotDecoder:
     """See the module docstring. Not thread-safe: one thread (the server's scheduler) drives it."""
 
-    def __init__(self, model: nn.Module, *, max_batch: int, max_len: int, eos_id: int | None):
+    def __init__(self, model: nn.Module, *, max_batch: int, max_len: int, eos_id: int | None,
+                 adapters: AdapterRows | None = None):
         if not hasattr(model, "make_kv_cache"):
             raise LmlabError("continuous batching needs a model with a KV cache")
         self.model, self.eos_id = model.eval(), eos_id
+        self.adapters = adapters      # set before each forward: the adapter of each row
         self.max_len = min(max_len, model.config.block_size)
         self.cache = model.make_kv_cache(max_batch, self.max_len)
         self.device = next(model.parameters()).device
@@ -101,6 +109,7 @@ class SlotDecoder:
         slot.generator = torch.Generator(device=self.device)
         slot.generator.manual_seed(slot.cfg.seed if slot.cfg.seed is not None else torch.seed())
         x = torch.tensor([slot.prompt], device=self.device)
+        self._route([slot])
         keep = 0 if slot.prompt_logprobs else 1
         logits = self.model(x, kv_cache=self.cache.row(r), logits_to_keep=keep).logits[0]
         scored: list[TokenInfo | None] = []
@@ -111,6 +120,12 @@ class SlotDecoder:
         first = self._pick(logits[-1], slot)
         slot.last, slot.n_new = first, 1
         return scored, _info(logits[-1], first, slot.logprobs)
+
+    def _route(self, slots: list[Slot]) -> None:
+        if self.adapters is not None:
+            self.adapters.set([s.adapter for s in slots])
+        elif any(s.adapter for s in slots):
+            raise LmlabError("a sequence asks for a LoRA adapter; this decoder has none")
 
     def remove(self, slot: Slot) -> None:
         """`slot` leaves the batch; the last occupied row takes its place."""
@@ -134,6 +149,7 @@ class SlotDecoder:
         if not n:
             return []
         last = torch.tensor([[s.last] for s in self.slots], device=self.device)
+        self._route(self.slots)
         logits = self.model(last, kv_cache=self.cache.rows(0, n)).logits[:, -1]
         out = []
         greedy = logits.argmax(-1).tolist()  # the one host sync of a step for greedy rows

@@ -109,6 +109,11 @@ class LoRALinear(nn.Module):
         out = torch.cat(parts)
         return out if dtype is None else out.to(dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update as two factors, A [k r, in] (the targeted A_s stacked) and B [out, k r] (`_B`, the
+        scale folded in): delta W = B A, for serving several adapters at once (lmlab/nn/multi_lora.py)."""
+        return torch.cat([self.lora_A[n] for n in self.targets]).detach(), (self.scale * self._B()).detach()
+
     def delta_weight(self) -> torch.Tensor:
         """The update the adapter adds to the weight: scale * B A ([out, in], float32)."""
         a = torch.cat([self.lora_A[n] for n in self.targets])

@@ -45,10 +45,15 @@ class Api:
         self.tok = state.tokenizer
 
     # -- requests -> sequences ------------------------------------------------------------------
-    def _check_model(self, name: str) -> None:
-        if name not in (self.state.model_name, "default"):
-            raise ApiError(404, f"the model '{name}' does not exist; this server has '{self.state.model_name}'",
-                           param="model", code="model_not_found")
+    def _model(self, name: str) -> tuple[str, int]:
+        """The model a request names: (its name in responses, its LoRA adapter's row index; 0: the base)."""
+        if name in (self.state.model_name, "default"):
+            return self.state.model_name, 0
+        if name in self.state.adapters:
+            return name, self.state.adapters[name]
+        have = "', '".join([self.state.model_name, *self.state.adapters])
+        raise ApiError(404, f"the model '{name}' does not exist; this server has '{have}'", param="model",
+                       code="model_not_found")
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         V = self.state.vocab_size
@@ -98,7 +103,7 @@ class Api:
 
     # -- /v1/completions ------------------------------------------------------------------------
     async def completions(self, request: Request, req: CompletionRequest) -> Any:
-        self._check_model(req.model)
+        model, adapter = self._model(req.model)
         p = req.prompt
         prompts: list[str | list[int]] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         encoded = []
@@ -110,13 +115,13 @@ class Api:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         seqs = [Sequence(ids, self._cfg(req, req.max_tokens, len(ids), c), loop, queue, index=pi * req.n + c,
-                         logprobs=k, prompt_logprobs=bool(req.echo) and k is not None)
+                         logprobs=k, prompt_logprobs=bool(req.echo) and k is not None, adapter=adapter)
                 for pi, ids in enumerate(encoded) for c in range(req.n)]
         self._submit(seqs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo_text = [q if isinstance(q, str) else self.tok.decode(q) for q in prompts]
         n_prompt = sum(len(ids) for ids in encoded)
-        head = {"id": rid, "object": "text_completion", "created": created, "model": self.state.model_name}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model}
         as_ids = bool(req.return_tokens_as_token_ids)
         if req.stream:
             return self._stream(request, queue, seqs, head, n_prompt, req, as_ids, echo_text, prompts)
@@ -243,7 +248,7 @@ class Api:
                             for i in infos]}
 
     async def chat(self, request: Request, req: ChatRequest) -> Any:
-        self._check_model(req.model)
+        model, adapter = self._model(req.model)
         if self.state.chat_template is None:
             raise ApiError(400, f"the model '{self.state.model_name}' has no chat template; use /v1/completions",
                            param="messages", code="no_chat_template")
@@ -261,11 +266,11 @@ class Api:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         max_tokens = req.max_completion_tokens or req.max_tokens
-        seqs = [Sequence(ids, self._cfg(req, max_tokens, len(ids), c), loop, queue, index=c, logprobs=k)
-                for c in range(req.n)]
+        seqs = [Sequence(ids, self._cfg(req, max_tokens, len(ids), c), loop, queue, index=c, logprobs=k,
+                         adapter=adapter) for c in range(req.n)]
         self._submit(seqs)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.state.model_name}
+                "model": model}
         if req.stream:
             return self._stream(request, queue, seqs, {**head, "object": "chat.completion.chunk"}, len(ids), req,
                                  False, chat=True)

@@ -2,7 +2,7 @@
 
     GET  /health                 liveness (never needs the key)
     GET  /metrics                Prometheus text
-    GET  /v1/models              the one model served
+    GET  /v1/models              the model served, and its LoRA adapters by name
     POST /v1/completions         text or token-id prompts, echo + logprobs (what lm-eval sends)
     POST /v1/chat/completions    the model's own chat template
     GET  /tokenizer_info, POST /tokenize, /detokenize   vLLM's tokenizer routes (lm-eval's remote tokenizer)
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from lmlab.errors import LmlabError
+from lmlab.serve.adapters import attach_adapters, parse_lora_modules
 from lmlab.serve.api import Api
 from lmlab.serve.http import Guard, error_response, read_json
 from lmlab.serve.metrics import CONTENT_TYPE, Metrics
@@ -42,6 +43,7 @@ class ServeConfig:
     max_len: int = 2048               # context per row, prompt + completion (capped at the model's)
     max_queue: int = 256              # sequences waiting for a row; more: 503 + Retry-After
     max_body: int = 1 << 20           # bytes of a request body (1 MiB)
+    lora_modules: list[str] = field(default_factory=list)  # NAME=PATH: PEFT adapters served by name
 
 
 def check_servable(loaded: Any) -> None:
@@ -70,9 +72,11 @@ class ServerState:
             self.chat_template = chat_template_for(loaded.tokenizer)
         except LmlabError:
             self.chat_template = None
+        self.adapter_paths = parse_lora_modules(cfg.lora_modules, self.model_name)
+        self.adapters, rows = attach_adapters(loaded.model, self.adapter_paths)  # name -> row index (base 0)
         self.metrics = Metrics()
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch=cfg.max_batch, max_len=cfg.max_len,
-                                   max_queue=cfg.max_queue, metrics=self.metrics)
+                                   max_queue=cfg.max_queue, metrics=self.metrics, adapters=rows)
         self.started = int(time.time())
 
 
@@ -113,8 +117,13 @@ def create_app(loaded: Any, cfg: ServeConfig | None = None) -> Any:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.started,
-                                            "owned_by": "lmlab", "max_model_len": state.scheduler.max_len}]}
+        # vLLM's cards: an adapter's root is its path and its parent the base model
+        card = {"object": "model", "created": state.started, "owned_by": "lmlab",
+                "max_model_len": state.scheduler.max_len}
+        return {"object": "list", "data": [
+            {"id": state.model_name, **card, "root": state.model_name, "parent": None},
+            *({"id": name, **card, "root": str(path), "parent": state.model_name}
+              for name, path in state.adapter_paths.items())]}
 
     async def timed(request: Request, schema: type, handler) -> Any:
         """Parse the body as `schema`, run `handler`, and record the request's latency."""

@@ -46,6 +46,7 @@ class Sequence:
     index: int = 0                     # the choice's index in the response
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    adapter: int = 0                   # its LoRA adapter's row index (lmlab/serve/adapters.py); 0: the base
     cancelled: bool = False
     prompt_info: list[TokenInfo | None] = field(default_factory=list)
     n_new: int = 0
@@ -62,9 +63,11 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int, max_len: int, max_queue: int,
-                 metrics: Any = None):
+                 metrics: Any = None, adapters: Any = None):
         self.tokenizer, self.metrics = tokenizer, metrics
-        self.decoder = SlotDecoder(model, max_batch=max_batch, max_len=max_len, eos_id=tokenizer.eos_id)
+        # with LoRA adapters, rows of different adapters share the batch (lmlab/nn/multi_lora.py)
+        self.decoder = SlotDecoder(model, max_batch=max_batch, max_len=max_len, eos_id=tokenizer.eos_id,
+                                   adapters=adapters)
         self.max_queue = max_queue
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[Slot, tuple[Sequence, Detokenizer]] = {}
@@ -154,7 +157,8 @@ class Scheduler:
                 self._token(slot, info)
 
     def _admit(self, seq: Sequence) -> None:
-        slot = Slot(seq.prompt, seq.cfg, logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs)
+        slot = Slot(seq.prompt, seq.cfg, logprobs=seq.logprobs, prompt_logprobs=seq.prompt_logprobs,
+                    adapter=seq.adapter)
         try:
             seq.prompt_info, info = self.decoder.add(slot)
         except Exception as e:  # e.g. a prompt longer than the context (the app checks first)
