@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -91,14 +92,18 @@ def step_fn(model, kind: str, dtype: str, device: str | torch.device = "cpu"):
 
 
 def measure(name: str, dtype: str, compiled: bool, warmup: int, steps: int, rounds: int = 2,
-            device: str = "cpu") -> tuple[dict[str, float], dict[str, float]]:
+            device: str = "cpu") -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
     """tokens/s of each side from its median step time over `rounds` runs, the sides taking turns, each
-    run in a fresh process (see the module docstring); and each side's peak memory (CUDA only, else 0)."""
+    run in a fresh process (see the module docstring); each side's peak memory (CUDA only, else 0); and
+    each side's tokens/s per round (its median step in that run), for the spread."""
     c = CONFIGS[name]
     times = {"hf": [], "lmlab": []}
     memory = {"hf": 0.0, "lmlab": 0.0}
+    per_round = {"hf": [], "lmlab": [], "load": []}  # "load": the 1-minute load average before each run
+    tokens = c["batch_size"] * c["block_size"]
     for r in range(rounds):
         for kind in (list(times) if r % 2 == 0 else list(times)[::-1]):
+            per_round["load"].append(os.getloadavg()[0])
             job = dict(config=name, kind=kind, dtype=dtype, compiled=compiled, warmup=warmup, steps=steps,
                        threads=torch.get_num_threads(), device=device)
             run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
@@ -107,8 +112,9 @@ def measure(name: str, dtype: str, compiled: bool, warmup: int, steps: int, roun
                 raise RuntimeError(f"worker {job} failed:\n{run.stderr[-2000:]}")
             got = json.loads(run.stdout.strip().splitlines()[-1])
             times[kind] += got["times"]
+            per_round[kind].append(tokens / statistics.median(got["times"]))
             memory[kind] = max(memory[kind], got["peak_memory"])
-    return {kind: c["batch_size"] * c["block_size"] / statistics.median(t) for kind, t in times.items()}, memory
+    return {kind: tokens / statistics.median(t) for kind, t in times.items()}, memory, per_round
 
 
 def worker(job: dict) -> dict:
@@ -176,9 +182,11 @@ def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks:
         for dtype in ("fp32", "bf16"):
             row = {"config": name, "dtype": dtype, **c, "n_params_non_embedding": n_nonemb, "n_params": n_all}
             for mode, compiled in [("eager", False)] + ([("compiled", True)] if compile_ else []):
-                tps, memory = measure(name, dtype, compiled, warmup=2, steps=n_steps, rounds=rounds, device=device)
+                tps, memory, per_round = measure(name, dtype, compiled, warmup=2, steps=n_steps, rounds=rounds,
+                                                 device=device)
                 for kind in ("hf", "lmlab"):
                     row[f"{kind}_{mode}_tok_s"] = tps[kind]
+                    row[f"{kind}_{mode}_tok_s_rounds"] = per_round[kind]
                     if device != "cpu":
                         row[f"{kind}_{mode}_peak_gb"] = memory[kind] / 1e9
                     row[f"{kind}_{mode}_mfu"] = 6 * n_nonemb * tps[kind] / peaks[dtype]
@@ -187,6 +195,9 @@ def throughput(names: list[str], steps: int, quick: bool, compile_: bool, peaks:
                           f"MFU {row[f'{kind}_{mode}_mfu']:.1%} ({row[f'{kind}_{mode}_mfu_with_emb']:.1%} with emb)",
                           flush=True)
                 row[f"ratio_{mode}"] = row[f"lmlab_{mode}_tok_s"] / row[f"hf_{mode}_tok_s"]
+                # round r's lmlab over round r's transformers (the two ran back to back)
+                row[f"ratio_{mode}_rounds"] = [a / b for a, b in zip(per_round["lmlab"], per_round["hf"], strict=True)]
+                row[f"{mode}_load_avg"] = per_round["load"]
             rows.append(row)
     return rows
 
@@ -213,6 +224,15 @@ def markdown(data: dict) -> str:
             line += (f" {r['hf_compiled_tok_s']:,.0f} | {r['lmlab_compiled_tok_s']:,.0f} | "
                      f"{r['ratio_compiled']:.2f}x |" if "ratio_compiled" in r else " | | |")
         md.append(line)
+    if any("ratio_eager_rounds" in r for r in rows):
+        md += ["", "Per round (one fresh process per side, back to back; lmlab / transformers of each round's "
+               "median steps) and the 1-minute load average before each process started:", ""]
+        for r in rows:
+            for mode in ("eager", "compiled"):
+                if f"ratio_{mode}_rounds" in r:
+                    md.append(f"- {r['config']} {r['dtype']} {mode}: "
+                              + ", ".join(f"{x:.2f}x" for x in r[f"ratio_{mode}_rounds"])
+                              + " (load " + ", ".join(f"{x:.1f}" for x in r[f"{mode}_load_avg"]) + ")")
     for r in rows:
         for mode in ("eager", "compiled"):
             if f"hf_{mode}_peak_gb" in r:
