@@ -4,6 +4,7 @@ import pytest
 
 from lmlab.cli import main
 from lmlab.recipes.quickstart import SAMPLE_PROMPTS, choose_dtype, cpu_dtype, word_share, words
+from lmlab.tokenizers import train_tokenizer
 
 
 def test_quickstart_runs_the_whole_pipeline(tmp_path, capsys):
@@ -28,9 +29,9 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path, capsys):
     # a reused data directory whose tokenizer file is another tokenizer is refused, not trained on
     tok_file = data / "tokenizer.json"
     original = tok_file.read_text()
-    tok_file.write_text(json.dumps({"lmlab_tokenizer": "char", "specials": {}, "vocab": ["<pad>", "a"]}))
+    train_tokenizer("char", ["ab"]).save(str(data))  # 5 specials + 2 characters
     assert main(["quickstart", "--out", str(tmp_path / "run2"), "--data", str(data), "--steps", "1"]) == 2
-    assert "is a char tokenizer of 2 tokens" in capsys.readouterr().err
+    assert "is a char tokenizer of 7 tokens" in capsys.readouterr().err
     tok_file.write_text(original)
     # ... as is one prepared otherwise (here: another vocabulary)
     meta["vocab_size"] = 512
