@@ -16,8 +16,10 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"{name:<10}{e['loss']:>8.3f}{e['perplexity']:>12.2f}{e['bits_per_byte']:>11.3f}")
     verdict = "reached" if r["perplexity_ratio"] <= 0.5 else "did NOT reach"
     print(f"GPT perplexity is {r['perplexity_ratio']:.1%} of the unigram baseline's: {verdict} the goal of at most 50%")
-    print(f"sample ({SAMPLE_SETTINGS}):")
-    print(r["sample"])
+    ws = r["word_share"]
+    print(f"samples ({SAMPLE_SETTINGS}); {ws['share']:.1%} of their {ws['words']} words occur in the training text:")
+    for s in r["samples"]:
+        print("  " + s.strip().replace("\n", "\n  "))
     print(f"done in {r['seconds']:.0f} s; results in {r['run_dir']}/quickstart.json; try "
           f"`lmlab generate {r['run_dir']} \"The json module\"`")
     return 0 if r["finite"] else 1
