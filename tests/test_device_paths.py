@@ -110,3 +110,24 @@ def test_training_forward_compiles_as_one_graph():
         code = "\n".join(g.code for g in explained.graphs)
         # the CPU-only Functions stay out of the graph Inductor fuses (the chunked loss stays: it saves memory)
         assert "_GeluTanh" not in code and "_CausalMatmulAttention" not in code
+
+
+def test_compiled_bf16_loss_takes_the_plain_ops_and_equals_eager():
+    """Compiled under bf16 with all logits in one chunk, the loss is plain linear + cross-entropy (which
+    Inductor fuses); in float32 it stays the chunked Function. Loss and gradients equal eager's."""
+    x, y = batch(64)
+    for dtype in (torch.float32, torch.bfloat16):
+        eager, compiled = tiny_gpt(), tiny_gpt()
+        compiled.load_state_dict(eager.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            explained = torch._dynamo.explain(compiled)(x, y)
+            code = "\n".join(g.code for g in explained.graphs)
+            assert ("cross_entropy" in code) == (dtype == torch.bfloat16)
+            want = eager(x, y).loss
+            got = torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, y).loss
+        want.backward()
+        got.backward()
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got, want, **tol)
+        for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
