@@ -5,6 +5,7 @@ Dense: 4 layers, 192 wide, GELU FFN of 768. MoE: the same with 8 experts per lay
 FLOPs within 1%, tests/test_sizing.py). Same data order, schedule and seeds for both.
 
     nohup python benchmarks/moe_vs_dense.py run &   # 2 runs at a time at nice 19; resumes what was interrupted
+    MOE_CORPUS=stdlib-code python benchmarks/moe_vs_dense.py run   # the same at ~1 pass (runs/moe-10m-stdlib-code)
     flock /tmp/lmlab-heavy.lock python benchmarks/moe_vs_dense.py speed   # tokens/s apart, ~4 min
     python benchmarks/moe_vs_dense.py report   # docs/moe/results.md, results.json, curves.png (partial runs too)
 """
@@ -27,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # 574k-token training split. Warm-up 100 steps (4%), cosine to 0.1x over the whole run, the same for both arms.
 STEPS = int(os.environ.get("MOE_STEPS", 2442))
 SEEDS = tuple(int(s) for s in os.environ.get("MOE_SEEDS", "1,2").split(","))
-_TAG = "" if STEPS == 2442 else f"-{STEPS}"
+# stdlib-docs holds 574k training tokens, so 10M tokens repeat it ~17 times and both arms overfit;
+# MOE_CORPUS=stdlib-code (10.9M training tokens) runs the same comparison at about one pass.
+CORPUS = os.environ.get("MOE_CORPUS", "stdlib-docs")
+_TAG = ("" if STEPS == 2442 else f"-{STEPS}") + ("" if CORPUS == "stdlib-docs" else f"-{CORPUS}")
 RUNS = ROOT / "benchmarks" / "runs" / f"moe-10m{_TAG}"
 DOCS = ROOT / "docs" / "moe" / _TAG.lstrip("-")
 BATCH, BLOCK, WARMUP, CKPT = 16, 256, 100, 100
@@ -157,7 +161,7 @@ def speed(data: str) -> None:
     (DOCS / "speed.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
-def report() -> None:
+def report(data: str) -> None:
     """results.json / results.md / curves.png from whatever the runs have reached (partial runs say so)."""
     DOCS.mkdir(parents=True, exist_ok=True)
     names = [f"{arm}-s{seed}" for arm in ARMS for seed in SEEDS]
@@ -181,9 +185,11 @@ def report() -> None:
     (DOCS / "results.json").write_text(json.dumps({"config": config, "milestones": table, "speed": sp, "runs": res},
                                                   indent=1) + "\n")
     partial = [k for k, v in res.items() if not v["done"]]
-    lines = ["# MoE vs dense at equal active FLOPs (stdlib-docs)", "",
+    n_train = _train_tokens(data)
+    lines = [f"# MoE vs dense at equal active FLOPs ({CORPUS})", "",
              f"GPT 4 x 192, block {BLOCK}, batch {BATCH}, {STEPS} steps = {STEPS * TOKENS_PER_STEP:,} tokens per run "
-             f"(~{STEPS * TOKENS_PER_STEP / 574_008:.0f} passes over the 574k-token training split), bf16 autocast, "
+             f"(~{STEPS * TOKENS_PER_STEP / n_train:.1f} passes over the {n_train:,}-token training "
+             "split), bf16 autocast, "
              f"lr 2e-3 (warm-up {WARMUP} steps) cosine to 2e-4 over the whole run, weight decay 0.1, no dropout. "
              "MoE: 8 experts of 384, top-2, load balancing 0.01 per layer, z-loss 0.001. Each run on 1 CPU thread at "
              f"nice {NICE}, two at a time, beside other work on a shared 2-core machine. "
@@ -221,6 +227,11 @@ def report() -> None:
     print("\n".join(lines))
 
 
+def _train_tokens(data: str) -> int:
+    meta = json.loads((Path(data) / "meta.json").read_text())
+    return sum(sh["n_tokens"] for sh in meta["splits"]["train"]["shards"])
+
+
 def _plot(res: dict) -> None:
     import matplotlib
 
@@ -255,7 +266,8 @@ def _plot(res: dict) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["run", "speed", "report"])
-    ap.add_argument("data", nargs="?", default=str(ROOT / "data" / "stdlib-docs"))
+    ap.add_argument("data", nargs="?", default=str(ROOT / "data" / CORPUS),
+                    help="a prepared data dir (default data/$MOE_CORPUS: `lmlab prepare CORPUS --out` it first)")
     ap.add_argument("--workers", type=int, default=2, help="runs trained at once (run)")
     args = ap.parse_args()
     if args.what == "run":
@@ -263,4 +275,4 @@ if __name__ == "__main__":
     elif args.what == "speed":
         speed(args.data)
     else:
-        report()
+        report(args.data)
