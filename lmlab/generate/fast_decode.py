@@ -80,16 +80,22 @@ def _packed(m: nn.Module, model: nn.Module) -> tuple:
 
 
 def _share_scales(m: nn.Module, args: tuple) -> tuple:
-    """Point the module's scales at the decoding kernels' float32 block-major copies in `args` (the same
-    values: fp16 ones are exact in fp32), so that one set of scales is kept, not two; returns `args`."""
+    """Point the module's scales at the decoding kernels' block-major copies in `args` (the same values,
+    in the same dtype: fp16 as the file stores Q4_1's and Q8_0's, else float32), so that one set of scales
+    is kept, not two; returns `args`."""
+    half = args[0] >= kernels.HALF
+
+    def tensor(b: np.ndarray) -> torch.Tensor:  # the kernels' scale bytes [k/g, n * size] as a [k/g, n] view
+        return torch.from_numpy(b.view(np.uint16)).view(torch.float16) if half else torch.from_numpy(b.view(np.float32))
+
     if isinstance(m, Int4Linear):
-        both = torch.stack([torch.from_numpy(args[2]), torch.from_numpy(args[3])])  # [2, k/32, n]: d, m
+        both = torch.stack([tensor(args[2]), tensor(args[3])])  # [2, k/32, n]: d, m
         m.dm = both.permute(2, 1, 0)  # [n, k/32, 2], a view of the same memory
-        return (args[0], args[1], both[0].numpy(), both[1].numpy())
-    if isinstance(m, GroupLinear):
-        m.d = torch.from_numpy(args[2]).T
-        if m.m is not None:
-            m.m = torch.from_numpy(args[3]).T
+        return (args[0], args[1], both[0].numpy().view(np.uint8), both[1].numpy().view(np.uint8))
+    if isinstance(m, (GroupLinear, Q8Linear)):
+        m.d = tensor(args[2]).T
+        if getattr(m, "m", None) is not None:
+            m.m = tensor(args[3]).T
     return args
 
 

@@ -278,8 +278,10 @@ class GroupLinear(nn.Module):
         if k % d.shape[1] or d.shape[0] != n or (m is not None and m.shape != d.shape):
             raise ValueError(f"group scales {tuple(d.shape)} do not fit codes {tuple(qs.shape)}")
         self.register_buffer("qs", qs.to(torch.int8))
-        self.register_buffer("d", d.float())
-        self.register_buffer("m", None if m is None else m.float())
+        # fp16 scales (GGUF's Q8_0, Q5_0, Q5_1) stay fp16: exact, and half the bytes to stream
+        half = d.dtype == torch.float16 and (m is None or m.dtype == torch.float16)
+        self.register_buffer("d", d if half else d.float())
+        self.register_buffer("m", None if m is None else m if half else m.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.group, self.dtype, self.chunk = k // d.shape[1], dtype, chunk
         self.in_features, self.out_features = k, n
@@ -287,8 +289,8 @@ class GroupLinear(nn.Module):
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         qs, d, m = (self.qs, self.d, self.m) if rows is None else \
             (self.qs[rows], self.d[rows], None if self.m is None else self.m[rows])
-        w = qs.float().reshape(*d.shape, self.group) * d[..., None]
-        return (w if m is None else w + m[..., None]).view(*qs.shape)
+        w = qs.float().reshape(*d.shape, self.group) * d.float()[..., None]
+        return (w if m is None else w + m.float()[..., None]).view(*qs.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= KERNEL_ROWS * self.in_features and kernels.available():
@@ -346,6 +348,8 @@ def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
     m = None
     if any(p.m is not None for p in parts):
         m = cat([spread(p.m if p.m is not None else np.zeros_like(p.d), p) for p in parts])
+    if torch.equal(d.half().float(), d) and (m is None or torch.equal(m.half().float(), m)):
+        d, m = d.half(), None if m is None else m.half()  # fp16 as stored (Q8_0, Q5_0/1): the same values
     return GroupLinear(qs, d, m, bias, dtype=torch.float32 if prefill_dtype == torch.float32 else prefill_dtype)
 
 
@@ -423,7 +427,7 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
         raise LmlabError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if precision == "fp32":
         return model.float()
-    model.float()  # what stays (norms, biases elsewhere) computes in fp32
+    _float_except_blocks(model)  # what stays (norms, biases elsewhere) computes in fp32
     blocks = kernels.available()
     if precision == "gguf":
         return _decoding_kernels(model, blocks).eval()
@@ -456,6 +460,20 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
     _swap(model, nn.Linear, linear)
     _swap(model, nn.Embedding, embedding)
     return _decoding_kernels(model, blocks).eval()
+
+
+def _float_except_blocks(model: nn.Module) -> None:
+    """`model.float()`, leaving the block-quantized layers a GGUF file was loaded into as they are: their
+    fp16 scales are exact as stored, and float32 copies would double their memory."""
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Q8Linear, GroupLinear, Q8Embedding)):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                m._buffers[name] = b.float()
 
 
 def _decoding_kernels(model: nn.Module, blocks: bool) -> nn.Module:

@@ -44,6 +44,7 @@ try:
     from numba.core import cgutils as _cgutils
     from numba.core import types as _types
     from numba.extending import intrinsic as _intrinsic
+    from numba.extending import overload as _overload
 except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
@@ -57,6 +58,7 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
 POOL = threading.Lock()
 
 BLOCK = 32  # inputs per block in Q4_1 and Q8_0 (ggml-common.h QK4_1, QK8_0)
+HALF = 8  # added to a decoding linear's kind (`linear_args`) when its scales are fp16, as the file stores them
 
 # 2^(e - 25) for an fp16 exponent field e: a finite fp16 with exponent field e >= 1 and mantissa field
 # m is (1024 + m) 2^(e - 25), and a subnormal (e = 0) is m 2^(1 - 25); both products are exact in fp32
@@ -178,6 +180,29 @@ if numba is not None:
         for c in range(0, a.shape[0], per_line):
             _prefetch(a, c)
 
+    def _scales(src, dst):  # pragma: no cover - compiled through the overload below
+        """dst [L] float32 = src [L]: float32 as is, or fp16 bit patterns (uint16) converted exactly."""
+
+    @_overload(_scales, inline="always")
+    def _scales_impl(src, dst):
+        if src.dtype == _types.uint16:
+            def from_half(src, dst):
+                # fp16 -> fp32 without a branch or a table: the sign and the 15 other bits moved to fp32's
+                # places give the value times 2^-112 (a subnormal fp16 lands on an fp32 subnormal), and
+                # times 2^112 is exact (IEEE arithmetic; nothing here flushes subnormals)
+                u = dst.view(np.uint32)
+                for r in range(src.shape[0]):
+                    h = np.uint32(src[r])
+                    u[r] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+                for r in range(src.shape[0]):
+                    dst[r] *= np.float32(2.0 ** 112)
+            return from_half
+
+        def as_is(src, dst):
+            for r in range(src.shape[0]):
+                dst[r] = src[r]
+        return as_is
+
     @_njit(inline="always")
     def _tile(n, nt):
         """Rows per tile: at most _TILE (partial sums in L1), and few enough that each of `nt` threads gets
@@ -190,6 +215,9 @@ if numba is not None:
         """Rows r0 .. r0 + L - 1 of `_q4_1_mv_t` (one thread's tile)."""
         nb = qt.shape[0]
         T = np.empty(L, dtype=np.float32)
+        db = np.empty(L, dtype=np.float32)  # block b's scales and offsets of the tile's rows, as float32
+        mb = np.empty(L, dtype=np.float32)
+        per = 64 // d.itemsize  # scales per cache line
         for r in range(L):
             y[r0 + r] = 0.0
         for b in range(nb):
@@ -205,11 +233,11 @@ if numba is not None:
                     f = np.float32(q[r])
                     hi = np.floor(f * np.float32(0.0625))  # the nibbles, exactly, without integer ops
                     T[r] += xl * (f - np.float32(16.0) * hi) + xh * hi
-            _prefetch_row(d[bn, r0:r0 + L], 16)
-            _prefetch_row(m[bn, r0:r0 + L], 16)
+            _prefetch_row(d[bn, r0:r0 + L], per)
+            _prefetch_row(m[bn, r0:r0 + L], per)
             sxb = np.sum(x[32 * b:32 * b + 32])
-            db = d[b, r0:r0 + L]
-            mb = m[b, r0:r0 + L]
+            _scales(d[b, r0:r0 + L], db)
+            _scales(m[b, r0:r0 + L], mb)
             for r in range(L):
                 y[r0 + r] += db[r] * T[r] + mb[r] * sxb
 
@@ -264,6 +292,9 @@ if numba is not None:
         nb, g = qt.shape[0], qt.shape[1]
         has_m = m.shape[0] > 0
         T = np.empty(L, dtype=np.float32)
+        db = np.empty(L, dtype=np.float32)  # block b's scales and offsets of the tile's rows, as float32
+        mb = np.empty(L, dtype=np.float32)
+        per = 64 // d.itemsize  # scales per cache line
         for r in range(L):
             y[r0 + r] = 0.0
         for b in range(nb):
@@ -282,13 +313,13 @@ if numba is not None:
                 for r in range(L):
                     T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
                         + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
-            _prefetch_row(d[bn, r0:r0 + L], 16)
+            _prefetch_row(d[bn, r0:r0 + L], per)
             if has_m:
-                _prefetch_row(m[bn, r0:r0 + L], 16)
-            db = d[b, r0:r0 + L]
+                _prefetch_row(m[bn, r0:r0 + L], per)
+            _scales(d[b, r0:r0 + L], db)
             if has_m:
                 sxb = np.sum(x[g * b:g * b + g])
-                mb = m[b, r0:r0 + L]
+                _scales(m[b, r0:r0 + L], mb)
                 for r in range(L):
                     y[r0 + r] += db[r] * T[r] + mb[r] * sxb
             else:
@@ -420,6 +451,14 @@ if numba is not None:
 
     @_njit(fastmath=_FM, parallel=True, inline="always")
     def _linear(kind, qt, s1, s2, x, y, nt):
+        """One linear of `linear_args`: its scales s1, s2 arrive as bytes, fp16 where kind >= HALF."""
+        if kind >= HALF:
+            _linear_typed(kind - HALF, qt, s1.view(np.uint16), s2.view(np.uint16), x, y, nt)
+        else:
+            _linear_typed(kind, qt, s1.view(np.float32), s2.view(np.float32), x, y, nt)
+
+    @_njit(fastmath=_FM, parallel=True, inline="always")
+    def _linear_typed(kind, qt, s1, s2, x, y, nt):
         if kind == 0:
             _q4_1_mv_t(qt, s1, s2, x[0], y[0], nt)
         elif kind == 1:
@@ -494,20 +533,26 @@ def _f32(t: torch.Tensor, cols: int) -> np.ndarray:
     return out
 
 
+def _scale_array(t: torch.Tensor) -> np.ndarray:
+    """Scales [k/g, n] for the decoding kernels: fp16 ones as their bit patterns (uint16, converted exactly
+    in the kernels: half the bytes to stream), anything else as float32."""
+    t = t.contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.float16 else t.float().numpy()
+
+
 def repack_q4_1(qs: torch.Tensor, dm: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_1 blocks (`qs` [n, k/2] uint8, `dm` [n, k/32, 2] fp16) block-major for `_q4_1_mv_t`: the same
-    bytes as qt [k/32, 16, n], and d, m as float32 [k/32, n] (exact)."""
+    """Q4_1 blocks (`qs` [n, k/2] uint8, `dm` [n, k/32, 2] fp16 or float32) block-major for `_q4_1_mv_t`: the
+    same bytes as qt [k/32, 16, n], and d, m [k/32, n] (`_scale_array`: fp16 kept as uint16 bit patterns)."""
     n, nb = dm.shape[0], dm.shape[1]
     qt = qs.reshape(n, nb, 16).permute(1, 2, 0).contiguous().numpy()
-    dm32 = dm.float()
-    return qt, dm32[..., 0].T.contiguous().numpy(), dm32[..., 1].T.contiguous().numpy()
+    return qt, _scale_array(dm[..., 0].T), _scale_array(dm[..., 1].T)
 
 
 def repack_q8_0(qs: torch.Tensor, d: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Q8_0 blocks (`qs` [n, k] int8, `d` [n, k/32] fp16) block-major for `_qg_mv_t`: qt [k/32, 32, n] int8
-    and d float32 [k/32, n]."""
+    and d [k/32, n] (`_scale_array`)."""
     n, nb = d.shape
-    return qs.reshape(n, nb, 32).permute(1, 2, 0).contiguous().numpy(), d.float().T.contiguous().numpy()
+    return qs.reshape(n, nb, 32).permute(1, 2, 0).contiguous().numpy(), _scale_array(d.T)
 
 
 def repack_group(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> tuple[np.ndarray, ...]:
@@ -522,14 +567,23 @@ def repack_group(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> t
 def linear_args(qs: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None,
                 group: bool = False) -> tuple:
     """(kind, qt, s1, s2) as `_decode_layer` takes a linear: Q4_1 (`qs` uint8) is kind 0 with (d, m), Q8_0
-    (int8) kind 1 with d (s2 unused); weights repacked (a copy) by `repack_q4_1` / `repack_q8_0`."""
+    (int8) kind 1 with d (s2 unused), other groups kind 2; weights repacked (a copy) by `repack_q4_1` /
+    `repack_q8_0` / `repack_group`. The scales go as bytes [k/g, 4n] (float32) or [k/g, 2n] (fp16 bit
+    patterns, kind + HALF), so every layout compiles to one `_decode_layer`."""
     if group:
         qt, d, m = repack_group(qs, scales, offsets)
-        return 2, qt.view(np.uint8), d, m
-    if qs.dtype == torch.uint8:
-        return (0, *repack_q4_1(qs, scales))
-    qt, d = repack_q8_0(qs, scales)
-    return 1, qt.view(np.uint8), d, d
+        kind = 2
+    elif qs.dtype == torch.uint8:
+        qt, d, m = repack_q4_1(qs, scales)
+        kind = 0
+    else:
+        qt, d = repack_q8_0(qs, scales)
+        m, kind = d, 1
+    if d.dtype != m.dtype:  # one of them fp16, the other not: both as float32
+        d, m = (a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a for a in (d, m))
+    if d.dtype == np.uint16:
+        kind += HALF
+    return kind, qt.view(np.uint8), d.view(np.uint8), m.view(np.uint8)
 
 
 def q4_1_matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
@@ -555,8 +609,8 @@ def group_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Te
     `d`, `m` [n, k/g] float32; m None: no offsets)."""
     n, k = qs.shape
     y = x.new_empty(*x.shape[:-1], n)
-    mm = np.zeros((n, 0), np.float32) if m is None else m.contiguous().numpy()
-    _qg_mm(qs.contiguous().numpy(), d.contiguous().numpy(), mm, x.contiguous().view(-1, k).numpy(),
+    mm = np.zeros((n, 0), np.float32) if m is None else m.float().contiguous().numpy()
+    _qg_mm(qs.contiguous().numpy(), d.float().contiguous().numpy(), mm, x.contiguous().view(-1, k).numpy(),
            y.view(-1, n).numpy())
     return y
 
