@@ -203,6 +203,8 @@ class Int4Linear(nn.Module):
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         elif x.numel() <= KERNEL_ROWS * self.in_features:  # decoding: the exact kernel, fp32 in and out
             y = kernels.q4_1_matmul(x.float().contiguous(), self.qs, self.dm).to(x.dtype)
+        elif _block_major_fp32(self):
+            y = _block_major_forward(self, x)
         else:
             y = F.linear(x.to(self.dtype), kernels.q4_1_dequantize(self.qs, self.dm, self.dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -295,6 +297,8 @@ class GroupLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= KERNEL_ROWS * self.in_features and kernels.available():
             y = kernels.group_matmul(x.float().contiguous(), self.qs, self.d, self.m)
+        elif _block_major_fp32(self):
+            y = _block_major_forward(self, x)
         else:
             x2 = x.reshape(-1, self.in_features).to(self.dtype)
             y = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype)
@@ -308,6 +312,17 @@ class GroupLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
                 f"offsets={self.m is not None}, bias={self.bias is not None}")
+
+
+def _block_major_fp32(m: nn.Module) -> bool:
+    return m.dtype == torch.float32 and kernels.available() and kernels.block_major(m.qs)
+
+
+def _block_major_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Many rows (prefill, scoring) through codes stored block-major (GGUF layers): the exact fp32 weights
+    made a chunk at a time into one reused buffer, then fp32 GEMMs (`kernels.block_major_mm`)."""
+    y = kernels.block_major_mm(x.reshape(-1, m.in_features).float().contiguous(), block_args(m))
+    return y.view(*x.shape[:-1], m.out_features)
 
 
 class BlockEmbedding(nn.Module):
@@ -324,6 +339,15 @@ class BlockEmbedding(nn.Module):
 
 def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
                        prefill_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """`_linear_from_blocks` with its codes stored block-major (`kernels.block_major`): the layout decoding
+    reads, made here, one tensor at a time, rather than for the whole model when decoding starts."""
+    layer = _linear_from_blocks(parts, bias, prefill_dtype)
+    layer.qs = layer.qs.T.contiguous().T
+    return layer
+
+
+def _linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
+                        prefill_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """One linear layer whose weight is `parts` (GGUF tensors unpacked by lmlab/nn/quant_formats.py)
     stacked by rows, e.g. q, k, v into our fused projection, without re-quantizing: 4-bit codes in
     groups of 32 (Q4_0, Q4_1, Q4_K) as `Int4Linear`, anything else (or a mix, e.g. Q4_K_M's Q4_K q/k
@@ -351,6 +375,42 @@ def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
     if torch.equal(d.half().float(), d) and (m is None or torch.equal(m.half().float(), m)):
         d, m = d.half(), None if m is None else m.half()  # fp16 as stored (Q8_0, Q5_0/1): the same values
     return GroupLinear(qs, d, m, bias, dtype=torch.float32 if prefill_dtype == torch.float32 else prefill_dtype)
+
+
+def block_args(m: nn.Module) -> tuple:
+    """(kind, qt, s1, s2): a quantized linear's weights as the block-major kernels take them
+    (`kernels.linear_args`), made once per module and kept (quantized modules are inference-only),
+    keyed by the codes' storage and version. With codes stored block-major (`kernels.block_major`) qt
+    is a view of them; the module's scales become views of the kernels' copies, so one set is kept."""
+    key = (m.qs.data_ptr(), m.qs._version)
+    hit = m.__dict__.get("_decode_pack")
+    if hit is None or hit[0] != key:
+        if isinstance(m, GroupLinear):
+            args = kernels.linear_args(m.qs, m.d, m.m, group=True)
+        else:
+            args = kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d)
+        hit = m.__dict__["_decode_pack"] = (key, _share_scales(m, args))
+    return hit[1]
+
+
+def _share_scales(m: nn.Module, args: tuple) -> tuple:
+    """Point the module's scales at the decoding kernels' block-major copies in `args` (the same values,
+    in the same dtype: fp16 as the file stores Q4_1's and Q8_0's, else float32), so that one set of scales
+    is kept, not two; returns `args`."""
+    half = args[0] >= kernels.HALF
+
+    def tensor(b: np.ndarray) -> torch.Tensor:  # the kernels' scale bytes [k/g, n * size] as a [k/g, n] view
+        return torch.from_numpy(b.view(np.uint16)).view(torch.float16) if half else torch.from_numpy(b.view(np.float32))
+
+    if isinstance(m, Int4Linear):
+        both = torch.stack([tensor(args[2]), tensor(args[3])])  # [2, k/32, n]: d, m
+        m.dm = both.permute(2, 1, 0)  # [n, k/32, 2], a view of the same memory
+        return (args[0], args[1], both[0].numpy().view(np.uint8), both[1].numpy().view(np.uint8))
+    if isinstance(m, (GroupLinear, Q8Linear)):
+        m.d = tensor(args[2]).T
+        if getattr(m, "m", None) is not None:
+            m.m = tensor(args[3]).T
+    return args
 
 
 class FastRMSNorm(nn.Module):

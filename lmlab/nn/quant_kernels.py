@@ -364,6 +364,52 @@ if numba is not None:
                 out[i, 32 * b + 16:32 * b + 32] = wh[16 * b:16 * b + 16]
 
     @_njit(fastmath=_FM)
+    def _dequant_t(kind, qt, d, m, c0, out):
+        """out [k, L] = W^T for rows c0 .. c0 + L - 1 of block-major codes (`linear_args`' layout): kind 0
+        Q4_1 bytes qt [k/32, 16, n] uint8, else group codes qt [k/g, g, n] int8 (m [0, n]: no offsets);
+        d, m [k/g, n] float32 or fp16 bit patterns. Each weight d q + m rounds once (d q is exact), as
+        in `dequantized_weight`; the inner loops run along rows, vectorised."""
+        L = out.shape[1]
+        nb, g = qt.shape[0], qt.shape[1]
+        db = np.empty(L, dtype=np.float32)
+        mb = np.zeros(L, dtype=np.float32)
+        for b in range(nb):
+            _scales(d[b, c0:c0 + L], db)
+            if m.shape[0] > 0:
+                _scales(m[b, c0:c0 + L], mb)
+            for j in range(g):
+                q = qt[b, j, c0:c0 + L]
+                if kind == 0:  # byte j of a Q4_1 block: inputs j (low nibble) and j + 16 (high)
+                    lo = out[32 * b + j]
+                    hi = out[32 * b + 16 + j]
+                    for r in range(L):
+                        f = np.float32(q[r])
+                        h = np.floor(f * np.float32(0.0625))
+                        lo[r] = db[r] * (f - np.float32(16.0) * h) + mb[r]
+                        hi[r] = db[r] * h + mb[r]
+                else:
+                    o = out[g * b + j]
+                    for r in range(L):
+                        o[r] = db[r] * np.float32(q[r]) + mb[r]
+
+    @_njit(fastmath=_FM)
+    def _dequant_t_any(kind, qt, s1, s2, c0, out):
+        """`_dequant_t` on `linear_args`' scale bytes (fp16 where kind >= HALF)."""
+        base = kind - HALF if kind >= HALF else kind
+        if base == 0 and kind >= HALF:
+            _dequant_t(0, qt, s1.view(np.uint16), s2.view(np.uint16), c0, out)
+        elif base == 0:
+            _dequant_t(0, qt, s1.view(np.float32), s2.view(np.float32), c0, out)
+        elif base == 1 and kind >= HALF:  # Q8_0: no offsets
+            _dequant_t(1, qt.view(np.int8), s1.view(np.uint16), s2.view(np.uint16)[:0], c0, out)
+        elif base == 1:
+            _dequant_t(1, qt.view(np.int8), s1.view(np.float32), s2.view(np.float32)[:0], c0, out)
+        elif kind >= HALF:
+            _dequant_t(2, qt.view(np.int8), s1.view(np.uint16), s2.view(np.uint16), c0, out)
+        else:
+            _dequant_t(2, qt.view(np.int8), s1.view(np.float32), s2.view(np.float32), c0, out)
+
+    @_njit(fastmath=_FM)
     def _q8_0_dequant(qs, d, out):
         n, k = out.shape
         e = np.empty(k, dtype=np.float32)
@@ -586,10 +632,52 @@ def linear_args(qs: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
     return kind, qt.view(np.uint8), d.view(np.uint8), m.view(np.uint8)
 
 
+def block_major(qs: torch.Tensor) -> bool:
+    """Whether codes `qs` [n, k'] are stored block-major (the transpose of a contiguous [k', n]), as the
+    decoding kernels read them (lmlab/generate/fast_decode.py, GGUF layers from lmlab/io/gguf/read.py)."""
+    return qs.dim() == 2 and qs.shape[0] > 1 and not qs.is_contiguous() and qs.T.is_contiguous()
+
+
+def _rows_block_major(mv, x: torch.Tensor, qt: np.ndarray, d: np.ndarray, m: np.ndarray, n: int) -> torch.Tensor:
+    """x [..., k] @ W^T, one row at a time through a block-major decoding kernel `mv` (few rows: each
+    reads the weights once, without a row-major copy of them)."""
+    x2 = x.contiguous().view(-1, x.shape[-1]).numpy()
+    y = torch.empty(x2.shape[0], n)
+    for r in range(x2.shape[0]):
+        mv(qt, d, m, x2[r], y[r].numpy(), 1)
+    return y.view(*x.shape[:-1], n)
+
+
+_SCRATCH = threading.local()  # each thread's buffer for `block_major_mm`'s dequantized weights
+SCRATCH_FLOATS = 1 << 21  # 8 MB: a SmolLM2 layer's largest matrix (576 x 3072) at once; more goes in chunks
+
+
+def block_major_mm(x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """x [M, k] float32 @ W^T -> [M, n] float32 for a linear in `linear_args`' block-major layout: W^T made
+    a chunk of rows at a time in one reused per-thread buffer (no allocation per call, so prefill leaves
+    no heap behind), then one fp32 GEMM per chunk. The weights are those of `dequantized_weight`."""
+    kind, qt, s1, s2 = args
+    k, n = x.shape[1], qt.shape[2]
+    chunk = max(64, min(n, SCRATCH_FLOATS // k))
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < k * chunk:
+        buf = _SCRATCH.buf = torch.empty(max(k * chunk, SCRATCH_FLOATS))
+    y = x.new_empty(x.shape[0], n)
+    for c0 in range(0, n, chunk):
+        L = min(chunk, n - c0)
+        wt = buf[:k * L].view(k, L)
+        _dequant_t_any(kind, qt, s1, s2, c0, wt.numpy())
+        torch.mm(x, wt, out=y[:, c0:c0 + L])
+    return y
+
+
 def q4_1_matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, W = d q + m in Q4_1 blocks (`qs` [n, k/2]
     uint8, `dm` [n, k/32, 2] float16)."""
     n, k = qs.shape[0], qs.shape[1] * 2
+    if block_major(qs):
+        qt = qs.T.numpy().reshape(k // 32, 16, n)
+        return _rows_block_major(_q4_1_mv_t, x, qt, _scale_array(dm[..., 0].T), _scale_array(dm[..., 1].T), n)
     y = x.new_empty(*x.shape[:-1], n)
     _q4_1_mm(qs.contiguous().numpy(), _f32(dm, k // 16), x.contiguous().view(-1, k).numpy(), y.view(-1, n).numpy())
     return y
@@ -599,6 +687,9 @@ def q8_0_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Ten
     """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, W = d q in Q8_0 blocks (`qs` [n, k]
     int8, `d` [n, k/32] float16)."""
     n, k = qs.shape
+    if block_major(qs):
+        d = _scale_array(d.T)
+        return _rows_block_major(_qg_mv_t, x, qs.T.numpy().reshape(k // 32, 32, n), d, d[:0], n)
     y = x.new_empty(*x.shape[:-1], n)
     _q8_0_mm(qs.contiguous().numpy(), _f32(d, k // 32), x.contiguous().view(-1, k).numpy(), y.view(-1, n).numpy())
     return y
@@ -608,6 +699,12 @@ def group_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Te
     """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, w = d q + m per group (`qs` [n, k] int8,
     `d`, `m` [n, k/g] float32; m None: no offsets)."""
     n, k = qs.shape
+    if block_major(qs):
+        dt = _scale_array(d.T)
+        mt = dt[:0] if m is None else _scale_array(m.T)
+        if dt.dtype != mt.dtype:
+            dt, mt = _scale_array(d.T.float()), _scale_array(m.T.float())
+        return _rows_block_major(_qg_mv_t, x, qs.T.numpy().reshape(d.shape[1], -1, n), dt, mt, n)
     y = x.new_empty(*x.shape[:-1], n)
     mm = np.zeros((n, 0), np.float32) if m is None else m.float().contiguous().numpy()
     _qg_mm(qs.contiguous().numpy(), d.float().contiguous().numpy(), mm, x.contiguous().view(-1, k).numpy(),
