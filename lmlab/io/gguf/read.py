@@ -31,6 +31,7 @@ in the process's resident memory next to the unpacked copy.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -183,6 +184,15 @@ def _release(reader: Any) -> None:
     mm = getattr(reader.data, "_mmap", None)
     if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing): the tensors'
+    unpacking frees tens of MB of temporaries that glibc would keep resident (26 MB on SmolLM2)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,4 +486,6 @@ def load_gguf(path: str | Path, *, blocks: bool = False,
     tok = tokenizer_from_gguf(meta)
     # the keys lmlab.io.load's BOS rule reads, so the file need not be parsed again
     tok.gguf_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.") and not isinstance(v, list)}
+    del meta, reader
+    _trim_heap()
     return model.eval(), tok
