@@ -168,6 +168,11 @@ if numba is not None:
     _TILE = 2048
 
     _MIN_TILE = 64  # rows per tile at least: short tiles spend more on their set-up than on the rows
+    # Codes below this many bytes are one thread's work: waking the pool costs tens of microseconds (much
+    # more when the other core is busy), against ~250 us to stream 4 MB. On SmolLM2-135M every layer's
+    # matrices (<= 0.9 MB) stayed on one thread and only the output layer (28 MB) is split; with all 121
+    # matrices a token split, 2 threads decoded at 35 tok/s against 95 on one (shared 2-core machine).
+    _PARALLEL_BYTES = 1 << 22
 
     @_njit(inline="always")
     def _prefetch_row(a, per_line):
@@ -245,6 +250,7 @@ if numba is not None:
     def _q4_1_mv_t(qt, d, m, x, y, nt):
         """y [n] = W x [k]; qt [k/32, 16, n] uint8 (repacked Q4_1 bytes), d, m [k/32, n] float32."""
         n = qt.shape[2]
+        nt = nt if qt.size >= _PARALLEL_BYTES else 1
         tile = _tile(n, nt)
         tiles = (n + tile - 1) // tile
         if nt == 1:  # no pool: waking its threads costs more than one core's rows
@@ -331,6 +337,7 @@ if numba is not None:
         """`_qg_mm` for one input row on weights repacked block-major (`repack_group`): y [n] = W x [k];
         qt [k/g, g, n] int8, d [k/g, n] float32, m [k/g, n] or [0, n] float32."""
         n = qt.shape[2]
+        nt = nt if qt.size >= _PARALLEL_BYTES else 1
         tile = _tile(n, nt)
         tiles = (n + tile - 1) // tile
         if nt == 1:  # no pool: waking its threads costs more than one core's rows
