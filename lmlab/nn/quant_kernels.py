@@ -12,10 +12,12 @@ per input row and shared by every output row; byte j of a block holds q_j (low n
 (high nibble), split exactly in float arithmetic (hi = floor(byte / 16), lo = byte - 16 hi). Q8_0:
 d dot(x_b, q). fp32 accumulation throughout; the decoding kernels (`*_mv_t`) split the output rows over
 numba's threads (`numba.set_num_threads`), the rest is single-threaded (numba releases the GIL, `nogil=True`).
-Decoding (lmlab/generate/fast_decode.py) uses copies of the weights repacked block-major and row-minor
-(`repack_q4_1`, `repack_q8_0`; the same bytes, reordered): its innermost loop runs over output rows, so
-LLVM vectorises it without a horizontal sum per block. This keeps a second copy of the quantized
-weights for the decoder's lifetime.
+Decoding (lmlab/generate/fast_decode.py) reads the weights block-major and row-minor (`repack_q4_1`,
+`repack_q8_0`, `repack_group`; the same bytes, reordered; GGUF layers are stored so from load, so this is
+a view): its innermost loop runs over output rows, so LLVM vectorises it without a horizontal sum per
+block; each tile prefetches the next block (`_prefetch`), and fp16 scales stay fp16 (`_scales`). Many
+rows on that layout (prefill, scoring) go through `block_major_mm`: W^T dequantized a chunk at a time
+into a reused buffer, then an fp32 GEMM.
 
 Decoding's small per-layer steps are here too, one call each instead of several PyTorch ops (a few
 microseconds apiece, which at one token per step add up to as much as reading the weights): RMSNorm,
