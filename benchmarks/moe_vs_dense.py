@@ -117,7 +117,7 @@ def curves(run: Path) -> dict:
 
 
 def whole_split_losses(run: Path) -> dict[int, float]:
-    """`lmlab eval` of the milestone checkpoints over the whole validation split (34k tokens, the same for
+    """`lmlab eval` of the milestone checkpoints over the whole validation split (the same for
     every run; the trainer's periodic loss uses 16 batches of windows drawn by seed), cached per run."""
     cache = run / "full_val.json"
     got = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
@@ -198,8 +198,9 @@ def report(data: str) -> None:
         where = [f"{k} at step {res[k]['reached_step']} ({res[k]['reached_step'] * TOKENS_PER_STEP:,} tokens)"
                  for k in partial] + [f"{k} not started" for k in names if k not in res]
         lines += [f"**Partial**: {', '.join(where)}. Resume with `python benchmarks/moe_vs_dense.py run`.", ""]
-    lines += ["Validation loss over the whole validation split (34,472 tokens, the same for every run) at checkpoints "
-              "every run has reached:", "",
+    n_val = _train_tokens(data, "val")
+    lines += [f"Validation loss over the whole validation split ({n_val:,} tokens, the same for every run) at "
+              "checkpoints every run has reached:", "",
               "| step | tokens | dense s1 / s2 | MoE s1 / s2 | dense - MoE (mean) | same seed | largest seed spread | "
               "MoE lower by > 2x spread |", "|---|---|---|---|---|---|---|---|"]
     for m in table:
@@ -227,9 +228,9 @@ def report(data: str) -> None:
     print("\n".join(lines))
 
 
-def _train_tokens(data: str) -> int:
+def _train_tokens(data: str, split: str = "train") -> int:
     meta = json.loads((Path(data) / "meta.json").read_text())
-    return sum(sh["n_tokens"] for sh in meta["splits"]["train"]["shards"])
+    return sum(sh["n_tokens"] for sh in meta["splits"][split]["shards"])
 
 
 def _plot(res: dict) -> None:
