@@ -23,11 +23,12 @@ runs are complete; `--report` only rewrites them from what exists (including unf
         --seeds 1 --eval_tokens 512 --eval_interval 1 --ckpt_interval 1 --root /tmp/spec-smoke \\
         --name specialise-smoke                                                    # a smoke test (~5 min)
 
-CPU budget (SmolLM2-135M, ~1 GFLOP per trained token; 1 torch thread on an idle core of this machine trains
-~100-150 tokens/s): probes 9-12 runs x 24 steps x 1,024 tokens (~0.25M tokens, ~40-50 min), then six runs
-(3 arms x 2 seeds) x 250 steps x 1,024 tokens = 256k tokens each (~30-45 min each), plus per run ~50k
-tokens of evaluation forward passes (~5 min): about 5 hours of one core in all, more when the core is shared
-(the runs are meant to soak idle CPU at `nice -n 19`).
+CPU budget (SmolLM2-135M, ~1 GFLOP per trained token; 1 torch thread, bf16 autocast): probes 9-12 runs x 24
+steps x 1,024 tokens (~0.3M tokens; measured ~50 min on a shared core), then six runs (3 arms x 2 seeds) x
+250 steps x 1,024 tokens = 256k tokens each (measured: full fine-tuning ~300 tokens/s, 17 min of training,
+on a mostly idle core; budget 20-45 min each when the core is shared), plus per run ~33k tokens of fp32
+evaluation forward passes (~2-3 min) and ~11 validation passes of 8k tokens: about 3-5 hours of one core in
+all (the runs are meant to soak idle CPU at `nice -n 19`).
 
 Writes benchmarks/results/NAME.{json,md} and docs/specialise/NAME-curves.png (NAME: --name, default specialise).
 """
@@ -363,21 +364,22 @@ def report(args: argparse.Namespace, arms: list[str], seeds: list[int]) -> None:
               f"split) and on the first {args.eval_tokens:,} tokens of PTB's test text (general), fp32, windows "
               "of 256 without overlap", "",
               "| arm | seed | status | lr | trainable | % | tokens | tokens/s | peak RSS training (MiB) | "
-              "domain ppl before → after | Δ domain (nats) | PTB ppl before → after |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "domain ppl before → after | Δ domain (nats) | PTB ppl before → after | Δ PTB (nats) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         res = r["result"]
         status = ("complete" if r["complete"] else f"unfinished: step {r['steps_done']}" if r["steps_done"]
                   else "not started")
         if not (res and r["complete"]):
-            lines.append(f"| {r['arm']} | {r['seed']} | {status} | - | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {r['arm']} | {r['seed']} | {status} | - | - | - | - | - | - | - | - | - | - |")
             continue
         b, a = res["before"], res["after"]
         lines.append(f"| {r['arm']} | {r['seed']} | {status} | {res['lr']:.3g} | {res['trainable']:,} | "
                      f"{100 * res['trainable'] / res['parameters']:.2f} | {res['tokens']:,} | "
                      f"{cell(res['tok_per_s'], '{:.0f}')} | {res['rss_peak_train_mb']:.0f} | "
                      f"{math.exp(b['domain']):.2f} → {math.exp(a['domain']):.2f} | {b['domain'] - a['domain']:.4f} | "
-                     f"{math.exp(b['general']):.2f} → {math.exp(a['general']):.2f} |")
+                     f"{math.exp(b['general']):.2f} → {math.exp(a['general']):.2f} | "
+                     f"{b['general'] - a['general']:.4f} |")
     lines += ["", "## LoRA's share of full fine-tuning's reduction in domain log-perplexity (same seed)", "",
               "| seed | arm | full gain (nats) | arm gain (nats) | ratio |", "|---|---|---|---|---|"]
     for q in ratios:
@@ -385,7 +387,9 @@ def report(args: argparse.Namespace, arms: list[str], seeds: list[int]) -> None:
         lines.append(f"| {q['seed']} | {q['arm']} | {q['full_gain']:.4f} | {q['gain']:.4f} | {ratio} |")
     if not ratios:
         lines.append("| - | - | - | - | no seed has both full and a LoRA arm complete yet |")
-    lines += ["", "Each arm's gain is its own before minus after (the lora-int4 arm starts from the int4 base). "
+    lines += ["", "Perplexities are per SmolLM2 token (not per word: the PTB numbers do not compare with the "
+              "published word-level PTB results). Δ = before - after (positive: lower perplexity). "
+              "Each arm's gain is its own before minus after (the lora-int4 arm starts from the int4 base). "
               "Peak RSS: sampled every 20 ms during training in the run's own process, the highest over its "
               "sessions (a resumed session starts from a checkpoint instead of the GGUF). Curves: "
               f"`docs/specialise/{args.name}-curves.png`.", ""]
