@@ -43,7 +43,7 @@ from lmlab.data.prepare import PrepareConfig, prepare  # noqa: E402
 from lmlab.eval.harness.fewshot import demonstrations, evaluate_task, wilson  # noqa: E402
 from lmlab.eval.harness.lm import TorchLM  # noqa: E402
 from lmlab.eval.tasks import Task, load_task  # noqa: E402
-from lmlab.eval.tasks.instructions import FAMILIES, conversation, instruction_pairs  # noqa: E402
+from lmlab.eval.tasks.instructions import FAMILIES, conversation, family_of, instruction_pairs  # noqa: E402
 from lmlab.generate.engine import SamplingConfig, generate_texts  # noqa: E402
 from lmlab.io.load import load_model  # noqa: E402
 from lmlab.nn.lora import LoRAConfig  # noqa: E402
@@ -124,7 +124,7 @@ def val_task(name: str) -> Task:
 
 def make_data() -> None:
     names = [n for f in TRAINED for n in FAMILIES[f]] + list(RECIPE.extra_tasks)
-    bad = [n for n in RECIPE.extra_tasks if n in FAMILIES[HELD_OUT] or n in names[:-len(RECIPE.extra_tasks)]]
+    bad = [n for n in RECIPE.extra_tasks if family_of(n) == HELD_OUT or names.count(n) > 1]
     if bad:
         sys.exit(f"extra tasks {bad} are of the held-out family or already trained")
     pairs = instruction_pairs(names, RECIPE.n_pairs, seed=SEED, shots=RECIPE.shots,
@@ -166,10 +166,6 @@ def chat_answers(model, tok, template, task: Task, shots: int) -> tuple[list[str
                                           demos=demonstrations(task, i, shots, seed=0) if shots else ()),
                              add_generation_prompt=True) for i, it in enumerate(task.items)]
     return texts, generate(model, tok, [tok.encode(t, allow_special=True) for t in texts], task.max_new_tokens)
-
-
-def family_of(name: str) -> str:
-    return next(k for k, v in FAMILIES.items() if name in v)
 
 
 def evaluate(split: str) -> None:

@@ -29,6 +29,12 @@ FAMILIES: dict[str, list[str]] = {
     "scramble": ["reversed_words", "cycle_letters", "anagrams1", "random_insertion"],
     "sequences": ["counting", "days", "months", "letters"],
 }
+# every task a family's instruction covers: FAMILIES' own, and more that a recipe may add to training
+MEMBERS: dict[str, list[str]] = {
+    "arithmetic": FAMILIES["arithmetic"] + ["arithmetic_3d-", "arithmetic_4d+", "arithmetic_4d-"],
+    "scramble": FAMILIES["scramble"] + ["anagrams2"],
+    "sequences": FAMILIES["sequences"],
+}
 INSTRUCTIONS = {
     "arithmetic": "Answer the question with a number.\n",
     "scramble": "",  # these tasks carry their own instruction (Task.description)
@@ -38,7 +44,7 @@ SCRAMBLE = set(FAMILIES["scramble"])
 
 
 def family_of(task_name: str) -> str:
-    for family, names in FAMILIES.items():
+    for family, names in MEMBERS.items():
         if task_name in names:
             return family
     raise LmlabError(f"task '{task_name}' is in no instruction family ({', '.join(FAMILIES)})")
