@@ -69,7 +69,6 @@ RECIPES = {
     "r0": Recipe(),                                        # the first two attempts' recipe: 0-shot turns only
     "mix": Recipe(shots=(0, 1, 2, 3, 4, 5)),               # 0-shot and k-shot turns mixed
     "mix-lora": Recipe(shots=(0, 1, 2, 3, 4, 5), lr=1e-3, lora_rank=16),
-    "r0-lora": Recipe(lr=1e-3, lora_rank=16),              # added after the first three's validation
     "mix-long": Recipe(shots=(0, 1, 2, 3, 4, 5), steps=150, n_pairs=500, extra_tasks=("anagrams2",)),
 }
 
