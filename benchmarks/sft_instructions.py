@@ -6,16 +6,21 @@ entirely; no training pair asks an evaluation test item's question. Three arms a
 items, scored by exact match of the greedy answer:
 
 - base, 5-shot: the plain few-shot prompt of the harness (lmlab/eval/harness/fewshot.py);
-- base, 0-shot chat: the task's question as a chat turn (the same turn SFT trains on, no answer);
-- SFT, 0-shot chat: the same chat turn to the fine-tuned model.
+- base, 5-shot chat: the same five demonstrations, joined the same way, inside the chat turn;
+- base, 0-shot chat: the task's question as a chat turn (the turn SFT trains on, no answer);
+- SFT, 0-shot chat and SFT, 5-shot chat: the same two chat turns to the fine-tuned model.
 
-    python benchmarks/sft_instructions.py data    # pairs -> runs/sft-instructions/{pairs.jsonl, data/}
-    python benchmarks/sft_instructions.py train   # resumable (SFT_STEPS, SFT_SEED)
-    python benchmarks/sft_instructions.py eval    # cached per (arm, task); benchmarks/results/sft_instructions.*
+The base model's own 5-shot accuracy (the bar) is the better of its two 5-shot arms, per task.
 
-Run the heavy steps under `flock /tmp/lmlab-heavy.lock` on a shared machine. One seed by default: a
-second (SFT_SEED=1) is needed before the comparison decides a claim. Another held-out family gets its own
-pairs, data, run and results (`...-heldout-FAMILY`); the base arms do not depend on it.
+    python benchmarks/sft_instructions.py data    # pairs -> runs/sft-instructions/{pairs*.jsonl, data*/}
+    python benchmarks/sft_instructions.py train   # resumable (SFT_SEED)
+    python benchmarks/sft_instructions.py val     # held-out family, validation items only: choose a recipe
+    python benchmarks/sft_instructions.py eval    # test items; benchmarks/results/sft_instructions-*.{json,md}
+
+SFT_RECIPE names the recipe (RECIPES below). Recipes are compared only on validation items of the held-out
+family, drawn from another seeded stream than the test items and sharing no question with them (`val`);
+the test items are evaluated (`eval`) for the chosen recipe. Every (split, arm, task) cell is cached with
+its answers. Run the heavy steps under `flock /tmp/lmlab-heavy.lock` on a shared machine.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,31 +40,60 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, write_results  # noqa: E402
 from lmlab.data.prepare import PrepareConfig, prepare  # noqa: E402
-from lmlab.eval.harness.fewshot import evaluate_task, wilson  # noqa: E402
+from lmlab.eval.harness.fewshot import demonstrations, evaluate_task, wilson  # noqa: E402
 from lmlab.eval.harness.lm import TorchLM  # noqa: E402
-from lmlab.eval.tasks import load_task  # noqa: E402
-from lmlab.eval.tasks.instructions import FAMILIES, conversation, instruction_pairs  # noqa: E402
+from lmlab.eval.tasks import Task, load_task  # noqa: E402
+from lmlab.eval.tasks.instructions import FAMILIES, conversation, family_of, instruction_pairs  # noqa: E402
 from lmlab.generate.engine import SamplingConfig, generate_texts  # noqa: E402
 from lmlab.io.load import load_model  # noqa: E402
+from lmlab.nn.lora import LoRAConfig  # noqa: E402
 from lmlab.tokenizers.chat_template import chat_template_for  # noqa: E402
 from lmlab.train.checkpoint import load_checkpoint  # noqa: E402
 from lmlab.train.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from lmlab.train.trainer import Trainer  # noqa: E402
 from lmlab.utils.atomic import atomic_write_text  # noqa: E402
 
+
+@dataclass(frozen=True)
+class Recipe:
+    shots: tuple[int, ...] = (0,)   # each training turn shows k demonstrations, k uniform over these
+    steps: int = 60
+    lr: float = 1e-4
+    lora_rank: int = 0              # 0: full fine-tuning
+    n_pairs: int = 250              # training pairs per trained task
+    extra_tasks: tuple[str, ...] = ()  # trained-family tasks beyond FAMILIES' (none of the held-out family)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RECIPES = {
+    "r0": Recipe(),                                        # the first two attempts' recipe: 0-shot turns only
+    "mix": Recipe(shots=(0, 1, 2, 3, 4, 5)),               # 0-shot and k-shot turns mixed
+    "mix-lora": Recipe(shots=(0, 1, 2, 3, 4, 5), lr=1e-3, lora_rank=16),
+    "mix-long": Recipe(shots=(0, 1, 2, 3, 4, 5), steps=150, n_pairs=500, extra_tasks=("anagrams2",)),
+}
+
 SEED = int(os.environ.get("SFT_SEED", 0))
-STEPS = int(os.environ.get("SFT_STEPS", 60))
-N_TEST = int(os.environ.get("SFT_N_TEST", 60))     # test items per task
-N_PAIRS = int(os.environ.get("SFT_N_PAIRS", 250))  # training pairs per trained task
+N_TEST = int(os.environ.get("SFT_N_TEST", 60))     # test items per trained-family task
+N_HELD = int(os.environ.get("SFT_N_HELD", 200))    # test items per held-out-family task (tighter intervals)
+N_VAL = int(os.environ.get("SFT_N_VAL", 100))      # validation items per held-out-family task
+N_BAN = max(N_TEST, N_HELD)                        # validation items share no question with the first N_BAN
 HELD_OUT = os.environ.get("SFT_HELD_OUT", "sequences")
 if HELD_OUT not in FAMILIES:
     sys.exit(f"SFT_HELD_OUT={HELD_OUT}: one of {', '.join(FAMILIES)}")
+RECIPE_NAME = os.environ.get("SFT_RECIPE", "r0")
+if RECIPE_NAME not in RECIPES:
+    sys.exit(f"SFT_RECIPE={RECIPE_NAME}: one of {', '.join(RECIPES)}")
+RECIPE = RECIPES[RECIPE_NAME]
 TRAINED = [f for f in FAMILIES if f != HELD_OUT]
-EVAL_TASKS = ["arithmetic_2d+", "arithmetic_2d-", "reversed_words", "cycle_letters", "counting", "months"]
+SHOWN = {"arithmetic": ["arithmetic_2d+", "arithmetic_2d-"], "scramble": ["reversed_words", "cycle_letters"],
+         "sequences": ["counting", "months"]}  # tasks evaluated of a trained family; a held-out family: all
+EVAL_TASKS = [n for f in FAMILIES for n in (FAMILIES[f] if f == HELD_OUT else SHOWN[f])]
 WORK = ROOT / "runs" / "sft-instructions"
-TAG = "" if HELD_OUT == "sequences" else f"-heldout-{HELD_OUT}"  # the first run's names stay as they were
+# the first runs' names stay as they were
+TAG = ("" if HELD_OUT == "sequences" else f"-heldout-{HELD_OUT}") + ("" if RECIPE_NAME == "r0" else f"-{RECIPE_NAME}")
 RUN = WORK / f"run-s{SEED}{TAG}"
-ARMS = ("base 5-shot", "base 0-shot chat", "SFT 0-shot chat")
+ARMS = ("base 5-shot", "base 5-shot chat", "base 0-shot chat", "SFT 0-shot chat", "SFT 5-shot chat")
+SHOTS = 5
 
 
 def gguf() -> Path:
@@ -70,13 +105,30 @@ def gguf() -> Path:
     return path
 
 
-def eval_tasks(names: list[str]) -> dict:
-    return {n: load_task(n, N_TEST, seed=0) for n in names}
+def test_task(name: str) -> Task:
+    return load_task(name, N_HELD if name in FAMILIES[HELD_OUT] else N_TEST, seed=0)
+
+
+def val_task(name: str) -> Task:
+    """N_VAL validation items from another seeded stream, none asking a test item's (first N_BAN) or a
+    demonstration's question; demonstrations come from the test task's pool, as at test time."""
+    test = load_task(name, N_BAN, seed=0)
+    taken = {it.context for it in test.items + test.pool}
+    drawn = load_task(name, 4 * N_VAL, seed="sft-validation")
+    items = [it for it in drawn.pool + drawn.items if it.context not in taken]
+    items = list({it.context: it for it in items}.values())[:N_VAL]
+    if len(items) < N_VAL:
+        sys.exit(f"{name}: only {len(items)} validation items outside the test items")
+    return dataclasses.replace(test, items=items)
 
 
 def make_data() -> None:
-    names = [n for f in TRAINED for n in FAMILIES[f]]
-    pairs = instruction_pairs(names, N_PAIRS, seed=SEED, held_out=eval_tasks(names))
+    names = [n for f in TRAINED for n in FAMILIES[f]] + list(RECIPE.extra_tasks)
+    bad = [n for n in RECIPE.extra_tasks if family_of(n) == HELD_OUT or names.count(n) > 1]
+    if bad:
+        sys.exit(f"extra tasks {bad} are of the held-out family or already trained")
+    pairs = instruction_pairs(names, RECIPE.n_pairs, seed=SEED, shots=RECIPE.shots,
+                              held_out={n: test_task(n) for n in names})  # no test question is trained
     WORK.mkdir(parents=True, exist_ok=True)
     atomic_write_text(WORK / f"pairs{TAG}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
     prepare(PrepareConfig(source=str(WORK / f"pairs{TAG}.jsonl"), format="chat", tokenizer=str(gguf()),
@@ -85,92 +137,129 @@ def make_data() -> None:
 
 
 def train() -> None:
-    torch.set_num_threads(int(os.environ.get("SFT_THREADS", 2)))
-    base = load_model(gguf(), precision="fp32").model
-    model_cfg = dataclasses.replace(base.config, block_size=256)
-    cfg = RunConfig(model=model_cfg, data=DataConfig(dir=str(WORK / f"data{TAG}")),
-                    train=TrainConfig(out_dir=str(RUN), seed=SEED, dtype="bfloat16", batch_size=8, max_steps=STEPS,
-                                      lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, eval_interval=0,
-                                      eval_iters=4, ckpt_interval=10, keep_checkpoints=1, log_interval=1,
-                                      progress=False))
+    threads = int(os.environ.get("SFT_THREADS", 2))
+    torch.set_num_threads(threads)
+    model_cfg = dataclasses.replace(load_model(gguf(), precision="fp32").model.config, block_size=256)
+    lora = LoRAConfig(rank=RECIPE.lora_rank, alpha=2.0 * RECIPE.lora_rank, targets=LORA_TARGETS) \
+        if RECIPE.lora_rank else LoRAConfig()
+    cfg = RunConfig(model=model_cfg, data=DataConfig(dir=str(WORK / f"data{TAG}")), lora=lora,
+                    train=TrainConfig(out_dir=str(RUN), init=str(gguf()), seed=SEED, dtype="bfloat16", batch_size=8,
+                                      max_steps=RECIPE.steps, lr=RECIPE.lr, min_lr=RECIPE.lr / 10, warmup_steps=5,
+                                      weight_decay=0.0, eval_interval=0, eval_iters=4, ckpt_interval=10,
+                                      keep_checkpoints=1, log_interval=1, progress=False, threads=threads))
     trainer = Trainer(cfg, RUN)
-    if trainer.resume() is None:  # a fresh run starts from the base model's weights (what `--init` does)
-        trainer.model.load_state_dict(base.state_dict())
-    del base
+    trainer.resume()  # a fresh run starts from the GGUF's weights (train.init)
     print(json.dumps(trainer.fit()))
 
 
-def chat_answers(model, tok, template, task, items) -> list[str]:
-    cfg = SamplingConfig(max_new_tokens=task.max_new_tokens, temperature=0, stop=["\n"])
-    prompts = [tok.encode(template.render(conversation(task, it, with_answer=False), add_generation_prompt=True),
-                          allow_special=True) for it in items]
+def generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0, stop=["\n"])
     out = []
     for lo in range(0, len(prompts), 16):
         out += generate_texts(model, tok, prompts[lo:lo + 16], cfg)
     return out
 
 
-def evaluate() -> None:
+def chat_answers(model, tok, template, task: Task, shots: int) -> tuple[list[str], list[str]]:
+    """(prompts, greedy answers) of the chat turns; k-shot turns show the 5-shot arm's demonstrations."""
+    texts = [template.render(conversation(task, it, with_answer=False,
+                                          demos=demonstrations(task, i, shots, seed=0) if shots else ()),
+                             add_generation_prompt=True) for i, it in enumerate(task.items)]
+    return texts, generate(model, tok, [tok.encode(t, allow_special=True) for t in texts], task.max_new_tokens)
+
+
+def evaluate(split: str) -> None:
     torch.set_num_threads(int(os.environ.get("SFT_THREADS", 2)))
-    cache = WORK / f"eval-s{SEED}"
+    cache = WORK / "cells"
     cache.mkdir(parents=True, exist_ok=True)
-    tasks = eval_tasks(EVAL_TASKS)
+    names = FAMILIES[HELD_OUT] if split == "val" else EVAL_TASKS
+    tasks = {n: (val_task if split == "val" else test_task)(n) for n in names}
     loaded = load_model(gguf(), precision="fp32")
     template = chat_template_for(loaded.tokenizer)
     sft_model = load_checkpoint(RUN)[0] if (RUN / "checkpoints").is_dir() else None
     rows = []
     for arm in ARMS:
         for name, task in tasks.items():
-            # the base arms do not depend on the held-out family; the SFT arm's cache does
-            f = cache / f"{arm.replace(' ', '_')}{TAG if arm.startswith('SFT') else ''}__{name}.json"
+            # the base arms depend on neither the held-out family nor the recipe
+            who = f"{arm}{TAG}-s{SEED}" if arm.startswith("SFT") else arm
+            f = cache / f"{split}__{who.replace(' ', '_')}__{name}__n{len(task.items)}.json"
             if f.is_file():
-                rows.append({**json.loads(f.read_text()), "held_out": name in FAMILIES[HELD_OUT]})
+                rows.append({**json.loads(f.read_text())["row"], "held_out": name in FAMILIES[HELD_OUT]})
                 continue
             if arm.startswith("SFT") and sft_model is None:
                 continue
             t0 = time.perf_counter()
             if arm == "base 5-shot":
-                r = evaluate_task(TorchLM(loaded.model, loaded.tokenizer, prefix=loaded.bos), task, 5, seed=0)
-                hits = [x["correct"] for x in r.items]
+                r = evaluate_task(TorchLM(loaded.model, loaded.tokenizer, prefix=loaded.bos), task, SHOTS, seed=0)
+                prompts, answers = [x["prompt"] for x in r.items], [x["output"] for x in r.items]
             else:
                 model = loaded.model if arm.startswith("base") else sft_model
-                answers = chat_answers(model, loaded.tokenizer, template, task, task.items)
-                hits = [a.strip() == it.target.strip() for a, it in zip(answers, task.items)]
+                shots = SHOTS if "5-shot" in arm else 0
+                prompts, answers = chat_answers(model, loaded.tokenizer, template, task, shots)
+            hits = [a.strip() == it.target.strip() for a, it in zip(answers, task.items)]
             acc = sum(hits) / len(hits)
-            lo, hi = wilson(acc, len(hits))
-            row = {"arm": arm, "task": name, "family": next(k for k, v in FAMILIES.items() if name in v),
-                   "held_out": name in FAMILIES[HELD_OUT], "n": len(hits), "acc": acc, "ci95": [lo, hi],
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            atomic_write_text(f, json.dumps(row))
+            row = {"split": split, "arm": arm, "task": name, "family": family_of(name),
+                   "held_out": name in FAMILIES[HELD_OUT], "n": len(hits), "hits": sum(hits), "acc": acc,
+                   "ci95": list(wilson(acc, len(hits))), "seconds": round(time.perf_counter() - t0, 1)}
+            items = [{"target": it.target, "answer": a, "correct": h} for it, a, h in zip(task.items, answers, hits)]
+            atomic_write_text(f, json.dumps({"row": row, "example_prompt": prompts[0], "items": items}))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report(rows)
+    report(split, names, rows)
 
 
-def report(rows: list[dict]) -> None:
+def cell(r: dict | None) -> str:
+    return "-" if r is None else f"{r['acc']:.1%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]"
+
+
+def pooled(rows: list[dict]) -> dict | None:
+    """All items of the given rows as one proportion (the tasks' own sizes)."""
+    if not rows:
+        return None
+    n, hits = sum(r["n"] for r in rows), sum(r["hits"] for r in rows)
+    return {"n": n, "hits": hits, "acc": hits / n, "ci95": list(wilson(hits / n, n))}
+
+
+def report(split: str, names: list[str], rows: list[dict]) -> None:
     metrics = RUN / "metrics.jsonl"
     curve = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []
-    lines = ["| task | family | " + " | ".join(ARMS) + " |",
-             "|---|---|---|---|---|"]
-    for name in EVAL_TASKS:
-        cells = []
-        for arm in ARMS:
-            r = next((r for r in rows if r["arm"] == arm and r["task"] == name), None)
-            cells.append("-" if r is None else f"{r['acc']:.1%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]")
-        fam = next(k for k, v in FAMILIES.items() if name in v)
-        lines.append(f"| {name} | {fam}{' (held out)' if fam == HELD_OUT else ''} | " + " | ".join(cells) + " |")
+    find = {(r["arm"], r["task"]): r for r in rows}
+
+    def bar(name: str) -> dict | None:  # the base model's own 5-shot accuracy: the better of its two 5-shot arms
+        got = [find[a, name] for a in ("base 5-shot", "base 5-shot chat") if (a, name) in find]
+        return max(got, key=lambda r: r["acc"]) if got else None
+
+    lines = ["| task | family | " + " | ".join(ARMS) + " | bar: best base 5-shot |",
+             "|---|---" + "|---" * (len(ARMS) + 1) + "|"]
+    for name in names:
+        fam = family_of(name)
+        lines.append(f"| {name} | {fam}{' (held out)' if fam == HELD_OUT else ''} | "
+                     + " | ".join(cell(find.get((arm, name))) for arm in ARMS) + f" | {cell(bar(name))} |")
+    held = [n for n in names if n in FAMILIES[HELD_OUT]]
+    summary = {arm: pooled([find[arm, n] for n in held]) if all((arm, n) in find for n in held) else None
+               for arm in ARMS}
+    summary["bar"] = pooled([bar(n) for n in held]) if all(bar(n) for n in held) else None
+    lines.append(f"| **{HELD_OUT}, all {len(held)} tasks pooled** | (held out) | "
+                 + " | ".join(cell(summary[arm]) for arm in ARMS) + f" | {cell(summary['bar'])} |")
     losses = [r for r in curve if "loss" in r]
-    train_line = (f"SFT: {losses[-1]['step']} steps, {losses[-1]['tokens']:,} positions, train loss "
-                  f"{losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}" if losses else "SFT: not run")
-    md = ("# SFT on offline instruction pairs (SmolLM2-135M-Instruct)\n\n" + train_line + f" on "
-          f"{' and '.join(TRAINED)}, {HELD_OUT} left out; seed {SEED}; "
-          f"{N_TEST} test items per task, exact match, Wilson 95% intervals.\n\n" + "\n".join(lines) + "\n")
-    write_results(f"sft_instructions-s{SEED}{TAG}", {"machine": machine(), "seed": SEED, "held_out": HELD_OUT,
-                                                     "trained": TRAINED, "rows": rows,
-                                                "train": losses[-1] if losses else None}, md)
+    vals = [r for r in curve if "val_loss" in r]
+    train_line = (f"SFT recipe `{RECIPE_NAME}` ({dataclasses.asdict(RECIPE)}): {losses[-1]['step']} steps, "
+                  f"{losses[-1]['tokens']:,} positions, train loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}"
+                  + (f", validation loss {vals[-1]['val_loss']:.3f}" if vals else "") if losses else "SFT: not run")
+    what = (f"{N_VAL} validation items per held-out task (another seeded stream, no test question)" if split == "val"
+            else f"test items: {N_HELD} per held-out-family task, {N_TEST} per trained-family task")
+    md = (f"# SFT on offline instruction pairs (SmolLM2-135M-Instruct): {split}\n\n" + train_line
+          + f" on {' and '.join(TRAINED)}, {HELD_OUT} left out; SFT seed {SEED}; {what}; exact match of the "
+          "greedy answer, Wilson 95% intervals. The bar is the better of the base model's two 5-shot arms "
+          "per task.\n\n" + "\n".join(lines) + "\n")
+    name = f"sft_instructions-s{SEED}{TAG}" + ("-val" if split == "val" else "")
+    write_results(name, {"machine": machine(), "seed": SEED, "split": split, "held_out": HELD_OUT, "trained": TRAINED,
+                         "recipe": RECIPE_NAME, "recipe_config": dataclasses.asdict(RECIPE), "rows": rows,
+                         "held_out_pooled": summary, "train": losses[-1] if losses else None}, md)
     print(md)
 
 
 if __name__ == "__main__":
     step = sys.argv[1] if len(sys.argv) > 1 else ""
-    {"data": make_data, "train": train, "eval": evaluate}.get(step, lambda: sys.exit(__doc__))()
+    {"data": make_data, "train": train, "val": lambda: evaluate("val"),
+     "eval": lambda: evaluate("test")}.get(step, lambda: sys.exit(__doc__))()

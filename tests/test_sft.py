@@ -240,3 +240,26 @@ def test_instruction_pairs_avoid_the_test_items_and_the_held_out_family(tmp_path
     path = tmp_path / "pairs.jsonl"  # valid chat lines, each answered by the assistant
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     assert all(c.messages[-1]["role"] == "assistant" for c in read_chats(path))
+
+
+def test_k_shot_pairs_show_training_demonstrations_only():
+    from lmlab.eval.harness.fewshot import build_prompt
+    from lmlab.eval.tasks import load_task
+    from lmlab.eval.tasks.instructions import INSTRUCTIONS, conversation, instruction_pairs
+
+    name = "arithmetic_2d-"
+    evals = {name: load_task(name, 50, seed=0)}
+    pairs = instruction_pairs([name], 60, seed=3, held_out=evals, shots=(0, 3))
+    assert {p["shots"] for p in pairs} == {0, 3} and len(pairs) == 60
+    tests = {it.context for it in evals[name].items}
+    for p in pairs:  # the question and its demonstrations: k + 1 distinct items, none a test item
+        user = p["messages"][1]["content"]
+        shown = ["Q:" + q for q in user.split("Q:")[1:]]
+        assert len(shown) == p["shots"] + 1 and len(set(shown)) == len(shown)
+        assert not any(t in user for t in tests)
+    # 0-shot turns are the plain conversation; k-shot turns join demonstrations as the plain few-shot prompt does
+    task, item = evals[name], evals[name].items[0]
+    assert conversation(task, item, demos=()) == conversation(task, item)
+    demos = task.pool[:2]
+    want = INSTRUCTIONS["arithmetic"] + build_prompt(task, item, demos)
+    assert conversation(task, item, demos=demos)[1]["content"] == want
