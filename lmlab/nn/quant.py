@@ -490,6 +490,11 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
     _float_except_blocks(model)  # what stays (norms, biases elsewhere) computes in fp32
     blocks = kernels.available()
     if precision == "gguf":
+        # K/V stored in fp16, as llama.cpp stores them by default: half the cache's memory and the bytes
+        # attention streams per token; attention still computes in fp32 (lmlab/nn/kv_cache.py,
+        # quant_kernels._attend)
+        if hasattr(model, "make_kv_cache"):
+            model.kv_cache_dtype = torch.float16
         return _decoding_kernels(model, blocks).eval()
     heads: dict[int, nn.Module] = {}  # id(fp32 weight) -> output layer, to share with a tied embedding
 
