@@ -9,7 +9,8 @@
   whose weights come back exactly).
 - `gguf`: a GGUF file's block-quantized matrices as stored (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, put
   into `Int4Linear` / `GroupLinear` by the loader without re-quantizing), the rest in fp32; on a model
-  from elsewhere, fp32 with the decoding kernels.
+  from elsewhere, fp32 with the decoding kernels. Its KV cache holds fp16 K/V, llama.cpp's default
+  (`make_kv_cache(..., dtype=torch.float32)` still gives an fp32 one); attention computes in fp32.
 
 int8 and int4 keep their weights in GGUF's block layouts. Decoding a token reads every weight once,
 so on a CPU it is bound by memory bandwidth and 4-bit blocks are fastest: a few rows go through our
