@@ -49,9 +49,9 @@ def test_each_step_gives_the_logits_of_the_model_forward(precision):
             fast.step(torch.tensor([t]))
 
 
-def test_a_gguf_model_decodes_over_an_fp16_cache(tmp_path):
-    """GGUF files get llama.cpp's default fp16 K/V: the fast step over it gives the model forward's logits
-    over its own fp16 cache, and stays close to decoding over an fp32 cache."""
+def test_a_gguf_model_decodes_over_an_fp16_cache_on_request(tmp_path):
+    """With llama.cpp's default fp16 K/V (opt-in) the fast step gives the model forward's logits over its
+    own fp16 cache, and stays close to decoding over an fp32 cache."""
     from lmlab.io.gguf.write import save_gguf
     from lmlab.io.load import load_model
     from lmlab.tokenizers import BPETokenizer
@@ -64,6 +64,8 @@ def test_a_gguf_model_decodes_over_an_fp16_cache(tmp_path):
     with torch.no_grad():
         tiny.wte.weight.mul_(20)
     model = load_model(save_gguf(tiny, tmp_path / "tiny.gguf", tok, qtype="Q4_1"), precision="gguf").model
+    assert model.make_kv_cache(1, 8).k.dtype == torch.float32  # the exact default
+    model.kv_cache_dtype = torch.float16
     prompt = torch.tensor([[5, 17, 3, 90]])
     tokens = torch.randint(0, tok.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
     cache, ref16, ref32 = (model.make_kv_cache(1, 30), model.make_kv_cache(1, 30),

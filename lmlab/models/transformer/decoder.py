@@ -107,8 +107,8 @@ class DecoderLM(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         return count_params(self, non_embedding, (self.wte, self.wpe))
 
-    # the KV cache's element type when make_kv_cache is not given one (None: the residual stream's);
-    # lmlab/nn/quant.py sets float16 for GGUF files, llama.cpp's default cache type
+    # the KV cache's element type when make_kv_cache is not given one (None: the residual stream's).
+    # torch.float16 is llama.cpp's default cache type: half the memory, K/V rounded (see lmlab/nn/quant.py)
     kv_cache_dtype: torch.dtype | None = None
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
