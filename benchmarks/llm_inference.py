@@ -18,7 +18,9 @@ at each thread count:
   llama.cpp's include loading its library; the peak RSS column is the whole process).
 
 lmlab loads each file with `load_model(path, precision=...)`; `lmlab-gguf` is the default for GGUF
-files (the file's blocks kept as stored, exact kernels; prefill dense in fp32).
+files (the file's blocks kept as stored, exact kernels; prefill dense in fp32). `lmlab-gguf-kv16` is
+the same with fp16 K/V (`model.kv_cache_dtype`), as llama.cpp keeps them by default; llama-cpp-python
+0.3.36 rounds n_ctx up to a multiple of 256, so its cache here holds 512 positions (11.25 MiB in f16).
 
     python benchmarks/llm_inference.py                 # writes results/llm_inference.{json,md}
     python benchmarks/llm_inference.py --engines lmlab-gguf,llama.cpp --threads 1 --models q4_1
