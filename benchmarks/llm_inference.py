@@ -18,7 +18,9 @@ at each thread count:
   llama.cpp's include loading its library; the peak RSS column is the whole process).
 
 lmlab loads each file with `load_model(path, precision=...)`; `lmlab-gguf` is the default for GGUF
-files (the file's blocks kept as stored, exact kernels; prefill dense in fp32).
+files (the file's blocks kept as stored, exact kernels; prefill dense in fp32). `lmlab-gguf-kv16` is
+the same with fp16 K/V (`model.kv_cache_dtype`), as llama.cpp keeps them by default; llama-cpp-python
+0.3.36 rounds n_ctx up to a multiple of 256, so its cache here holds 512 positions (11.25 MiB in f16).
 
     python benchmarks/llm_inference.py                 # writes results/llm_inference.{json,md}
     python benchmarks/llm_inference.py --engines lmlab-gguf,llama.cpp --threads 1 --models q4_1
@@ -38,9 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("lmlab-fp32", "lmlab-bf16", "lmlab-int8", "lmlab-int4", "lmlab-gguf", "transformers", "llama.cpp")
-DEFAULT_ENGINES = {"q4_1": ("lmlab-fp32", "lmlab-int4", "lmlab-gguf", "transformers", "llama.cpp"),
-                   "q4_k_m": ("lmlab-fp32", "lmlab-gguf", "llama.cpp")}
+ENGINES = ("lmlab-fp32", "lmlab-bf16", "lmlab-int8", "lmlab-int4", "lmlab-gguf", "lmlab-gguf-kv16", "transformers",
+           "llama.cpp")
+DEFAULT_ENGINES = {"q4_1": ("lmlab-fp32", "lmlab-int4", "lmlab-gguf", "lmlab-gguf-kv16", "transformers", "llama.cpp"),
+                   "q4_k_m": ("lmlab-fp32", "lmlab-gguf", "lmlab-gguf-kv16", "llama.cpp")}
+KV16 = "-kv16"  # an lmlab engine with this suffix keeps K/V in fp16, as llama.cpp does by default
 PROMPT, NEW = 256, 128
 
 
@@ -133,8 +137,12 @@ def run_lmlab(precision: str, path: Path, ids: list[int], logits: Path) -> dict:
     from lmlab.io.load import load_model
     from lmlab.nn.quant import DEFAULT_PRECISION
 
+    kv16 = precision.endswith(KV16)
+    precision = precision.removesuffix(KV16)
     t0 = time.perf_counter()
     model = load_model(path, precision=precision).model
+    if kv16:
+        model.kv_cache_dtype = torch.float16
     load_s = time.perf_counter() - t0
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -147,7 +155,7 @@ def run_lmlab(precision: str, path: Path, ids: list[int], logits: Path) -> dict:
                              if new_ids.append(int(t)) is None)
         peak = peak_mb()  # before the logits kept for agreement
         np.save(logits, model(x).logits[0].float().numpy())
-        if precision == DEFAULT_PRECISION:
+        if precision == DEFAULT_PRECISION:  # with either cache type
             np.save(decoding_logits(logits), decoding_path(model, x).numpy())
     return {"prefill": PROMPT / t_prefill, "decode": decode, "load_s": load_s, "greedy": new_ids,
             "peak_rss_mb": peak}
@@ -243,7 +251,9 @@ def warm_up_lmlab(precision: str) -> None:
                              n_embd=64, mlp_hidden=96)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = save_gguf(tiny, Path(tmp) / "tiny.gguf", tok, qtype="Q4_1")
-        model = load_model(path, precision=precision).model
+        model = load_model(path, precision=precision.removesuffix(KV16)).model
+        if precision.endswith(KV16):  # the kernels' fp16-cache variants
+            model.kv_cache_dtype = torch.float16
         with torch.no_grad():
             model(torch.arange(16)[None] % tok.vocab_size, logits_to_keep=1)
             list(generate_ids(model, list(range(16)), SamplingConfig(max_new_tokens=4, temperature=0)))

@@ -49,6 +49,43 @@ def test_each_step_gives_the_logits_of_the_model_forward(precision):
             fast.step(torch.tensor([t]))
 
 
+def test_a_gguf_model_decodes_over_an_fp16_cache_on_request(tmp_path):
+    """With llama.cpp's default fp16 K/V (opt-in) the fast step gives the model forward's logits over its
+    own fp16 cache, and stays close to decoding over an fp32 cache."""
+    from lmlab.io.gguf.write import save_gguf
+    from lmlab.io.load import load_model
+    from lmlab.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train(["the theater in the rain", "def f(x): return x + 1"] * 10, vocab_size=300,
+                             min_count=1)
+    torch.manual_seed(0)
+    tiny = Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                             n_embd=64, mlp_hidden=96)).eval()
+    with torch.no_grad():
+        tiny.wte.weight.mul_(20)
+    model = load_model(save_gguf(tiny, tmp_path / "tiny.gguf", tok, qtype="Q4_1"), precision="gguf").model
+    assert model.make_kv_cache(1, 8).k.dtype == torch.float32  # the exact default
+    model.kv_cache_dtype = torch.float16
+    prompt = torch.tensor([[5, 17, 3, 90]])
+    tokens = torch.randint(0, tok.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    cache, ref16, ref32 = (model.make_kv_cache(1, 30), model.make_kv_cache(1, 30),
+                           model.make_kv_cache(1, 30, dtype=torch.float32))
+    assert cache.k.dtype == ref16.k.dtype == torch.float16
+    worst = 0.0
+    with torch.no_grad():
+        for c in (cache, ref16, ref32):
+            model(prompt, kv_cache=c)
+        fast = FastDecoder.build(model, cache)
+        assert fast is not None
+        for t in tokens:
+            got = fast.step(t.view(1))
+            torch.testing.assert_close(got, model(t.view(1, 1), kv_cache=ref16).logits[:, -1], rtol=1e-4, atol=1e-4)
+            want32 = model(t.view(1, 1), kv_cache=ref32).logits[:, -1]
+            worst = max(worst, float((got - want32).abs().max() / want32.abs().max()))
+    assert torch.equal(cache.k[:, :, :, :24], ref16.k[:, :, :, :24])  # the kernel rounds K as torch does
+    assert 0 < worst < 1e-3, worst  # fp16 K/V move the logits, but little
+
+
 def test_generation_takes_the_fast_step_and_keeps_the_tokens(monkeypatch):
     model = tiny_llama()
     cfg = SamplingConfig(max_new_tokens=15, temperature=0)

@@ -63,18 +63,20 @@ def test_rms_norm_matches_pytorch():
     torch.testing.assert_close(qk.rms_norm(x, w, 1e-5), F.rms_norm(x, (72,), w, 1e-5), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 @pytest.mark.parametrize("length", [1, 37])
-def test_decode_attention_matches_sdpa_on_a_strided_gqa_cache(head_dim, length):
+def test_decode_attention_matches_sdpa_on_a_strided_gqa_cache(head_dim, length, dtype):
     gen = torch.Generator().manual_seed(3)
     B, nh, nkv, max_len = 2, 6, 2, 50
     q = torch.randn(B, nh + 2 * nkv, 1, head_dim, generator=gen)[:, :nh] * 3  # a view, as in Attention
-    cache = torch.randn(2, B, nkv, max_len, head_dim, generator=gen)
+    cache = torch.randn(2, B, nkv, max_len, head_dim, generator=gen).to(dtype)
     k, v = cache[0, :, :, :length], cache[1, :, :, :length]  # strided views of a preallocated cache
-    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    # an fp16 cache is attended in fp32: the same as PyTorch's attention over its exact fp32 values
+    want = F.scaled_dot_product_attention(q, k.float(), v.float(), enable_gqa=True)
     torch.testing.assert_close(qk.sdpa(q, k, v, enable_gqa=True), want, rtol=1e-5, atol=1e-5)
     # cases the kernel does not take go to PyTorch
-    x = torch.randn(B, nh, 3, head_dim, generator=gen)
+    x = torch.randn(B, nh, 3, head_dim, generator=gen).to(dtype)
     torch.testing.assert_close(qk.sdpa(x, k, v, enable_gqa=True),
                                F.scaled_dot_product_attention(x, k, v, enable_gqa=True))
 
@@ -93,6 +95,30 @@ def test_rope_store_rotates_queries_in_place_and_writes_keys_and_values():
     torch.testing.assert_close(kc[:, pos], want[nh:], rtol=1e-6, atol=1e-6)
     assert torch.equal(vc[:, pos], heads[nh + nkv:])
     assert kc[:, :pos].abs().sum() == 0 and vc[:, pos + 1:].abs().sum() == 0  # nothing else written
+
+
+def test_rope_store_into_an_fp16_cache_rounds_as_torch_does():
+    gen = torch.Generator().manual_seed(4)
+    nh, nkv, hd, pos = 2, 2, 64, 3
+    heads = torch.randn(nh + 2 * nkv, hd, generator=gen)
+    # value heads with every rounding case: subnormals (ties included), the normal range's ties, the
+    # largest finite values, overflow to inf, signed zeros
+    tiny = torch.tensor([2.0 ** -24 * (k + 0.5) for k in range(8)] + [2.0 ** -25, 2.0 ** -26, 2.0 ** -14 * 0.99999])
+    ties = torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 2048 + 1.0, 2048 + 3.0])
+    big = torch.tensor([65504.0, 65519.0, 65520.0, 1e6, 0.0, -0.0])
+    special = torch.cat([tiny, -tiny, ties, -ties, big, -big])
+    heads[nh + nkv, :len(special)] = special
+    heads[nh + nkv + 1] = torch.randn(hd, generator=gen) * torch.logspace(-9, 5, hd)
+    rope = RotaryEmbedding(hd, 10000.0)
+    cos, sin = (t.reshape(-1).contiguous() for t in rope.cos_sin(torch.tensor([[pos]])))
+    k32, v32 = torch.zeros(nkv, 8, hd), torch.zeros(nkv, 8, hd)
+    k16, v16 = torch.zeros(nkv, 8, hd, dtype=torch.float16), torch.zeros(nkv, 8, hd, dtype=torch.float16)
+    qk.rope_store(heads.clone(), cos, sin, nh, nkv, k32[:, pos], v32[:, pos])
+    qk.rope_store(heads.clone(), cos, sin, nh, nkv, k16[:, pos], v16[:, pos])
+    # bit for bit what .half() (IEEE round to nearest even) makes of the float32 values
+    assert torch.equal(k16.view(torch.int16), k32.half().view(torch.int16))
+    assert torch.equal(v16.view(torch.int16), v32.half().view(torch.int16))
+    assert torch.isinf(v16[0, pos, :len(special)]).sum() == 4  # 65520 and 1e6, both signs
 
 
 @pytest.mark.parametrize("threads", [1, 2])

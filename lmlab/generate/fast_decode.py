@@ -36,8 +36,8 @@ def _fits(model: nn.Module, cache: KVCache) -> bool:
     blocks = getattr(model, "blocks", None)
     if not (kernels.available() and isinstance(getattr(model, "rope", None), RotaryEmbedding)
             and getattr(model, "wpe", 1) is None and isinstance(getattr(model, "norm_f", None), FastRMSNorm)
-            and blocks and cache.k.dtype == torch.float32 and cache.k.shape[1] == 1 and cache.key_mask is None
-            and cache.k.is_contiguous() and cache.k.device.type == "cpu"):
+            and blocks and cache.k.dtype in (torch.float32, torch.float16) and cache.k.shape[1] == 1
+            and cache.key_mask is None and cache.k.is_contiguous() and cache.k.device.type == "cpu"):
         return False
     hd = blocks[0].attn.head_dim
     if hd % 16 or hd > 256 or model.rope.head_dim != hd:
@@ -83,7 +83,7 @@ class FastDecoder:
         self.att = torch.empty(1, self.nh * self.hd, dtype=f)
         self.gu = torch.empty(1, 2 * self.hidden, dtype=f)
         self.act = torch.empty(1, self.hidden, dtype=f)
-        self.scratch = torch.empty(cache.max_len, dtype=f)
+        self.scratch = torch.empty(self.nh // self.nkv * cache.max_len, dtype=f)  # one score row per grouped head
         # numpy views (zero-copy) of the buffers, weights and cache, as the numba layer step takes them
         bufs = tuple(t.numpy() for t in (self.x, self.h, self.o, self.qkv, self.att, self.gu, self.act, self.scratch))
         self.layers = []
@@ -95,7 +95,8 @@ class FastDecoder:
             b = np.zeros(0, np.float32) if b is None else b.detach().float().contiguous().numpy()
             self.layers.append((*bufs, blk.norm1.weight.detach().numpy(), blk.norm2.weight.detach().numpy(),
                                 np.float32(blk.norm1.eps), np.float32(blk.norm2.eps), *lin, b))
-        self.kc, self.vc = cache.k[:, 0].numpy(), cache.v[:, 0].numpy()  # [layers, nkv, max_len, hd]
+        # [layers, nkv, max_len, hd]; an fp16 cache as its bit patterns (the kernels convert exactly)
+        self.kc, self.vc = kernels.cache_array(cache.k[:, 0]), kernels.cache_array(cache.v[:, 0])
         head = model.lm_head
         # a block-quantized output layer (Q8_0 by default) through the decoding kernels too; else the module
         self.head = _packed(head, model) if _kernel_linear(head) else None

@@ -194,7 +194,9 @@ class KVCache:
             rows = torch.arange(self.batch_size, device=k.device)[:, None]
             self.k[layer][rows, :, s.slots] = k.transpose(1, 2)
             self.v[layer][rows, :, s.slots] = v.transpose(1, 2)
-        return self.k[layer, :, :, :s.end], self.v[layer, :, :, :s.end]
+        # a cache narrower than the model (fp16 for a quantized model) is read back in k's dtype: this
+        # step attends over the stored (rounded) keys and values, as later steps will
+        return self.k[layer, :, :, :s.end].to(k.dtype), self.v[layer, :, :, :s.end].to(v.dtype)
 
     def rolling(self, layer: int) -> bool:
         return layer in self.ring_index
@@ -208,8 +210,9 @@ class KVCache:
         if s is None or s.T != k.shape[2] or s.ring_read is None:
             raise RuntimeError("KVCache.append_window() outside a step: the model calls begin(T) first")
         rk, rv = self.ring_k[self.ring_index[layer]], self.ring_v[self.ring_index[layer]]
-        keys = torch.cat([rk[:, :, s.ring_read], k], dim=2)  # copies: read before the ring is written
-        values = torch.cat([rv[:, :, s.ring_read], v], dim=2)
+        # copies: read before the ring is written (in k's dtype, as `append` reads)
+        keys = torch.cat([rk[:, :, s.ring_read].to(k.dtype), k], dim=2)
+        values = torch.cat([rv[:, :, s.ring_read].to(v.dtype), v], dim=2)
         positions = torch.cat([self.ring_pos.to(k.device)[s.ring_read], s.new_pos])
         rk[:, :, s.ring_dst] = k[:, :, s.ring_src]
         rv[:, :, s.ring_dst] = v[:, :, s.ring_src]

@@ -9,7 +9,10 @@
   whose weights come back exactly).
 - `gguf`: a GGUF file's block-quantized matrices as stored (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, put
   into `Int4Linear` / `GroupLinear` by the loader without re-quantizing), the rest in fp32; on a model
-  from elsewhere, fp32 with the decoding kernels.
+  from elsewhere, fp32 with the decoding kernels. Its KV cache stays fp32 by default: fp16 K/V
+  (llama.cpp's default, `model.kv_cache_dtype = torch.float16`, half the cache's memory; the kernels
+  read it exactly into fp32) move SmolLM2-135M's decoding logits by up to 0.02, past the 1e-3 the
+  exact path keeps (benchmarks/llm_inference.py, engine `lmlab-gguf-kv16`).
 
 int8 and int4 keep their weights in GGUF's block layouts. Decoding a token reads every weight once,
 so on a CPU it is bound by memory bandwidth and 4-bit blocks are fastest: a few rows go through our

@@ -442,37 +442,84 @@ if numba is not None:
             for j in range(k):
                 y[r, j] = x[r, j] * inv * w[j]
 
+    def _row(src, buf):  # pragma: no cover - compiled through the overload below
+        """A cache row src [hd] as float32: itself, or fp16 bit patterns (uint16) converted into buf."""
+
+    @_overload(_row, inline="always")
+    def _row_impl(src, buf):
+        if src.dtype == _types.uint16:
+            def converted(src, buf):
+                _scales(src, buf)
+                return buf
+            return converted
+        return lambda src, buf: src
+
+    def _put(src, dst):  # pragma: no cover - compiled through the overload below
+        """dst [L] = src [L] (float32, contiguous): as is, or rounded to fp16 bit patterns (uint16)."""
+
+    @_overload(_put, inline="always")
+    def _put_impl(src, dst):
+        if dst.dtype == _types.uint16:
+            def to_half(src, dst):
+                # IEEE round-to-nearest-even, as torch's .half() (and C's (_Float16) casts) round: a normal
+                # result adds 0xFFF plus the kept mantissa's lowest bit before dropping 13 bits (a carry
+                # moves into the exponent, up to inf past 65504); below 2^-14 the result is subnormal, a
+                # multiple of 2^-24, and rint rounds half to even
+                bits = src.view(np.uint32)
+                for j in range(src.shape[0]):
+                    f = bits[j]
+                    a = f & np.uint32(0x7FFFFFFF)
+                    o = (a - np.uint32(112 << 23) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) \
+                        >> np.uint32(13)
+                    if a < np.uint32(0x38800000):
+                        o = np.uint32(np.rint(abs(src[j]) * np.float32(2.0 ** 24)))
+                    if a >= np.uint32(0x47800000):  # |x| >= 2^16 (or inf, nan)
+                        o = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
+                    dst[j] = np.uint16(((f >> np.uint32(16)) & np.uint32(0x8000)) | o)
+            return to_half
+        return lambda src, dst: _scales(src, dst)  # a float32 copy
+
     @_njit(fastmath=_FM)
     def _attend(q, k, v, S, y, sc, scale):
         """One query per head over the first S positions of a key/value cache, grouped-query (head h reads
-        key/value head h // (nh // nkv)): q [nh, hd], k and v [nkv, >= S, hd] (any strides), y [nh, hd] =
-        softmax(scale q k^T) v; sc: scratch of at least S floats."""
+        key/value head h // (nh // nkv)): q [nh, hd], k and v [nkv, >= S, hd] (any strides; float32, or fp16
+        bit patterns as uint16, converted exactly a row at a time), y [nh, hd] = softmax(scale q k^T) v;
+        sc: scratch of at least (nh // nkv) * S floats. Each key/value row is read once for its group of
+        query heads."""
         nh, hd = q.shape
         g = nh // k.shape[0]
-        for h in range(nh):
-            kh = h // g
-            mx = np.float32(-np.inf)
+        buf = np.empty(hd, dtype=np.float32)
+        inv = np.empty(g, dtype=np.float32)
+        for kh in range(k.shape[0]):
+            h0 = kh * g
             for s in range(S):
-                a = np.float32(0.0)
+                kr = _row(k[kh, s], buf)
+                for i in range(g):
+                    a = np.float32(0.0)
+                    for c in range(hd):
+                        a += q[h0 + i, c] * kr[c]
+                    sc[i * S + s] = a * scale
+            for i in range(g):
+                mx = np.float32(-np.inf)
+                for s in range(S):
+                    mx = max(mx, sc[i * S + s])
+                tot = np.float32(0.0)
+                for s in range(S):
+                    e = np.exp(sc[i * S + s] - mx)
+                    sc[i * S + s] = e
+                    tot += e
+                inv[i] = np.float32(1.0) / tot
                 for c in range(hd):
-                    a += q[h, c] * k[kh, s, c]
-                a *= scale
-                sc[s] = a
-                mx = max(mx, a)
-            tot = np.float32(0.0)
+                    y[h0 + i, c] = 0.0
             for s in range(S):
-                e = np.exp(sc[s] - mx)
-                sc[s] = e
-                tot += e
-            for c in range(hd):
-                y[h, c] = 0.0
-            for s in range(S):
-                p = sc[s]
+                vr = _row(v[kh, s], buf)
+                for i in range(g):
+                    p = sc[i * S + s]
+                    for c in range(hd):
+                        y[h0 + i, c] += p * vr[c]
+            for i in range(g):
                 for c in range(hd):
-                    y[h, c] += p * v[kh, s, c]
-            inv = np.float32(1.0) / tot
-            for c in range(hd):
-                y[h, c] *= inv
+                    y[h0 + i, c] *= inv[i]
 
     @_njit(fastmath=_FM)
     def _attention(q, k, v, y, sc, scale):
@@ -482,27 +529,21 @@ if numba is not None:
 
     @_njit(fastmath=_FM)
     def _rope_store(heads, cos, sin, nq, nkv, kdst, vdst):
-        """One decoding position of a fused q/k/v projection, heads [nq + 2 nkv, hd]: rotate the query
-        heads in place and the key heads into kdst [nkv, hd], copy the value heads to vdst [nkv, hd].
-        RoPE, half-split layout: out = x cos + roll(x, hd/2) sin, sin's first half negated
-        (lmlab/nn/position.py)."""
+        """One decoding position of a fused q/k/v projection, heads [nq + 2 nkv, hd]: rotate the query and
+        key heads in place, store the key heads to kdst [nkv, hd] and the value heads to vdst [nkv, hd]
+        (float32, or fp16 bit patterns as uint16: rounded to nearest even). RoPE, half-split layout:
+        out = x cos + roll(x, hd/2) sin, sin's first half negated (lmlab/nn/position.py)."""
         hd = heads.shape[1]
         half = hd // 2
         for h in range(nq + nkv):
             for j in range(half):
                 a = heads[h, j]
                 b = heads[h, j + half]
-                ra = a * cos[j] - b * sin[j]
-                rb = b * cos[j + half] + a * sin[j + half]
-                if h < nq:
-                    heads[h, j] = ra
-                    heads[h, j + half] = rb
-                else:
-                    kdst[h - nq, j] = ra
-                    kdst[h - nq, j + half] = rb
+                heads[h, j] = a * cos[j] - b * sin[j]
+                heads[h, j + half] = b * cos[j + half] + a * sin[j + half]
         for h in range(nkv):
-            for j in range(hd):
-                vdst[h, j] = heads[nq + nkv + h, j]
+            _put(heads[nq + h], kdst[h])
+            _put(heads[nq + nkv + h], vdst[h])
 
     @_njit(fastmath=_FM, parallel=True, inline="always")
     def _linear(kind, qt, s1, s2, x, y, nt):
@@ -751,30 +792,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+_CACHE_DTYPES = (torch.float32, torch.float16)
+
+
+def cache_array(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a float32 or float16 KV-cache tensor as the kernels take it: fp16 as
+    its bit patterns (uint16), since numba computes nothing in fp16 on CPU."""
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype != torch.float32:
+        raise TypeError(f"KV cache kernels take float32 or float16, not {t.dtype}")
+    return t.numpy()
+
+
 def rope_store(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
                kdst: torch.Tensor, vdst: torch.Tensor) -> None:
     """One decoding position of a fused q/k/v projection, `heads` [nq + 2 nkv, hd] (contiguous): rotate the
-    query heads in place and the key heads into `kdst` [nkv, hd], copy the value heads to `vdst` [nkv, hd]
-    (views of the cache, any strides). `cos`, `sin`: [hd] for the position (lmlab/nn/position.py)."""
-    _rope_store(heads.numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), nq, nkv, kdst.numpy(),
-                vdst.numpy())
+    query and key heads in place, store the key heads to `kdst` [nkv, hd] and the value heads to `vdst`
+    [nkv, hd] (views of a float32 or float16 cache, any strides). `cos`, `sin`: [hd] for the position
+    (lmlab/nn/position.py)."""
+    _rope_store(heads.numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), nq, nkv, cache_array(kdst),
+                cache_array(vdst))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
          dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
          enable_gqa: bool = False) -> torch.Tensor:
     """`F.scaled_dot_product_attention`, with the decoding case (one float32 query per head, no mask, no
-    dropout; q [B, nh, 1, hd], k and v [B, nkv, S, hd]) in one kernel call: PyTorch's fused CPU kernel
-    spends ~60-150 us there, several ms per token over 30 layers."""
+    dropout; q [B, nh, 1, hd], k and v [B, nkv, S, hd], float32 or float16) in one kernel call: PyTorch's
+    fused CPU kernel spends ~60-150 us there, several ms per token over 30 layers."""
     B, nh, T, hd = q.shape
     if T != 1 or attn_mask is not None or dropout_p or is_causal or q.dtype != torch.float32 \
-            or k.dtype != torch.float32 or v.dtype != torch.float32 or q.device.type != "cpu" \
+            or k.dtype not in _CACHE_DTYPES or v.dtype != k.dtype or q.device.type != "cpu" \
             or k.shape[0] != B or k.shape != v.shape or nh % k.shape[1] or q.requires_grad:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     S = k.shape[2]
     y = q.new_empty(B, nh, 1, hd)
-    sc = np.empty(S, dtype=np.float32)
-    _attention(q[:, :, 0].numpy(), k.detach().numpy(), v.detach().numpy(), y[:, :, 0].numpy(), sc,
+    sc = np.empty(nh // k.shape[1] * S, dtype=np.float32)
+    _attention(q[:, :, 0].numpy(), cache_array(k.detach()), cache_array(v.detach()), y[:, :, 0].numpy(), sc,
                np.float32(hd ** -0.5 if scale is None else scale))
     return y

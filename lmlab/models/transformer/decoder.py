@@ -107,9 +107,14 @@ class DecoderLM(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         return count_params(self, non_embedding, (self.wte, self.wpe))
 
+    # the KV cache's element type when make_kv_cache is not given one (None: the residual stream's).
+    # torch.float16 is llama.cpp's default cache type: half the memory, K/V rounded (see lmlab/nn/quant.py)
+    kv_cache_dtype: torch.dtype | None = None
+
     def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         # the final norm's dtype is the residual stream's (lmlab/nn/quant.py may have swapped wte out)
         attn, p = self.blocks[0].attn, self.norm_f.weight
+        dtype = dtype or self.kv_cache_dtype
         # sliding-window layers keep a rolling ring of their globals and last w keys
         windows = [(b.attn.window, b.attn.n_global)
                    if b.attn.backend == "sliding_window" and not b.attn.global_stride else None
