@@ -92,7 +92,7 @@ def _worker(data: str) -> None:
 
 
 def run_all(data: str, workers: int) -> None:
-    """The four runs, `workers` at a time (each on one thread): a worker takes the next run nobody holds."""
+    """Every arm x seed, `workers` at a time (each on one thread): a worker takes the next run nobody holds."""
     RUNS.mkdir(parents=True, exist_ok=True)
     pool = [threading.Thread(target=_worker, args=(data,)) for _ in range(workers)]
     for t in pool:
@@ -202,7 +202,7 @@ def report(data: str) -> None:
              f"nice {NICE}, two at a time, beside other work on a shared 2-core machine. "
              "`python benchmarks/moe_vs_dense.py run && ... speed && ... report`.", ""]
     if DATA_SEED:
-        lines += [f"**Data order fixed** (`train.data_seed={DATA_SEED}` in every run): all four runs draw the same "
+        lines += [f"**Data order fixed** (`train.data_seed={DATA_SEED}` in every run): all runs draw the same "
                   "training windows in the same order, and the seeds vary only the initialisation, so the seed "
                   f"spread below is initialisation noise alone. (Runs with seed {DATA_SEED} are the same runs as "
                   "without a data seed: data_seed -1 means the seed's own order.)", ""]
@@ -211,9 +211,10 @@ def report(data: str) -> None:
                  for k in partial] + [f"{k} not started" for k in names if k not in res]
         lines += [f"**Partial**: {', '.join(where)}. Resume with `python benchmarks/moe_vs_dense.py run`.", ""]
     n_val = _train_tokens(data, "val")
+    seeds = " / ".join(f"s{s}" for s in SEEDS)
     lines += [f"Validation loss over the whole validation split ({n_val:,} tokens, the same for every run) at "
               "checkpoints every run has reached:", "",
-              "| step | tokens | dense s1 / s2 | MoE s1 / s2 | dense - MoE (mean) | same seed | largest seed spread | "
+              f"| step | tokens | dense {seeds} | MoE {seeds} | dense - MoE (mean) | same seed | largest seed spread | "
               "MoE lower by > 2x spread |", "|---|---|---|---|---|---|---|---|"]
     for m in table:
         lines.append(f"| {m['step']} | {m['tokens'] / 1e6:.2f}M | {' / '.join(f'{x:.4f}' for x in m['dense'])} | "
