@@ -256,14 +256,15 @@ def _plot(res: dict) -> None:
     for k, v in res.items():
         steps = [s for s, _ in v["val"] if s in v["wall_s"]]
         loss = [x for s, x in v["val"] if s in v["wall_s"]]
-        color, style = ("C3" if k.startswith("moe") else "C0"), ("-" if k.endswith("s1") else "--")
+        nth = SEEDS.index(int(k.rsplit("-s", 1)[1]))
+        color, style = ("C3" if k.startswith("moe") else "C0"), ("-", "--", ":", "-.")[nth % 4]
         a.plot([s * TOKENS_PER_STEP / 1e6 for s in steps], loss, style, color=color, label=k)
         b.plot([v["wall_s"][s] / 60 for s in steps], loss, style, color=color, label=k)
         full = sorted(v["whole_split_val_loss"].items())
         a.plot([s * TOKENS_PER_STEP / 1e6 for s, _ in full], [x for _, x in full], "o", color=color)
         if "expert_load_max" in v:
             c.plot([s * TOKENS_PER_STEP / 1e6 for s, _ in v["expert_load_max"]], [x for _, x in v["expert_load_max"]],
-                   ".", ms=2, color="C3" if k.endswith("s1") else "C1", label=k)
+                   ".", ms=2, color=("C3", "C1", "C5", "C6")[nth % 4], label=k)
     a.set_xlabel("tokens (M)")
     a.set_ylabel("val loss (lines: 16 batches; dots: whole split)")
     b.set_xlabel("wall-clock (min; 1 thread, nice 19 on a shared machine)")
