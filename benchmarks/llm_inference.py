@@ -14,7 +14,8 @@ at each thread count:
   (lmlab: `generate_ids`); tokens/s = 127 / (time of the 128th token - time of the first);
 - model memory: peak RSS minus the RSS after imports, before loading (what the model and its
   runtime buffers add to the process; the peak count restarts there, /proc/self/clear_refs; lmlab's
-  imports include starting numba's JIT runtime, as llama.cpp's include loading its library).
+  imports include loading its compiled kernels, run once on a tiny random model (`warm_up_lmlab`), as
+  llama.cpp's include loading its library; the peak RSS column is the whole process).
 
 lmlab loads each file with `load_model(path, precision=...)`; `lmlab-gguf` is the default for GGUF
 files (the file's blocks kept as stored, exact kernels; prefill dense in fp32).
@@ -222,6 +223,32 @@ def run_llama_cpp(path: Path, ids: list[int], logits: Path, threads: int) -> dic
     return out
 
 
+def warm_up_lmlab(precision: str) -> None:
+    """lmlab's compiled code, loaded before the baseline: numba's JIT runtime (LLVM) and each kernel's
+    machine code (compiled once, cached on disk, loaded into memory at first use; ~120 MB, whatever the
+    model's size) are a library's runtime like llama.cpp's shared library, counted with the imports, not
+    as model memory. A tiny random Llama written as a Q4_1 GGUF by lmlab's writer goes through the same
+    load, prefill and generation at `precision`, so every kernel is loaded."""
+    import torch
+
+    from lmlab.generate.engine import SamplingConfig, generate_ids
+    from lmlab.io.gguf.write import save_gguf
+    from lmlab.io.load import load_model
+    from lmlab.models.transformer.llama import Llama, LlamaConfig
+    from lmlab.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train(["the theater in the rain", "def f(x): return x + 1"] * 10, vocab_size=300,
+                             min_count=1)
+    tiny = Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                             n_embd=64, mlp_hidden=96)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_gguf(tiny, Path(tmp) / "tiny.gguf", tok, qtype="Q4_1")
+        model = load_model(path, precision=precision).model
+        with torch.no_grad():
+            model(torch.arange(16)[None] % tok.vocab_size, logits_to_keep=1)
+            list(generate_ids(model, list(range(16)), SamplingConfig(max_new_tokens=4, temperature=0)))
+
+
 def worker(engine: str, path: Path, result: Path, logits: Path, threads: int) -> None:
     import torch
 
@@ -232,13 +259,7 @@ def worker(engine: str, path: Path, result: Path, logits: Path, threads: int) ->
     elif engine == "llama.cpp":
         import llama_cpp  # noqa: F401
     else:
-        import lmlab.generate.engine  # noqa: F401
-        import lmlab.io.load  # noqa: F401
-        from lmlab.nn import quant_kernels
-
-        # numba's JIT runtime (LLVM, ~120 MB here) starts with the first kernel call: a library's
-        # runtime like llama.cpp's, counted with the imports, not as model memory
-        quant_kernels.rms_norm(torch.ones(1, 32), torch.ones(32), 1e-5)
+        warm_up_lmlab(engine.removeprefix("lmlab-"))
     reset_peak()  # the tokenizer built for the prompt ids above does not count
     base = rss_mb()
     if engine.startswith("lmlab-"):

@@ -6,6 +6,7 @@ FLOPs within 1%, tests/test_sizing.py). Same data order, schedule and seeds for 
 
     nohup python benchmarks/moe_vs_dense.py run &   # 2 runs at a time at nice 19; resumes what was interrupted
     MOE_CORPUS=stdlib-code python benchmarks/moe_vs_dense.py run   # the same at ~1 pass (runs/moe-10m-stdlib-code)
+    MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # data order fixed across seeds: seeds vary the init only
     flock /tmp/lmlab-heavy.lock python benchmarks/moe_vs_dense.py speed   # tokens/s apart, ~4 min
     python benchmarks/moe_vs_dense.py report   # docs/moe/results.md, results.json, curves.png (partial runs too)
 """
@@ -31,7 +32,11 @@ SEEDS = tuple(int(s) for s in os.environ.get("MOE_SEEDS", "1,2").split(","))
 # stdlib-docs holds 574k training tokens, so 10M tokens repeat it ~17 times and both arms overfit;
 # MOE_CORPUS=stdlib-code (10.9M training tokens) runs the same comparison at about one pass.
 CORPUS = os.environ.get("MOE_CORPUS", "stdlib-docs")
-_TAG = ("" if STEPS == 2442 else f"-{STEPS}") + ("" if CORPUS == "stdlib-docs" else f"-{CORPUS}")
+# A paired design: with MOE_DATA_SEED every run draws its training windows in the same order (train.data_seed)
+# and the seeds vary only the initialisation, so the seed spread measures init noise, not which windows came first.
+DATA_SEED = os.environ.get("MOE_DATA_SEED", "")
+_TAG = (("" if STEPS == 2442 else f"-{STEPS}") + ("" if CORPUS == "stdlib-docs" else f"-{CORPUS}")
+        + (f"-data{DATA_SEED}" if DATA_SEED else ""))
 RUNS = ROOT / "benchmarks" / "runs" / f"moe-10m{_TAG}"
 DOCS = ROOT / "docs" / "moe" / _TAG.lstrip("-")
 BATCH, BLOCK, WARMUP, CKPT = 16, 256, 100, 100
@@ -79,7 +84,8 @@ def _worker(data: str) -> None:
                     continue
                 cmd = [sys.executable, "-m", "lmlab", "train"]
                 cmd += (["--resume", str(run)] if (run / "checkpoints").is_dir()
-                        else ["--data", data, "--out", str(run), *MODEL, *extra, *TRAIN, f"--train.seed={seed}"])
+                        else ["--data", data, "--out", str(run), *MODEL, *extra, *TRAIN, f"--train.seed={seed}",
+                              *([f"--train.data_seed={DATA_SEED}"] if DATA_SEED else [])])
                 with (RUNS / f"{run.name}.log").open("a") as log:
                     print(" ".join(cmd), file=log, flush=True)
                     subprocess.run(["nice", "-n", NICE, *cmd], check=True, cwd=ROOT, stdout=log, stderr=log)
@@ -117,7 +123,7 @@ def curves(run: Path) -> dict:
 
 
 def whole_split_losses(run: Path) -> dict[int, float]:
-    """`lmlab eval` of the milestone checkpoints over the whole validation split (34k tokens, the same for
+    """`lmlab eval` of the milestone checkpoints over the whole validation split (the same for
     every run; the trainer's periodic loss uses 16 batches of windows drawn by seed), cached per run."""
     cache = run / "full_val.json"
     got = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
@@ -181,7 +187,8 @@ def report(data: str) -> None:
                       "largest_seed_spread": spread, "moe_better_by_2x_spread": gap > 2 * spread})
     sp = json.loads((DOCS / "speed.json").read_text()) if (DOCS / "speed.json").is_file() else None
     config = {"steps": STEPS, "tokens_per_run": STEPS * TOKENS_PER_STEP, "batch": BATCH, "block": BLOCK,
-              "warmup": WARMUP, "model": MODEL, "arms": ARMS, "train": TRAIN, "seeds": SEEDS, "nice": NICE}
+              "warmup": WARMUP, "model": MODEL, "arms": ARMS, "train": TRAIN, "seeds": SEEDS, "nice": NICE,
+              "data_seed": DATA_SEED or None}
     (DOCS / "results.json").write_text(json.dumps({"config": config, "milestones": table, "speed": sp, "runs": res},
                                                   indent=1) + "\n")
     partial = [k for k, v in res.items() if not v["done"]]
@@ -194,12 +201,18 @@ def report(data: str) -> None:
              "MoE: 8 experts of 384, top-2, load balancing 0.01 per layer, z-loss 0.001. Each run on 1 CPU thread at "
              f"nice {NICE}, two at a time, beside other work on a shared 2-core machine. "
              "`python benchmarks/moe_vs_dense.py run && ... speed && ... report`.", ""]
+    if DATA_SEED:
+        lines += [f"**Data order fixed** (`train.data_seed={DATA_SEED}` in every run): all four runs draw the same "
+                  "training windows in the same order, and the seeds vary only the initialisation, so the seed "
+                  f"spread below is initialisation noise alone. (Runs with seed {DATA_SEED} are the same runs as "
+                  "without a data seed: data_seed -1 means the seed's own order.)", ""]
     if partial:
         where = [f"{k} at step {res[k]['reached_step']} ({res[k]['reached_step'] * TOKENS_PER_STEP:,} tokens)"
                  for k in partial] + [f"{k} not started" for k in names if k not in res]
         lines += [f"**Partial**: {', '.join(where)}. Resume with `python benchmarks/moe_vs_dense.py run`.", ""]
-    lines += ["Validation loss over the whole validation split (34,472 tokens, the same for every run) at checkpoints "
-              "every run has reached:", "",
+    n_val = _train_tokens(data, "val")
+    lines += [f"Validation loss over the whole validation split ({n_val:,} tokens, the same for every run) at "
+              "checkpoints every run has reached:", "",
               "| step | tokens | dense s1 / s2 | MoE s1 / s2 | dense - MoE (mean) | same seed | largest seed spread | "
               "MoE lower by > 2x spread |", "|---|---|---|---|---|---|---|---|"]
     for m in table:
@@ -227,9 +240,9 @@ def report(data: str) -> None:
     print("\n".join(lines))
 
 
-def _train_tokens(data: str) -> int:
+def _train_tokens(data: str, split: str = "train") -> int:
     meta = json.loads((Path(data) / "meta.json").read_text())
-    return sum(sh["n_tokens"] for sh in meta["splits"]["train"]["shards"])
+    return sum(sh["n_tokens"] for sh in meta["splits"][split]["shards"])
 
 
 def _plot(res: dict) -> None:

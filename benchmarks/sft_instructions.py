@@ -1,9 +1,9 @@
 """SFT of SmolLM2-135M-Instruct on offline instruction pairs vs the base model's own 5-shot accuracy (issue 19).
 
 The pairs come from the few-shot tasks' generators (lmlab/eval/tasks/instructions.py): two task families
-(arithmetic, scramble) are trained, the third (sequences) is left out of SFT entirely; no training pair
-asks an evaluation test item's question. Three arms answer the same test items, scored by exact match
-of the greedy answer:
+are trained, the third (SFT_HELD_OUT: sequences by default, or arithmetic, scramble) is left out of SFT
+entirely; no training pair asks an evaluation test item's question. Three arms answer the same test
+items, scored by exact match of the greedy answer:
 
 - base, 5-shot: the plain few-shot prompt of the harness (lmlab/eval/harness/fewshot.py);
 - base, 0-shot chat: the task's question as a chat turn (the same turn SFT trains on, no answer);
@@ -14,7 +14,8 @@ of the greedy answer:
     python benchmarks/sft_instructions.py eval    # cached per (arm, task); benchmarks/results/sft_instructions.*
 
 Run the heavy steps under `flock /tmp/lmlab-heavy.lock` on a shared machine. One seed by default: a
-second (SFT_SEED=1) is needed before the comparison decides a claim.
+second (SFT_SEED=1) is needed before the comparison decides a claim. Another held-out family gets its own
+pairs, data, run and results (`...-heldout-FAMILY`); the base arms do not depend on it.
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ SEED = int(os.environ.get("SFT_SEED", 0))
 STEPS = int(os.environ.get("SFT_STEPS", 60))
 N_TEST = int(os.environ.get("SFT_N_TEST", 60))     # test items per task
 N_PAIRS = int(os.environ.get("SFT_N_PAIRS", 250))  # training pairs per trained task
-TRAINED, HELD_OUT = ["arithmetic", "scramble"], "sequences"
+HELD_OUT = os.environ.get("SFT_HELD_OUT", "sequences")
+if HELD_OUT not in FAMILIES:
+    sys.exit(f"SFT_HELD_OUT={HELD_OUT}: one of {', '.join(FAMILIES)}")
+TRAINED = [f for f in FAMILIES if f != HELD_OUT]
 EVAL_TASKS = ["arithmetic_2d+", "arithmetic_2d-", "reversed_words", "cycle_letters", "counting", "months"]
 WORK = ROOT / "runs" / "sft-instructions"
-RUN = WORK / f"run-s{SEED}"
+TAG = "" if HELD_OUT == "sequences" else f"-heldout-{HELD_OUT}"  # the first run's names stay as they were
+RUN = WORK / f"run-s{SEED}{TAG}"
 ARMS = ("base 5-shot", "base 0-shot chat", "SFT 0-shot chat")
 
 
@@ -73,17 +78,17 @@ def make_data() -> None:
     names = [n for f in TRAINED for n in FAMILIES[f]]
     pairs = instruction_pairs(names, N_PAIRS, seed=SEED, held_out=eval_tasks(names))
     WORK.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(WORK / "pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
-    prepare(PrepareConfig(source=str(WORK / "pairs.jsonl"), format="chat", tokenizer=str(gguf()),
-                          out=str(WORK / "data"), val_fraction=0.03, test_fraction=0.0), force=True)
-    print(f"{len(pairs)} pairs from {', '.join(names)} -> {WORK / 'data'}")
+    atomic_write_text(WORK / f"pairs{TAG}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+    prepare(PrepareConfig(source=str(WORK / f"pairs{TAG}.jsonl"), format="chat", tokenizer=str(gguf()),
+                          out=str(WORK / f"data{TAG}"), val_fraction=0.03, test_fraction=0.0), force=True)
+    print(f"{len(pairs)} pairs from {', '.join(names)} -> {WORK / f'data{TAG}'}")
 
 
 def train() -> None:
     torch.set_num_threads(int(os.environ.get("SFT_THREADS", 2)))
     base = load_model(gguf(), precision="fp32").model
     model_cfg = dataclasses.replace(base.config, block_size=256)
-    cfg = RunConfig(model=model_cfg, data=DataConfig(dir=str(WORK / "data")),
+    cfg = RunConfig(model=model_cfg, data=DataConfig(dir=str(WORK / f"data{TAG}")),
                     train=TrainConfig(out_dir=str(RUN), seed=SEED, dtype="bfloat16", batch_size=8, max_steps=STEPS,
                                       lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, eval_interval=0,
                                       eval_iters=4, ckpt_interval=10, keep_checkpoints=1, log_interval=1,
@@ -116,9 +121,10 @@ def evaluate() -> None:
     rows = []
     for arm in ARMS:
         for name, task in tasks.items():
-            f = cache / f"{arm.replace(' ', '_')}__{name}.json"
+            # the base arms do not depend on the held-out family; the SFT arm's cache does
+            f = cache / f"{arm.replace(' ', '_')}{TAG if arm.startswith('SFT') else ''}__{name}.json"
             if f.is_file():
-                rows.append(json.loads(f.read_text()))
+                rows.append({**json.loads(f.read_text()), "held_out": name in FAMILIES[HELD_OUT]})
                 continue
             if arm.startswith("SFT") and sft_model is None:
                 continue
@@ -156,9 +162,11 @@ def report(rows: list[dict]) -> None:
     losses = [r for r in curve if "loss" in r]
     train_line = (f"SFT: {losses[-1]['step']} steps, {losses[-1]['tokens']:,} positions, train loss "
                   f"{losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}" if losses else "SFT: not run")
-    md = ("# SFT on offline instruction pairs (SmolLM2-135M-Instruct)\n\n" + train_line + f"; seed {SEED}; "
+    md = ("# SFT on offline instruction pairs (SmolLM2-135M-Instruct)\n\n" + train_line + f" on "
+          f"{' and '.join(TRAINED)}, {HELD_OUT} left out; seed {SEED}; "
           f"{N_TEST} test items per task, exact match, Wilson 95% intervals.\n\n" + "\n".join(lines) + "\n")
-    write_results(f"sft_instructions-s{SEED}", {"machine": machine(), "seed": SEED, "rows": rows,
+    write_results(f"sft_instructions-s{SEED}{TAG}", {"machine": machine(), "seed": SEED, "held_out": HELD_OUT,
+                                                     "trained": TRAINED, "rows": rows,
                                                 "train": losses[-1] if losses else None}, md)
     print(md)
 

@@ -99,13 +99,15 @@ def test_rope_store_rotates_queries_in_place_and_writes_keys_and_values():
 def test_repacked_decoding_matmuls_match_float64(threads):
     gen = torch.Generator().manual_seed(5)
     nt = qk.set_threads(threads)  # 2: rows split into tiles over numba's pool
-    qs, dm, w = q4_1_blocks(2100, 96, gen)  # more rows than a tile (2048)
-    x = torch.randn(96, generator=gen)
+    assert 2100 * 2048 >= qk._PARALLEL_BYTES
+    # more rows than a tile (2048), and codes past qk._PARALLEL_BYTES (smaller matrices stay on one thread)
+    qs, dm, w = q4_1_blocks(2100, 4096, gen)
+    x = torch.randn(4096, generator=gen)
     y = torch.empty(2100)
     qk._q4_1_mv_t(*qk.repack_q4_1(qs, dm), x.numpy(), y.numpy(), nt)
     torch.testing.assert_close(y.double(), w.double() @ x.double(), rtol=1e-5, atol=1e-5)
-    q8, d8, w8 = q8_0_blocks(2100, 64, gen)
-    x = torch.randn(64, generator=gen)
+    q8, d8, w8 = q8_0_blocks(2100, 2048, gen)
+    x = torch.randn(2048, generator=gen)
     y = torch.empty(2100)
     qt, d = qk.repack_q8_0(q8, d8)
     qk._qg_mv_t(qt, d, d[:0], x.numpy(), y.numpy(), nt)  # Q8_0: the group kernel without offsets

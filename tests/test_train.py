@@ -137,3 +137,27 @@ def test_eval_windows_match_a_direct_computation(char_data, tmp_path):
     logp = model(seq).logits.log_softmax(-1)[0, :-1]
     direct = -logp.gather(1, seq[0, 1:, None])[:, 0].double().detach().numpy()
     np.testing.assert_allclose(nll, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_data_seed_fixes_the_data_order_and_leaves_the_initialisation_to_seed(char_data, tmp_path):
+    import torch
+
+    from lmlab.errors import LmlabError
+    from lmlab.train.config import DataConfig, RunConfig, TrainConfig
+    from lmlab.train.trainer import Trainer
+
+    def build(seed: int, data_seed: int, name: str) -> Trainer:
+        cfg = RunConfig(data=DataConfig(dir=str(char_data)),
+                        train=TrainConfig(seed=seed, data_seed=data_seed, batch_size=4, progress=False))
+        cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size = 1, 2, 16, 16
+        return Trainer(cfg, tmp_path / name, quiet=True)
+
+    a, b, c = build(1, 7, "a"), build(2, 7, "b"), build(1, -1, "c")
+    first = [t.sampler.next_batch() for t in (a, b, c)]
+    xa, xb, xc = (batch[0] if isinstance(batch, tuple) else batch["input_ids"] for batch in first)
+    assert torch.equal(xa, xb)          # same data_seed: the same windows in the same order
+    assert not torch.equal(xa, xc)      # data_seed -1 follows seed (1 here), another order than 7
+    wa, wb = (next(t.model.parameters()) for t in (a, b))
+    assert not torch.equal(wa, wb)      # the initialisation still follows seed
+    with pytest.raises(LmlabError, match="data_seed"):
+        build(1, -5, "d")

@@ -24,7 +24,7 @@ from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
 from lmlab.nn.mlp import ACTIVATIONS
 from lmlab.nn.position import RotaryEmbedding
-from lmlab.nn.quant import FastRMSNorm, GroupLinear, Int4Linear, Q8Embedding, Q8Linear
+from lmlab.nn.quant import FastRMSNorm, GroupLinear, Int4Linear, Q8Embedding, Q8Linear, block_args
 
 
 def _kernel_linear(m: nn.Module, bias: bool = False) -> bool:
@@ -53,44 +53,19 @@ def _fits(model: nn.Module, cache: KVCache) -> bool:
     return True
 
 
-def _linear_args(m: nn.Module) -> tuple:
-    if isinstance(m, GroupLinear):
-        return kernels.linear_args(m.qs, m.d, m.m, group=True)
-    return kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d)
-
-
 def _packed(m: nn.Module, model: nn.Module) -> tuple:
     """A quantized linear's arguments for `_decode_layer`, its weights block-major and row-minor.
 
-    The codes are stored so once, in place: `qs` [n, k'] becomes the transpose of a contiguous [k', n]
-    array, the same values, so the decoding kernels read it without a copy and the model keeps one
-    copy of its weights (other calls copy what they need per call). Made once per module (quantized
-    modules are inference-only), keyed by the weights' version."""
+    The codes are stored so once, in place (GGUF layers are loaded so): `qs` [n, k'] becomes the
+    transpose of a contiguous [k', n] array, the same values, so the decoding kernels read it without
+    a copy and the model keeps one copy of its weights (`block_args`)."""
     if m.qs.is_contiguous():
         old = m.qs
         m.qs = old.T.contiguous().T
         for e in model.modules():  # an embedding sharing the tied output layer's codes follows them
             if isinstance(e, Q8Embedding) and e.qs is old:
                 e.qs = m.qs
-    key = (m.qs.data_ptr(), m.qs._version)
-    hit = m.__dict__.get("_decode_pack")
-    if hit is None or hit[0] != key:
-        hit = m.__dict__["_decode_pack"] = (key, _share_scales(m, _linear_args(m)))
-    return hit[1]
-
-
-def _share_scales(m: nn.Module, args: tuple) -> tuple:
-    """Point the module's scales at the decoding kernels' float32 block-major copies in `args` (the same
-    values: fp16 ones are exact in fp32), so that one set of scales is kept, not two; returns `args`."""
-    if isinstance(m, Int4Linear):
-        both = torch.stack([torch.from_numpy(args[2]), torch.from_numpy(args[3])])  # [2, k/32, n]: d, m
-        m.dm = both.permute(2, 1, 0)  # [n, k/32, 2], a view of the same memory
-        return (args[0], args[1], both[0].numpy(), both[1].numpy())
-    if isinstance(m, GroupLinear):
-        m.d = torch.from_numpy(args[2]).T
-        if m.m is not None:
-            m.m = torch.from_numpy(args[3]).T
-    return args
+    return block_args(m)
 
 
 class FastDecoder:

@@ -203,6 +203,8 @@ class Int4Linear(nn.Module):
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         elif x.numel() <= KERNEL_ROWS * self.in_features:  # decoding: the exact kernel, fp32 in and out
             y = kernels.q4_1_matmul(x.float().contiguous(), self.qs, self.dm).to(x.dtype)
+        elif _block_major_fp32(self):
+            y = _block_major_forward(self, x)
         else:
             y = F.linear(x.to(self.dtype), kernels.q4_1_dequantize(self.qs, self.dm, self.dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -278,8 +280,10 @@ class GroupLinear(nn.Module):
         if k % d.shape[1] or d.shape[0] != n or (m is not None and m.shape != d.shape):
             raise ValueError(f"group scales {tuple(d.shape)} do not fit codes {tuple(qs.shape)}")
         self.register_buffer("qs", qs.to(torch.int8))
-        self.register_buffer("d", d.float())
-        self.register_buffer("m", None if m is None else m.float())
+        # fp16 scales (GGUF's Q8_0, Q5_0, Q5_1) stay fp16: exact, and half the bytes to stream
+        half = d.dtype == torch.float16 and (m is None or m.dtype == torch.float16)
+        self.register_buffer("d", d if half else d.float())
+        self.register_buffer("m", None if m is None else m if half else m.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.group, self.dtype, self.chunk = k // d.shape[1], dtype, chunk
         self.in_features, self.out_features = k, n
@@ -287,12 +291,14 @@ class GroupLinear(nn.Module):
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         qs, d, m = (self.qs, self.d, self.m) if rows is None else \
             (self.qs[rows], self.d[rows], None if self.m is None else self.m[rows])
-        w = qs.float().reshape(*d.shape, self.group) * d[..., None]
-        return (w if m is None else w + m[..., None]).view(*qs.shape)
+        w = qs.float().reshape(*d.shape, self.group) * d.float()[..., None]
+        return (w if m is None else w + m.float()[..., None]).view(*qs.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= KERNEL_ROWS * self.in_features and kernels.available():
             y = kernels.group_matmul(x.float().contiguous(), self.qs, self.d, self.m)
+        elif _block_major_fp32(self):
+            y = _block_major_forward(self, x)
         else:
             x2 = x.reshape(-1, self.in_features).to(self.dtype)
             y = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype)
@@ -306,6 +312,17 @@ class GroupLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
                 f"offsets={self.m is not None}, bias={self.bias is not None}")
+
+
+def _block_major_fp32(m: nn.Module) -> bool:
+    return m.dtype == torch.float32 and kernels.available() and kernels.block_major(m.qs)
+
+
+def _block_major_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Many rows (prefill, scoring) through codes stored block-major (GGUF layers): the exact fp32 weights
+    made a chunk at a time into one reused buffer, then fp32 GEMMs (`kernels.block_major_mm`)."""
+    y = kernels.block_major_mm(x.reshape(-1, m.in_features).float().contiguous(), block_args(m))
+    return y.view(*x.shape[:-1], m.out_features)
 
 
 class BlockEmbedding(nn.Module):
@@ -322,6 +339,15 @@ class BlockEmbedding(nn.Module):
 
 def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
                        prefill_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """`_linear_from_blocks` with its codes stored block-major (`kernels.block_major`): the layout decoding
+    reads, made here, one tensor at a time, rather than for the whole model when decoding starts."""
+    layer = _linear_from_blocks(parts, bias, prefill_dtype)
+    layer.qs = layer.qs.T.contiguous().T
+    return layer
+
+
+def _linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
+                        prefill_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """One linear layer whose weight is `parts` (GGUF tensors unpacked by lmlab/nn/quant_formats.py)
     stacked by rows, e.g. q, k, v into our fused projection, without re-quantizing: 4-bit codes in
     groups of 32 (Q4_0, Q4_1, Q4_K) as `Int4Linear`, anything else (or a mix, e.g. Q4_K_M's Q4_K q/k
@@ -346,7 +372,45 @@ def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
     m = None
     if any(p.m is not None for p in parts):
         m = cat([spread(p.m if p.m is not None else np.zeros_like(p.d), p) for p in parts])
+    if torch.equal(d.half().float(), d) and (m is None or torch.equal(m.half().float(), m)):
+        d, m = d.half(), None if m is None else m.half()  # fp16 as stored (Q8_0, Q5_0/1): the same values
     return GroupLinear(qs, d, m, bias, dtype=torch.float32 if prefill_dtype == torch.float32 else prefill_dtype)
+
+
+def block_args(m: nn.Module) -> tuple:
+    """(kind, qt, s1, s2): a quantized linear's weights as the block-major kernels take them
+    (`kernels.linear_args`), made once per module and kept (quantized modules are inference-only),
+    keyed by the codes' storage and version. With codes stored block-major (`kernels.block_major`) qt
+    is a view of them; the module's scales become views of the kernels' copies, so one set is kept."""
+    key = (m.qs.data_ptr(), m.qs._version)
+    hit = m.__dict__.get("_decode_pack")
+    if hit is None or hit[0] != key:
+        if isinstance(m, GroupLinear):
+            args = kernels.linear_args(m.qs, m.d, m.m, group=True)
+        else:
+            args = kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d)
+        hit = m.__dict__["_decode_pack"] = (key, _share_scales(m, args))
+    return hit[1]
+
+
+def _share_scales(m: nn.Module, args: tuple) -> tuple:
+    """Point the module's scales at the decoding kernels' block-major copies in `args` (the same values,
+    in the same dtype: fp16 as the file stores Q4_1's and Q8_0's, else float32), so that one set of scales
+    is kept, not two; returns `args`."""
+    half = args[0] >= kernels.HALF
+
+    def tensor(b: np.ndarray) -> torch.Tensor:  # the kernels' scale bytes [k/g, n * size] as a [k/g, n] view
+        return torch.from_numpy(b.view(np.uint16)).view(torch.float16) if half else torch.from_numpy(b.view(np.float32))
+
+    if isinstance(m, Int4Linear):
+        both = torch.stack([tensor(args[2]), tensor(args[3])])  # [2, k/32, n]: d, m
+        m.dm = both.permute(2, 1, 0)  # [n, k/32, 2], a view of the same memory
+        return (args[0], args[1], both[0].numpy().view(np.uint8), both[1].numpy().view(np.uint8))
+    if isinstance(m, (GroupLinear, Q8Linear)):
+        m.d = tensor(args[2]).T
+        if getattr(m, "m", None) is not None:
+            m.m = tensor(args[3]).T
+    return args
 
 
 class FastRMSNorm(nn.Module):
@@ -423,7 +487,7 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
         raise LmlabError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if precision == "fp32":
         return model.float()
-    model.float()  # what stays (norms, biases elsewhere) computes in fp32
+    _float_except_blocks(model)  # what stays (norms, biases elsewhere) computes in fp32
     blocks = kernels.available()
     if precision == "gguf":
         return _decoding_kernels(model, blocks).eval()
@@ -456,6 +520,20 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
     _swap(model, nn.Linear, linear)
     _swap(model, nn.Embedding, embedding)
     return _decoding_kernels(model, blocks).eval()
+
+
+def _float_except_blocks(model: nn.Module) -> None:
+    """`model.float()`, leaving the block-quantized layers a GGUF file was loaded into as they are: their
+    fp16 scales are exact as stored, and float32 copies would double their memory."""
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Q8Linear, GroupLinear, Q8Embedding)):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                m._buffers[name] = b.float()
 
 
 def _decoding_kernels(model: nn.Module, blocks: bool) -> nn.Module:

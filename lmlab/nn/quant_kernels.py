@@ -12,10 +12,12 @@ per input row and shared by every output row; byte j of a block holds q_j (low n
 (high nibble), split exactly in float arithmetic (hi = floor(byte / 16), lo = byte - 16 hi). Q8_0:
 d dot(x_b, q). fp32 accumulation throughout; the decoding kernels (`*_mv_t`) split the output rows over
 numba's threads (`numba.set_num_threads`), the rest is single-threaded (numba releases the GIL, `nogil=True`).
-Decoding (lmlab/generate/fast_decode.py) uses copies of the weights repacked block-major and row-minor
-(`repack_q4_1`, `repack_q8_0`; the same bytes, reordered): its innermost loop runs over output rows, so
-LLVM vectorises it without a horizontal sum per block. This keeps a second copy of the quantized
-weights for the decoder's lifetime.
+Decoding (lmlab/generate/fast_decode.py) reads the weights block-major and row-minor (`repack_q4_1`,
+`repack_q8_0`, `repack_group`; the same bytes, reordered; GGUF layers are stored so from load, so this is
+a view): its innermost loop runs over output rows, so LLVM vectorises it without a horizontal sum per
+block; each tile prefetches the next block (`_prefetch`), and fp16 scales stay fp16 (`_scales`). Many
+rows on that layout (prefill, scoring) go through `block_major_mm`: W^T dequantized a chunk at a time
+into a reused buffer, then an fp32 GEMM.
 
 Decoding's small per-layer steps are here too, one call each instead of several PyTorch ops (a few
 microseconds apiece, which at one token per step add up to as much as reading the weights): RMSNorm,
@@ -38,7 +40,13 @@ import torch.nn.functional as F
 
 try:
     import numba
+    from llvmlite import binding as _llvm
+    from llvmlite import ir as _ir
     from numba import prange
+    from numba.core import cgutils as _cgutils
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+    from numba.extending import overload as _overload
 except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
@@ -52,6 +60,7 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
 POOL = threading.Lock()
 
 BLOCK = 32  # inputs per block in Q4_1 and Q8_0 (ggml-common.h QK4_1, QK8_0)
+HALF = 8  # added to a decoding linear's kind (`linear_args`) when its scales are fp16, as the file stores them
 
 # 2^(e - 25) for an fp16 exponent field e: a finite fp16 with exponent field e >= 1 and mantissa field
 # m is (1024 + m) 2^(e - 25), and a subnormal (e = 0) is m 2^(1 - 25); both products are exact in fp32
@@ -63,6 +72,25 @@ def _njit(*args, **kwargs):
 
 
 if numba is not None:
+    # llvm.prefetch's name mangles its pointer type: "p0" with LLVM's opaque pointers (LLVM >= 15)
+    _PREFETCH = "llvm.prefetch.p0" if _llvm.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+
+    @_intrinsic
+    def _prefetch(typingctx, arr, i):
+        """Ask the CPU to start loading the cache line holding arr[i] (a 1-D array) into L1 (LLVM's
+        llvm.prefetch: read, high locality, data); no effect on results."""
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = _cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]], wraparound=False,
+                                            boundscheck=False)
+            ptr = builder.bitcast(ptr, _ir.IntType(8).as_pointer())
+            i32 = _ir.IntType(32)
+            fnty = _ir.FunctionType(_ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = _cgutils.get_or_insert_function(builder.module, fnty, _PREFETCH)
+            builder.call(fn, [ptr, _ir.Constant(i32, 0), _ir.Constant(i32, 3), _ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return _types.void(arr, i), codegen
+
     @_njit(fastmath=True, inline="always")
     def _half(h):
         """The float32 value of the fp16 bit pattern h (finite values; exact)."""
@@ -142,6 +170,45 @@ if numba is not None:
     _TILE = 2048
 
     _MIN_TILE = 64  # rows per tile at least: short tiles spend more on their set-up than on the rows
+    # Codes below this many bytes are one thread's work: waking the pool costs tens of microseconds (much
+    # more when the other core is busy), against ~250 us to stream 4 MB. On SmolLM2-135M every layer's
+    # matrices (<= 0.9 MB) stayed on one thread and only the output layer (28 MB) is split; with all 121
+    # matrices a token split, 2 threads decoded at 35 tok/s against 95 on one (shared 2-core machine).
+    _PARALLEL_BYTES = 1 << 22
+
+    @_njit(inline="always")
+    def _prefetch_row(a, per_line):
+        """Prefetch every cache line (64 bytes: `per_line` elements) of the 1-D array a.
+
+        Decoding streams each weight once from memory; the hardware prefetchers alone kept only a few
+        lines in flight against the kernels' arithmetic (SmolLM2-135M's 30 layers of Q4_1: 8.5-10 ms a
+        token with cold caches against 2.3 ms hot). Requesting the next block while computing this one
+        brought that to ~6 ms."""
+        for c in range(0, a.shape[0], per_line):
+            _prefetch(a, c)
+
+    def _scales(src, dst):  # pragma: no cover - compiled through the overload below
+        """dst [L] float32 = src [L]: float32 as is, or fp16 bit patterns (uint16) converted exactly."""
+
+    @_overload(_scales, inline="always")
+    def _scales_impl(src, dst):
+        if src.dtype == _types.uint16:
+            def from_half(src, dst):
+                # fp16 -> fp32 without a branch or a table: the sign and the 15 other bits moved to fp32's
+                # places give the value times 2^-112 (a subnormal fp16 lands on an fp32 subnormal), and
+                # times 2^112 is exact (IEEE arithmetic; nothing here flushes subnormals)
+                u = dst.view(np.uint32)
+                for r in range(src.shape[0]):
+                    h = np.uint32(src[r])
+                    u[r] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+                for r in range(src.shape[0]):
+                    dst[r] *= np.float32(2.0 ** 112)
+            return from_half
+
+        def as_is(src, dst):
+            for r in range(src.shape[0]):
+                dst[r] = src[r]
+        return as_is
 
     @_njit(inline="always")
     def _tile(n, nt):
@@ -155,22 +222,29 @@ if numba is not None:
         """Rows r0 .. r0 + L - 1 of `_q4_1_mv_t` (one thread's tile)."""
         nb = qt.shape[0]
         T = np.empty(L, dtype=np.float32)
+        db = np.empty(L, dtype=np.float32)  # block b's scales and offsets of the tile's rows, as float32
+        mb = np.empty(L, dtype=np.float32)
+        per = 64 // d.itemsize  # scales per cache line
         for r in range(L):
             y[r0 + r] = 0.0
         for b in range(nb):
             for r in range(L):
                 T[r] = 0.0
+            bn = min(b + 1, nb - 1)  # the next block's bytes, requested while this one computes
             for j in range(16):
                 xl = x[32 * b + j]
                 xh = x[32 * b + 16 + j]
                 q = qt[b, j, r0:r0 + L]
+                _prefetch_row(qt[bn, j, r0:r0 + L], 64)
                 for r in range(L):
                     f = np.float32(q[r])
                     hi = np.floor(f * np.float32(0.0625))  # the nibbles, exactly, without integer ops
                     T[r] += xl * (f - np.float32(16.0) * hi) + xh * hi
+            _prefetch_row(d[bn, r0:r0 + L], per)
+            _prefetch_row(m[bn, r0:r0 + L], per)
             sxb = np.sum(x[32 * b:32 * b + 32])
-            db = d[b, r0:r0 + L]
-            mb = m[b, r0:r0 + L]
+            _scales(d[b, r0:r0 + L], db)
+            _scales(m[b, r0:r0 + L], mb)
             for r in range(L):
                 y[r0 + r] += db[r] * T[r] + mb[r] * sxb
 
@@ -178,6 +252,7 @@ if numba is not None:
     def _q4_1_mv_t(qt, d, m, x, y, nt):
         """y [n] = W x [k]; qt [k/32, 16, n] uint8 (repacked Q4_1 bytes), d, m [k/32, n] float32."""
         n = qt.shape[2]
+        nt = nt if qt.size >= _PARALLEL_BYTES else 1
         tile = _tile(n, nt)
         tiles = (n + tile - 1) // tile
         if nt == 1:  # no pool: waking its threads costs more than one core's rows
@@ -225,14 +300,20 @@ if numba is not None:
         nb, g = qt.shape[0], qt.shape[1]
         has_m = m.shape[0] > 0
         T = np.empty(L, dtype=np.float32)
+        db = np.empty(L, dtype=np.float32)  # block b's scales and offsets of the tile's rows, as float32
+        mb = np.empty(L, dtype=np.float32)
+        per = 64 // d.itemsize  # scales per cache line
         for r in range(L):
             y[r0 + r] = 0.0
         for b in range(nb):
             for r in range(L):
                 T[r] = 0.0
+            bn = min(b + 1, nb - 1)  # the next block's bytes, requested while this one computes
             for j in range(0, g, 4):  # four inputs per pass over T (g is 16 or 32)
                 c = g * b + j
                 x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
+                for jj in range(j, j + 4):
+                    _prefetch_row(qt[bn, jj, r0:r0 + L], 64)
                 q0 = qt[b, j, r0:r0 + L]
                 q1 = qt[b, j + 1, r0:r0 + L]
                 q2 = qt[b, j + 2, r0:r0 + L]
@@ -240,10 +321,13 @@ if numba is not None:
                 for r in range(L):
                     T[r] += (x0 * np.float32(q0[r]) + x1 * np.float32(q1[r])) \
                         + (x2 * np.float32(q2[r]) + x3 * np.float32(q3[r]))
-            db = d[b, r0:r0 + L]
+            _prefetch_row(d[bn, r0:r0 + L], per)
+            if has_m:
+                _prefetch_row(m[bn, r0:r0 + L], per)
+            _scales(d[b, r0:r0 + L], db)
             if has_m:
                 sxb = np.sum(x[g * b:g * b + g])
-                mb = m[b, r0:r0 + L]
+                _scales(m[b, r0:r0 + L], mb)
                 for r in range(L):
                     y[r0 + r] += db[r] * T[r] + mb[r] * sxb
             else:
@@ -255,6 +339,7 @@ if numba is not None:
         """`_qg_mm` for one input row on weights repacked block-major (`repack_group`): y [n] = W x [k];
         qt [k/g, g, n] int8, d [k/g, n] float32, m [k/g, n] or [0, n] float32."""
         n = qt.shape[2]
+        nt = nt if qt.size >= _PARALLEL_BYTES else 1
         tile = _tile(n, nt)
         tiles = (n + tile - 1) // tile
         if nt == 1:  # no pool: waking its threads costs more than one core's rows
@@ -286,6 +371,52 @@ if numba is not None:
             for b in range(nb):
                 out[i, 32 * b:32 * b + 16] = wl[16 * b:16 * b + 16]
                 out[i, 32 * b + 16:32 * b + 32] = wh[16 * b:16 * b + 16]
+
+    @_njit(fastmath=_FM)
+    def _dequant_t(kind, qt, d, m, c0, out):
+        """out [k, L] = W^T for rows c0 .. c0 + L - 1 of block-major codes (`linear_args`' layout): kind 0
+        Q4_1 bytes qt [k/32, 16, n] uint8, else group codes qt [k/g, g, n] int8 (m [0, n]: no offsets);
+        d, m [k/g, n] float32 or fp16 bit patterns. Each weight d q + m rounds once (d q is exact), as
+        in `dequantized_weight`; the inner loops run along rows, vectorised."""
+        L = out.shape[1]
+        nb, g = qt.shape[0], qt.shape[1]
+        db = np.empty(L, dtype=np.float32)
+        mb = np.zeros(L, dtype=np.float32)
+        for b in range(nb):
+            _scales(d[b, c0:c0 + L], db)
+            if m.shape[0] > 0:
+                _scales(m[b, c0:c0 + L], mb)
+            for j in range(g):
+                q = qt[b, j, c0:c0 + L]
+                if kind == 0:  # byte j of a Q4_1 block: inputs j (low nibble) and j + 16 (high)
+                    lo = out[32 * b + j]
+                    hi = out[32 * b + 16 + j]
+                    for r in range(L):
+                        f = np.float32(q[r])
+                        h = np.floor(f * np.float32(0.0625))
+                        lo[r] = db[r] * (f - np.float32(16.0) * h) + mb[r]
+                        hi[r] = db[r] * h + mb[r]
+                else:
+                    o = out[g * b + j]
+                    for r in range(L):
+                        o[r] = db[r] * np.float32(q[r]) + mb[r]
+
+    @_njit(fastmath=_FM)
+    def _dequant_t_any(kind, qt, s1, s2, c0, out):
+        """`_dequant_t` on `linear_args`' scale bytes (fp16 where kind >= HALF)."""
+        base = kind - HALF if kind >= HALF else kind
+        if base == 0 and kind >= HALF:
+            _dequant_t(0, qt, s1.view(np.uint16), s2.view(np.uint16), c0, out)
+        elif base == 0:
+            _dequant_t(0, qt, s1.view(np.float32), s2.view(np.float32), c0, out)
+        elif base == 1 and kind >= HALF:  # Q8_0: no offsets
+            _dequant_t(1, qt.view(np.int8), s1.view(np.uint16), s2.view(np.uint16)[:0], c0, out)
+        elif base == 1:
+            _dequant_t(1, qt.view(np.int8), s1.view(np.float32), s2.view(np.float32)[:0], c0, out)
+        elif kind >= HALF:
+            _dequant_t(2, qt.view(np.int8), s1.view(np.uint16), s2.view(np.uint16), c0, out)
+        else:
+            _dequant_t(2, qt.view(np.int8), s1.view(np.float32), s2.view(np.float32), c0, out)
 
     @_njit(fastmath=_FM)
     def _q8_0_dequant(qs, d, out):
@@ -375,6 +506,14 @@ if numba is not None:
 
     @_njit(fastmath=_FM, parallel=True, inline="always")
     def _linear(kind, qt, s1, s2, x, y, nt):
+        """One linear of `linear_args`: its scales s1, s2 arrive as bytes, fp16 where kind >= HALF."""
+        if kind >= HALF:
+            _linear_typed(kind - HALF, qt, s1.view(np.uint16), s2.view(np.uint16), x, y, nt)
+        else:
+            _linear_typed(kind, qt, s1.view(np.float32), s2.view(np.float32), x, y, nt)
+
+    @_njit(fastmath=_FM, parallel=True, inline="always")
+    def _linear_typed(kind, qt, s1, s2, x, y, nt):
         if kind == 0:
             _q4_1_mv_t(qt, s1, s2, x[0], y[0], nt)
         elif kind == 1:
@@ -449,20 +588,26 @@ def _f32(t: torch.Tensor, cols: int) -> np.ndarray:
     return out
 
 
+def _scale_array(t: torch.Tensor) -> np.ndarray:
+    """Scales [k/g, n] for the decoding kernels: fp16 ones as their bit patterns (uint16, converted exactly
+    in the kernels: half the bytes to stream), anything else as float32."""
+    t = t.contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.float16 else t.float().numpy()
+
+
 def repack_q4_1(qs: torch.Tensor, dm: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_1 blocks (`qs` [n, k/2] uint8, `dm` [n, k/32, 2] fp16) block-major for `_q4_1_mv_t`: the same
-    bytes as qt [k/32, 16, n], and d, m as float32 [k/32, n] (exact)."""
+    """Q4_1 blocks (`qs` [n, k/2] uint8, `dm` [n, k/32, 2] fp16 or float32) block-major for `_q4_1_mv_t`: the
+    same bytes as qt [k/32, 16, n], and d, m [k/32, n] (`_scale_array`: fp16 kept as uint16 bit patterns)."""
     n, nb = dm.shape[0], dm.shape[1]
     qt = qs.reshape(n, nb, 16).permute(1, 2, 0).contiguous().numpy()
-    dm32 = dm.float()
-    return qt, dm32[..., 0].T.contiguous().numpy(), dm32[..., 1].T.contiguous().numpy()
+    return qt, _scale_array(dm[..., 0].T), _scale_array(dm[..., 1].T)
 
 
 def repack_q8_0(qs: torch.Tensor, d: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Q8_0 blocks (`qs` [n, k] int8, `d` [n, k/32] fp16) block-major for `_qg_mv_t`: qt [k/32, 32, n] int8
-    and d float32 [k/32, n]."""
+    and d [k/32, n] (`_scale_array`)."""
     n, nb = d.shape
-    return qs.reshape(n, nb, 32).permute(1, 2, 0).contiguous().numpy(), d.float().T.contiguous().numpy()
+    return qs.reshape(n, nb, 32).permute(1, 2, 0).contiguous().numpy(), _scale_array(d.T)
 
 
 def repack_group(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> tuple[np.ndarray, ...]:
@@ -477,20 +622,71 @@ def repack_group(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> t
 def linear_args(qs: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None,
                 group: bool = False) -> tuple:
     """(kind, qt, s1, s2) as `_decode_layer` takes a linear: Q4_1 (`qs` uint8) is kind 0 with (d, m), Q8_0
-    (int8) kind 1 with d (s2 unused); weights repacked (a copy) by `repack_q4_1` / `repack_q8_0`."""
+    (int8) kind 1 with d (s2 unused), other groups kind 2; weights repacked (a copy) by `repack_q4_1` /
+    `repack_q8_0` / `repack_group`. The scales go as bytes [k/g, 4n] (float32) or [k/g, 2n] (fp16 bit
+    patterns, kind + HALF), so every layout compiles to one `_decode_layer`."""
     if group:
         qt, d, m = repack_group(qs, scales, offsets)
-        return 2, qt.view(np.uint8), d, m
-    if qs.dtype == torch.uint8:
-        return (0, *repack_q4_1(qs, scales))
-    qt, d = repack_q8_0(qs, scales)
-    return 1, qt.view(np.uint8), d, d
+        kind = 2
+    elif qs.dtype == torch.uint8:
+        qt, d, m = repack_q4_1(qs, scales)
+        kind = 0
+    else:
+        qt, d = repack_q8_0(qs, scales)
+        m, kind = d, 1
+    if d.dtype != m.dtype:  # one of them fp16, the other not: both as float32
+        d, m = (a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a for a in (d, m))
+    if d.dtype == np.uint16:
+        kind += HALF
+    return kind, qt.view(np.uint8), d.view(np.uint8), m.view(np.uint8)
+
+
+def block_major(qs: torch.Tensor) -> bool:
+    """Whether codes `qs` [n, k'] are stored block-major (the transpose of a contiguous [k', n]), as the
+    decoding kernels read them (lmlab/generate/fast_decode.py, GGUF layers from lmlab/io/gguf/read.py)."""
+    return qs.dim() == 2 and qs.shape[0] > 1 and not qs.is_contiguous() and qs.T.is_contiguous()
+
+
+def _rows_block_major(mv, x: torch.Tensor, qt: np.ndarray, d: np.ndarray, m: np.ndarray, n: int) -> torch.Tensor:
+    """x [..., k] @ W^T, one row at a time through a block-major decoding kernel `mv` (few rows: each
+    reads the weights once, without a row-major copy of them)."""
+    x2 = x.contiguous().view(-1, x.shape[-1]).numpy()
+    y = torch.empty(x2.shape[0], n)
+    for r in range(x2.shape[0]):
+        mv(qt, d, m, x2[r], y[r].numpy(), 1)
+    return y.view(*x.shape[:-1], n)
+
+
+_SCRATCH = threading.local()  # each thread's buffer for `block_major_mm`'s dequantized weights
+SCRATCH_FLOATS = 1 << 21  # 8 MB: a SmolLM2 layer's largest matrix (576 x 3072) at once; more goes in chunks
+
+
+def block_major_mm(x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """x [M, k] float32 @ W^T -> [M, n] float32 for a linear in `linear_args`' block-major layout: W^T made
+    a chunk of rows at a time in one reused per-thread buffer (no allocation per call, so prefill leaves
+    no heap behind), then one fp32 GEMM per chunk. The weights are those of `dequantized_weight`."""
+    kind, qt, s1, s2 = args
+    k, n = x.shape[1], qt.shape[2]
+    chunk = max(64, min(n, SCRATCH_FLOATS // k))
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < k * chunk:
+        buf = _SCRATCH.buf = torch.empty(max(k * chunk, SCRATCH_FLOATS))
+    y = x.new_empty(x.shape[0], n)
+    for c0 in range(0, n, chunk):
+        L = min(chunk, n - c0)
+        wt = buf[:k * L].view(k, L)
+        _dequant_t_any(kind, qt, s1, s2, c0, wt.numpy())
+        torch.mm(x, wt, out=y[:, c0:c0 + L])
+    return y
 
 
 def q4_1_matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, W = d q + m in Q4_1 blocks (`qs` [n, k/2]
     uint8, `dm` [n, k/32, 2] float16)."""
     n, k = qs.shape[0], qs.shape[1] * 2
+    if block_major(qs):
+        qt = qs.T.numpy().reshape(k // 32, 16, n)
+        return _rows_block_major(_q4_1_mv_t, x, qt, _scale_array(dm[..., 0].T), _scale_array(dm[..., 1].T), n)
     y = x.new_empty(*x.shape[:-1], n)
     _q4_1_mm(qs.contiguous().numpy(), _f32(dm, k // 16), x.contiguous().view(-1, k).numpy(), y.view(-1, n).numpy())
     return y
@@ -500,6 +696,9 @@ def q8_0_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Ten
     """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, W = d q in Q8_0 blocks (`qs` [n, k]
     int8, `d` [n, k/32] float16)."""
     n, k = qs.shape
+    if block_major(qs):
+        d = _scale_array(d.T)
+        return _rows_block_major(_qg_mv_t, x, qs.T.numpy().reshape(k // 32, 32, n), d, d[:0], n)
     y = x.new_empty(*x.shape[:-1], n)
     _q8_0_mm(qs.contiguous().numpy(), _f32(d, k // 32), x.contiguous().view(-1, k).numpy(), y.view(-1, n).numpy())
     return y
@@ -509,9 +708,15 @@ def group_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Te
     """x [..., k] (float32, contiguous) @ W^T -> [..., n] float32, w = d q + m per group (`qs` [n, k] int8,
     `d`, `m` [n, k/g] float32; m None: no offsets)."""
     n, k = qs.shape
+    if block_major(qs):
+        dt = _scale_array(d.T)
+        mt = dt[:0] if m is None else _scale_array(m.T)
+        if dt.dtype != mt.dtype:
+            dt, mt = _scale_array(d.T.float()), _scale_array(m.T.float())
+        return _rows_block_major(_qg_mv_t, x, qs.T.numpy().reshape(d.shape[1], -1, n), dt, mt, n)
     y = x.new_empty(*x.shape[:-1], n)
-    mm = np.zeros((n, 0), np.float32) if m is None else m.contiguous().numpy()
-    _qg_mm(qs.contiguous().numpy(), d.contiguous().numpy(), mm, x.contiguous().view(-1, k).numpy(),
+    mm = np.zeros((n, 0), np.float32) if m is None else m.float().contiguous().numpy()
+    _qg_mm(qs.contiguous().numpy(), d.float().contiguous().numpy(), mm, x.contiguous().view(-1, k).numpy(),
            y.view(-1, n).numpy())
     return y
 

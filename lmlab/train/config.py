@@ -22,7 +22,9 @@ class TrainConfig:
     out_dir: str = ""               # run directory (default: runs/<family>-<timestamp>)
     init: str = ""                  # start from this model's weights (GGUF, HF directory, lmlab run): continued
                                     # pre-training; the model section then describes it (`lmlab train --init`)
-    seed: int = 1337
+    seed: int = 1337                # initialisation (and dropout); also the data order unless data_seed is set
+    data_seed: int = -1             # the order training windows are drawn in (-1: the same as seed); fixing it
+                                    # across seeds varies only the initialisation (a paired comparison)
     device: str = "auto"            # auto | cpu | cuda | mps
     dtype: str = "float32"          # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
     compile: bool = False           # torch.compile the model (applied from outside it)

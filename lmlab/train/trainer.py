@@ -113,12 +113,16 @@ class Trainer:
             raise LmlabError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary ({vocab})")
         if cfg.data.sampler not in SAMPLERS:
             raise LmlabError(f"unknown data.sampler '{cfg.data.sampler}' ({' | '.join(SAMPLERS)})")
+        if t.data_seed < -1:
+            raise LmlabError(f"train.data_seed={t.data_seed}: a seed >= 0, or -1 for the same as train.seed")
+        self.data_seed = t.seed if t.data_seed == -1 else t.data_seed
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         np.random.seed(t.seed % 2**32)
         self.model = self._build_model().to(self.device)
         self.sampler = make_sampler(cfg.data.sampler, self.train_data, self.model, cfg.model.block_size,
-                                    t.batch_size, seed=t.seed, pairs=cfg.data.seq2seq, augment=cfg.data.augment)
+                                    t.batch_size, seed=self.data_seed, pairs=cfg.data.seq2seq,
+                                    augment=cfg.data.augment)
         self.step = 0
         self.tokens_seen = 0
         # Applied from outside the model; the checkpoint always saves the plain module's names.
@@ -183,7 +187,7 @@ class Trainer:
         model is evaluated by every rank, each on its rows of the batch."""
         t = self.cfg.train
         sampler = make_sampler("random", self.val_data, self.model, self.cfg.model.block_size, t.batch_size,
-                               seed=t.seed + 1, pairs=self.cfg.data.seq2seq)
+                               seed=self.data_seed + 1, pairs=self.cfg.data.seq2seq)
         self.model.eval()
         losses = []
         for _ in range(t.eval_iters):
