@@ -63,6 +63,8 @@ CAPTION_N_TRAIN = 20000
 CAPTION_CANDIDATES: dict[str, tuple[float, list[str]]] = {
     "named": (0.0, []),
     "unnamed30": (0.3, []),
+    "unnamed60": (0.6, []),
+    "unnamed80": (0.8, []),
 }
 CAPTION_TUNE_STEPS = int(os.environ.get("VISION_TUNE_STEPS", 5000))
 CAPTION_STEPS = int(os.environ.get("VISION_CAPTION_STEPS", 2000))  # the 30-minute budget
