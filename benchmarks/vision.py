@@ -2,7 +2,8 @@
 and the shapes captioner on a held-out split with unseen colour-shape pairs.
 
     python benchmarks/vision.py digits     # prepare, tune on val, 5 seeds on test, baselines
-    python benchmarks/vision.py captions   # prepare, train (resumable), caption the test split
+    python benchmarks/vision.py caption-tune --candidate NAME   # one captioner recipe on validation
+    python benchmarks/vision.py captions [--seed S]   # the recipe best on val: train (resumable), test
     python benchmarks/vision.py report     # benchmarks/results/vision.{json,md} + docs/vision/*.png
 
 Every stage records what it finished in benchmarks/runs/vision/state.json and skips it when run
@@ -30,10 +31,12 @@ from benchmarks.common import machine, write_results  # noqa: E402
 from lmlab.config import apply_overrides  # noqa: E402
 from lmlab.data.images import ImagePrepareConfig, ImageSplit, prepare_images  # noqa: E402
 from lmlab.data.shapes import parse_caption  # noqa: E402
+from lmlab.eval.harness.fewshot import wilson  # noqa: E402
 from lmlab.eval.images import caption_images, caption_scores, evaluate_classifier, plot_confusion  # noqa: E402
 from lmlab.models.registry import preset  # noqa: E402
 from lmlab.train.config import RunConfig  # noqa: E402
 from lmlab.train.trainer import Trainer  # noqa: E402
+from lmlab.utils.atomic import atomic_write_text  # noqa: E402
 
 WORK = Path(__file__).parent / "runs" / "vision"
 DOCS = Path(__file__).parents[1] / "docs" / "vision"
@@ -53,8 +56,19 @@ DIGITS_CANDIDATES = {
 }
 CAPTION_ARGS = ["train.batch_size=32", "train.lr=2e-3", "train.min_lr=1e-5", "train.warmup_steps=200",
                 "train.weight_decay=0.05", "train.beta2=0.99", "train.eval_interval=1000", "train.eval_iters=4",
-                "train.ckpt_interval=250", "train.progress=false", f"train.threads={THREADS}"]
-CAPTION_STEPS = int(os.environ.get("VISION_CAPTION_STEPS", 2000))  # the 30-minute budget: ~12000
+                "train.ckpt_interval=250", "train.progress=false"]
+CAPTION_N_TRAIN = 20000
+# captioner recipes compared on the validation split (its own held-out colour-shape pairs, disjoint from
+# the test's), each trained for CAPTION_TUNE_STEPS: (share of training shapes in unnamed colours, overrides)
+CAPTION_CANDIDATES: dict[str, tuple[float, list[str]]] = {
+    "named": (0.0, []),
+    "unnamed30": (0.3, []),
+    "unnamed60": (0.6, []),
+    "unnamed80": (0.8, []),
+}
+CAPTION_TUNE_STEPS = int(os.environ.get("VISION_TUNE_STEPS", 5000))
+CAPTION_STEPS = int(os.environ.get("VISION_CAPTION_STEPS", 2000))  # the 30-minute budget
+CAPTION_THREADS = int(os.environ.get("VISION_CAPTION_THREADS", THREADS))
 
 log = logging.getLogger("vision")
 
@@ -159,37 +173,90 @@ def digits(state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def captions(state: dict) -> None:
-    data = WORK / "shapes"
+def _shapes_data(unnamed: float) -> Path:
+    data = WORK / f"shapes-u{round(unnamed * 100)}"
     if not data.exists():
-        prepare_images(ImagePrepareConfig(source="shapes-captions", out=str(data), n_train=20000, seed=1337))
-    c = state.setdefault("captions", {})
-    run = WORK / "captioner"
-    if "train_seconds" not in c or c.get("steps", 0) < CAPTION_STEPS:
-        tr, secs = _train("caption-shapes", data, run, CAPTION_ARGS + [f"train.max_steps={CAPTION_STEPS}"], seed=0,
-                          resume=True)
-        c["train_seconds"] = round(c.get("train_seconds", 0) + secs, 1)
-        c["steps"], c["params"] = tr.step, tr.model.num_params(non_embedding=False)
-        _save(state)
+        prepare_images(ImagePrepareConfig(source="shapes-captions", out=str(data), n_train=CAPTION_N_TRAIN,
+                                          unnamed=unnamed, seed=1337))
+    return data
+
+
+def _caption_split(run: Path, data: Path, split: str) -> tuple[dict, list[dict], list[str], np.ndarray, int]:
+    """Greedy captions of a val or test split: scores of all, seen-pair and unseen-pair pictures."""
     from lmlab.io.load import load_model
 
     loaded = load_model(run)
-    test = ImageSplit(data, "test")
-    meta = test.meta["splits"]["test"]
+    images = ImageSplit(data, split)
+    meta = images.meta["splits"][split]
     rows = [json.loads(x) for x in (data / meta["captions"]).read_text().splitlines()]
     t0 = time.time()
-    pred = caption_images(loaded.model, loaded.tokenizer, test.preprocess.normalize(test.images[:]),
-                          max_new_tokens=test.meta["max_tokens"] + 1)
+    pred = caption_images(loaded.model, loaded.tokenizer, images.preprocess.normalize(images.images[:]),
+                          max_new_tokens=images.meta["max_tokens"] + 1)
     truth = [{k: v for k, v in r.items() if k != "caption"} for r in rows]
     n_seen = meta["n"] - meta["n_novel"]
-    c["test"] = {"all": caption_scores(pred, truth, parse_caption),
-                 "seen_pairs": caption_scores(pred[:n_seen], truth[:n_seen], parse_caption),
-                 "novel_pairs": caption_scores(pred[n_seen:], truth[n_seen:], parse_caption),
-                 "caption_seconds": round(time.time() - t0, 1)}
-    c["examples"] = [{"truth": r["caption"], "generated": p} for r, p in zip(rows[::100], pred[::100])]
-    _grid(test.images, rows, pred, n_seen)
+    res = {"all": caption_scores(pred, truth, parse_caption),
+           "seen_pairs": caption_scores(pred[:n_seen], truth[:n_seen], parse_caption),
+           "novel_pairs": caption_scores(pred[n_seen:], truth[n_seen:], parse_caption),
+           "caption_seconds": round(time.time() - t0, 1)}
+    for r in (res["all"], res["seen_pairs"], res["novel_pairs"]):
+        r["exact_match_wilson95"] = list(wilson(r["exact_match"], r["n"]))
+    return res, rows, pred, images.images, n_seen
+
+
+def caption_tune(name: str) -> None:
+    """One candidate recipe on validation; its result goes to its own file (candidates may run at once)."""
+    unnamed, args = CAPTION_CANDIDATES[name]
+    data = _shapes_data(unnamed)
+    run = WORK / f"caption-tune-{name}"
+    steps = [f"train.max_steps={CAPTION_TUNE_STEPS}", f"train.threads={CAPTION_THREADS}"]
+    tr, secs = _train("caption-shapes", data, run, CAPTION_ARGS + args + steps, seed=0, resume=True)
+    res = _caption_split(run, data, "val")[0]
+    out = {"unnamed": unnamed, "args": args, "steps": tr.step, "seconds": round(secs, 1),
+           "threads": CAPTION_THREADS, "val": res}
+    atomic_write_text(WORK / f"caption-tune-{name}.json", json.dumps(out, indent=2))
+    log.info(f"tune {name}: {json.dumps(out)}")
+
+
+def _tuned() -> dict:
+    return {n: json.loads((WORK / f"caption-tune-{n}.json").read_text()) for n in CAPTION_CANDIDATES
+            if (WORK / f"caption-tune-{n}.json").is_file()}
+
+
+def captions(state: dict, seed: int = 0) -> None:
+    """The recipe chosen on validation (exact match over all val pictures), trained for CAPTION_STEPS
+    (resumable: `train.stop_at_step` via VISION_STOP_AT splits it into stages), captions the test split."""
+    tuned = _tuned()
+    if not tuned:
+        raise SystemExit("no candidate has run on validation yet: python benchmarks/vision.py caption-tune NAME")
+    chosen = max(tuned, key=lambda k: tuned[k]["val"]["all"]["exact_match"])
+    unnamed, args = CAPTION_CANDIDATES[chosen]
+    data = _shapes_data(unnamed)
+    c = state.setdefault("captions", {})
+    if c.get("recipe") != chosen or c.get("steps_asked") != CAPTION_STEPS:  # runs of another recipe do not count
+        c.clear()
+        c.update(recipe=chosen, steps_asked=CAPTION_STEPS, seeds={})
+    c["tune"] = tuned
+    r = c["seeds"].setdefault(str(seed), {})
+    run = WORK / f"captioner-{chosen}-seed{seed}"
+    stop = int(os.environ.get("VISION_STOP_AT", 0))
+    if r.get("steps", 0) < CAPTION_STEPS:
+        tr, secs = _train("caption-shapes", data, run, CAPTION_ARGS + args +
+                          [f"train.max_steps={CAPTION_STEPS}", f"train.threads={CAPTION_THREADS}",
+                           f"train.stop_at_step={stop}"], seed=seed, resume=True)
+        r["train_seconds"] = round(r.get("train_seconds", 0) + secs, 1)
+        r["steps"], r["threads"] = tr.step, CAPTION_THREADS
+        r["load_average"] = list(os.getloadavg())
+        c["params"] = tr.model.num_params(non_embedding=False)
+        _save(state)
+        if tr.step < CAPTION_STEPS:
+            log.info(f"stopped at step {tr.step} of {CAPTION_STEPS}; run again to continue")
+            return
+    r["test"], rows, pred, images, n_seen = _caption_split(run, data, "test")
+    r["examples"] = [{"truth": x["caption"], "generated": p} for x, p in zip(rows[::100], pred[::100])]
+    if seed == 0:
+        _grid(images, rows, pred, n_seen)
     _save(state)
-    log.info(json.dumps(c["test"], indent=1))
+    log.info(json.dumps(r["test"], indent=1))
 
 
 def _grid(images: np.ndarray, rows: list[dict], pred: list[str], n_seen: int, n: int = 12) -> None:
@@ -244,35 +311,64 @@ def report(state: dict) -> None:
         lines += [f"| {s} | {v['val_accuracy']:.2%} | {v['test_accuracy']:.2%} | {v['seconds']:.0f} |"
                   for s, v in d["seeds"].items()]
         lines += [""]
-    if "test" in c:
-        t = c["test"]
-        lines += ["## Shapes captioner", "",
-                  f"`caption-shapes` ({c['params'] / 1e6:.2f}M parameters), {c['steps']} steps in "
-                  f"{c['train_seconds'] / 60:.1f} min. Test: {t['all']['n']} pictures, half with a colour-shape pair "
-                  "never seen in training.", "",
-                  "| test subset | n | exact match | colour | shape | relation | colour 2 | shape 2 |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name in ("all", "seen_pairs", "novel_pairs"):
-            r = t[name]
-            slots = " | ".join(f"{r['per_slot'][s]:.2%}" for s in ("colour", "shape", "relation", "colour2", "shape2"))
-            lines.append(f"| {name} | {r['n']} | {r['exact_match']:.2%} | {slots} |")
-        lines += [""]
+    if c.get("seeds"):
+        lines += _caption_report(c)
     write_results("vision", {"machine": machine(), **state}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def _scores_table(res: dict, what: str) -> list[str]:
+    out = [f"| {what} subset | n | exact match (95% Wilson) | colour | shape | relation | colour 2 | shape 2 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name in ("all", "seen_pairs", "novel_pairs"):
+        r = res[name]
+        lo, hi = r["exact_match_wilson95"]
+        slots = " | ".join(f"{r['per_slot'][s]:.2%}" for s in ("colour", "shape", "relation", "colour2", "shape2"))
+        out.append(f"| {name} | {r['n']} | {r['exact_match']:.2%} ({lo:.1%}-{hi:.1%}) | {slots} |")
+    return out
+
+
+def _caption_report(c: dict) -> list[str]:
+    lines = ["## Shapes captioner", "",
+             f"Candidates on validation ({CAPTION_N_TRAIN} training pictures, seed 0; the validation split's "
+             "second half has colour-shape pairs held out of training, disjoint from the test's):", "",
+             "| candidate | unnamed share | overrides | steps | minutes | threads | val exact | val seen pairs | "
+             "val unseen pairs | val unseen shape |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, v in c["tune"].items():
+        val = v["val"]
+        lines.append(f"| {k} | {v['unnamed']:.0%} | `{' '.join(v['args'])}` | {v['steps']} | {v['seconds'] / 60:.1f} | "
+                     f"{v['threads']} | {val['all']['exact_match']:.2%} | {val['seen_pairs']['exact_match']:.2%} | "
+                     f"{val['novel_pairs']['exact_match']:.2%} | {val['novel_pairs']['per_slot']['shape']:.2%} |")
+    lines += ["", f"Chosen on validation: `{c['recipe']}`, {c['steps_asked']} steps, `caption-shapes` "
+              f"({c['params'] / 1e6:.2f}M parameters).", ""]
+    for seed, r in c["seeds"].items():
+        if "test" not in r:
+            continue
+        lines += [f"Seed {seed}: trained in {r['train_seconds'] / 60:.1f} min with {r['threads']} torch threads "
+                  f"(load average at the end {r['load_average'][0]:.1f}). Test: {r['test']['all']['n']} pictures, "
+                  "half with a colour-shape pair never seen in training.", ""]
+        lines += _scores_table(r["test"], "test") + [""]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["digits", "captions", "report"])
+    p.add_argument("stage", choices=["digits", "caption-tune", "captions", "report"])
+    p.add_argument("--candidate", choices=list(CAPTION_CANDIDATES), help="caption-tune: the recipe to run")
+    p.add_argument("--seed", type=int, default=0, help="captions: the training seed")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(CAPTION_THREADS if args.stage.startswith("caption") else THREADS)
+    if args.stage == "caption-tune":
+        if not args.candidate:
+            p.error("caption-tune needs --candidate")
+        return caption_tune(args.candidate)
     state = _state()
-    {"digits": digits, "captions": captions, "report": report}[args.stage](state)
-    if args.stage == "captions":  # then any digits candidate or seed not run yet
-        digits(_state())
-    if args.stage != "report":
-        report(_state())
+    if args.stage == "captions":
+        captions(state, args.seed)
+    elif args.stage == "digits":
+        digits(state)
+    report(_state())
 
 
 if __name__ == "__main__":

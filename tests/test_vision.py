@@ -17,7 +17,7 @@ from lmlab.data.images import (
     prepare_images,
     read_image_folder,
 )
-from lmlab.data.shapes import HELD_OUT, generate, parse_caption
+from lmlab.data.shapes import COLOURS, HELD_OUT, UNNAMED, VAL_HELD_OUT, generate, parse_caption
 from lmlab.errors import LmlabError
 from lmlab.generate.engine import Decoder, SamplingConfig, generate_ids
 from lmlab.io.hf import load_hf_dir, save_hf_dir
@@ -159,9 +159,58 @@ def test_shapes_generator():
     assert np.array_equal(images, again[0]) and captions == again[1]
     assert all(parse_caption(c) == s for c, s in zip(captions, slots))
     pairs = {(s["colour"], s["shape"]) for s in slots} | {(s["colour2"], s["shape2"]) for s in slots}
-    assert not pairs & set(HELD_OUT) and len({s["relation"] for s in slots}) == 4
-    _, _, novel = generate(50, 6, novel=True)
-    assert all({(s["colour"], s["shape"]), (s["colour2"], s["shape2"])} & set(HELD_OUT) for s in novel)
+    assert not pairs & (set(HELD_OUT) | set(VAL_HELD_OUT)) and len({s["relation"] for s in slots}) == 4
+    assert not set(HELD_OUT) & set(VAL_HELD_OUT)
+    for held in (HELD_OUT, VAL_HELD_OUT):
+        _, _, novel = generate(50, 6, unseen=held)
+        assert all({(s["colour"], s["shape"]), (s["colour2"], s["shape2"])} & set(held) for s in novel)
+
+
+def test_unnamed_colours_keep_away_from_held_out_pairs():
+    import colorsys
+
+    images, captions, slots = generate(300, 7, unnamed=0.5)
+    named = generate(300, 7)
+    assert named[1] != captions and all(parse_caption(c) == s for c, s in zip(captions, slots))
+    n_unnamed = sum(s[k] == UNNAMED for s in slots for k in ("colour", "colour2"))
+    assert 200 < n_unnamed < 400  # about half of the 600 shapes
+    held = {shape: [c for c, s in (*HELD_OUT, *VAL_HELD_OUT) if s == shape] for _, shape in HELD_OUT}
+    hue = {c: 360 * colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] for c, rgb in COLOURS.items()}
+    for img, s in zip(images, slots):  # the subject's colour: the most common bright pixel
+        if s["colour"] != UNNAMED:
+            continue
+        px = img.reshape(-1, 3).astype(int)
+        px = px[px.max(1) > 40]
+        rgb = np.unique(px, axis=0, return_counts=True)
+        r, g, b = rgb[0][rgb[1].argmax()] / 255
+        h, sat, _ = colorsys.rgb_to_hsv(r, g, b)
+        if sat > 0.3:  # not a grey: its hue is far from every colour held out with this shape
+            assert all(min(abs(360 * h - hue[c]), 360 - abs(360 * h - hue[c])) > 30 for c in held[s["shape"]])
+
+
+def test_unnamed_colour_is_read_as_mask_and_never_a_target(tmp_path):
+    from lmlab.data.images import UNNAMED_ID
+    from lmlab.data.objectives import make_sampler
+    from lmlab.tokenizers import load_tokenizer
+
+    data = prepare_images(ImagePrepareConfig(source="shapes-captions", out=str(tmp_path / "d"), n_train=60,
+                                             image_size=16, unnamed=0.5))
+    tok = load_tokenizer(data)
+    assert tok.encode(UNNAMED) == [tok.unk_id, tok.eos_id]  # not a word of the vocabulary
+    split = ImageSplit(data, "train")
+    assert split.meta["splits"]["val"]["n_novel"] == split.meta["splits"]["test"]["n_novel"] == 3
+    model = Captioner(CaptionerConfig(image_size=16, patch_size=8, n_enc_layer=1, n_layer=1, n_head=2, n_embd=16,
+                                      mlp_hidden=32, vocab_size=tok.vocab_size, block_size=16))
+    sampler = make_sampler("random", split, model, 16, 60, 0)  # one batch: the whole split, shuffled
+    b = sampler.next_batch()
+    order = np.random.default_rng([0, 0]).permutation(60)
+    raw = torch.from_numpy(split.tokens[order]).long()
+    unnamed = raw == UNNAMED_ID
+    assert 20 < int(unnamed.sum()) < 100  # about half of the 120 shapes
+    assert torch.equal(b["input_ids"] == tok.mask_id, unnamed[:, :-1])
+    assert torch.equal(b["targets"] == -100, unnamed[:, 1:] | (raw[:, 1:] < 0))
+    with torch.no_grad():
+        assert float(model(**b).loss) > 0
 
 
 def test_captioner_decodes_through_the_engine():
@@ -209,7 +258,8 @@ def test_cli_prepare_train_eval_on_a_folder(tmp_path, capsys):
 
 def test_cli_caption_generate(tmp_path, capsys):
     data, run = tmp_path / "cap", tmp_path / "run"
-    assert main(["prepare", "shapes-captions", "--out", str(data), "--n_train", "40", "--image_size", "16"]) == 0
+    assert main(["prepare", "shapes-captions", "--out", str(data), "--n_train", "40", "--image_size", "16",
+                 "--unnamed", "0.3"]) == 0
     assert main(["train", "--data", str(data), "--model", "caption-tiny", "--out", str(run), "--train.max_steps=3",
                  "--train.batch_size=4", "--train.eval_interval=0", "--train.eval_iters=1",
                  "--train.progress=false"]) == 0

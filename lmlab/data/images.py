@@ -33,6 +33,7 @@ FORMAT = "lmlab-images-v1"
 SPLITS = ("train", "val", "test")
 IMAGE_SOURCES = ("sklearn-digits", "shapes-captions")
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+UNNAMED_ID = -2  # caption tokens: a word the picture does not name (lmlab/data/shapes.py's unnamed colours)
 BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, transformers' ViTImageProcessor default
 
 
@@ -45,6 +46,7 @@ class ImagePrepareConfig:
     test_fraction: float = 0.2
     seed: int = 1337
     n_train: int = 20000              # shapes-captions: pictures per split (val and test: a tenth each)
+    unnamed: float = 0.0              # shapes-captions: share of training shapes in an unnamed colour
     image_mean: list[float] = field(default_factory=lambda: [0.5])  # per channel (one value: every channel)
     image_std: list[float] = field(default_factory=lambda: [0.5])   # ViTImageProcessor's defaults
 
@@ -228,18 +230,21 @@ def prepare_images(cfg: ImagePrepareConfig, *, force: bool = False) -> Path:
 
 
 def _prepare_captions(cfg: ImagePrepareConfig, out: Path, force: bool, t0: float) -> Path:
-    from lmlab.data.shapes import HELD_OUT, ShapesConfig, generate
+    from lmlab.data.shapes import UNNAMED, ShapesConfig, generate
     from lmlab.tokenizers import train_tokenizer
 
     shapes = ShapesConfig(image_size=cfg.image_size or 32)
     pre = _preprocess(cfg, 3, shapes.image_size)
     n_small = max(cfg.n_train // 10, 2)
-    # seeds per split (and per half of the test split) so no two splits share a picture by construction
-    parts = {"train": [generate(cfg.n_train, cfg.seed, cfg=shapes)],
-             "val": [generate(n_small, cfg.seed + 1, cfg=shapes)],
+    # seeds per split (and per half of val and test) so no two splits share a picture by construction;
+    # the second half of val has the validation's held-out pairs, the second half of test the test's
+    parts = {"train": [generate(cfg.n_train, cfg.seed, unnamed=cfg.unnamed, cfg=shapes)],
+             "val": [generate(n_small - n_small // 2, cfg.seed + 1, cfg=shapes),
+                     generate(n_small // 2, cfg.seed + 4, unseen=shapes.val_held_out, cfg=shapes)],
              "test": [generate(n_small - n_small // 2, cfg.seed + 2, cfg=shapes),
-                      generate(n_small // 2, cfg.seed + 3, novel=True, cfg=shapes)]}
-    tok = train_tokenizer("word", parts["train"][0][1], vocab_size=0, min_count=1)
+                      generate(n_small // 2, cfg.seed + 3, unseen=shapes.held_out, cfg=shapes)]}
+    tok = train_tokenizer("word", [t.replace(UNNAMED, "") for t in parts["train"][0][1]], vocab_size=0,
+                          min_count=1)
     with atomic_dir(out, replace=force) as tmp:
         tok.save(str(tmp))
         splits, longest = {}, 0
@@ -247,7 +252,9 @@ def _prepare_captions(cfg: ImagePrepareConfig, out: Path, force: bool, t0: float
             images = np.concatenate([c[0] for c in chunks])
             captions = [t for c in chunks for t in c[1]]
             slots = [x for c in chunks for x in c[2]]
-            ids = [[tok.eos_id, *tok.encode(t), tok.eos_id] for t in captions]
+            # an unnamed colour: UNNAMED_ID (the decoder reads <mask>, no loss there)
+            ids = [[tok.eos_id, *(UNNAMED_ID if w == UNNAMED else tok.encode(w)[0] for w in t.split()), tok.eos_id]
+                   for t in captions]
             if any(i == tok.unk_id for row in ids for i in row):
                 raise LmlabError(f"split {s}: a caption word is missing from the training captions' vocabulary")
             longest = max(longest, max(len(r) for r in ids))
@@ -262,8 +269,10 @@ def _prepare_captions(cfg: ImagePrepareConfig, out: Path, force: bool, t0: float
             splits[s] = {"n": len(captions), "images": f"{s}.images.npy", "tokens": f"{s}.tokens.npy",
                          "captions": f"{s}.captions.jsonl",
                          "n_novel": novel[1] if len(novel) > 1 else 0}
-        corpus = {"source": "lmlab.data.shapes", "held_out": [list(p) for p in HELD_OUT],
-                  "note": "test: the first n - n_novel pictures use training pairs; the last n_novel a held-out pair"}
+        corpus = {"source": "lmlab.data.shapes", "held_out": [list(p) for p in shapes.held_out],
+                  "val_held_out": [list(p) for p in shapes.val_held_out], "unnamed": cfg.unnamed,
+                  "note": "val and test: the first n - n_novel pictures use training pairs; the last n_novel "
+                          "a pair held out of training (val_held_out and held_out)"}
         model = {"image_size": pre.height, "n_channels": 3}
         _write_meta(tmp, out, "caption", pre, model, splits, corpus, cfg, t0, vocab_size=tok.vocab_size,
                     longest=longest - 1)
@@ -308,13 +317,16 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(self, idx: np.ndarray, pixels: np.ndarray | None = None, eos_id: int = 0) -> dict[str, torch.Tensor]:
-        """The model's keyword arguments for examples `idx` (`pixels`: their images, e.g. augmented)."""
+    def batch(self, idx: np.ndarray, pixels: np.ndarray | None = None, eos_id: int = 0,
+              mask_id: int = 0) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for examples `idx` (`pixels`: their images, e.g. augmented); an
+        unnamed word (UNNAMED_ID) is read as `mask_id` and never a target."""
         px = self.preprocess.normalize(self.images[idx] if pixels is None else pixels)
         if self.task == "classify":
             return {"pixel_values": px, "labels": torch.from_numpy(self.labels[idx].astype(np.int64))}
         rows = torch.from_numpy(self.tokens[idx].astype(np.int64))
         x, y = rows[:, :-1].clone(), rows[:, 1:].clone()
+        x[x == UNNAMED_ID] = mask_id
         x[x < 0] = eos_id  # padding after the closing </s>: never a target
         y[y < 0] = -100
         return {"pixel_values": px, "input_ids": x, "targets": y}
@@ -348,10 +360,12 @@ class ImageBatches:
     """Batches of a split in a new seeded order every epoch; batch i depends on (seed, i) alone, so a
     resumed run sees the same batches. `augment` > 0: random shifts of up to that many pixels."""
 
-    def __init__(self, data: ImageSplit, batch_size: int, seed: int = 0, augment: int = 0, eos_id: int = 0):
+    def __init__(self, data: ImageSplit, batch_size: int, seed: int = 0, augment: int = 0, eos_id: int = 0,
+                 mask_id: int = 0):
         if len(data) == 0:
             raise LmlabError(f"split '{data.split}' of {data.dir} holds no images")
         self.data, self.batch_size, self.seed, self.augment, self.eos_id = data, batch_size, seed, augment, eos_id
+        self.mask_id = mask_id
         self.step = 0
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -368,7 +382,7 @@ class ImageBatches:
         if self.augment > 0:
             pixels = shift(self.data.images[idx], self.augment, np.random.default_rng([self.seed, self.step, 1]))
         self.step += 1
-        return self.data.batch(idx, pixels, self.eos_id)
+        return self.data.batch(idx, pixels, self.eos_id, self.mask_id)
 
     def state_dict(self) -> dict:
         return {"kind": "images", "seed": self.seed, "step": self.step}

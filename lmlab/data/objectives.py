@@ -86,14 +86,15 @@ def _images(data, model: nn.Module, block_size: int, batch_size: int, seed: int,
                          "do not train on it")
     if data.task != IMAGE_OBJECTIVES[objective]:
         raise LmlabError(f"{data.dir} is prepared for '{data.task}', not for a '{objective}' model")
-    eos = 0
+    eos = mask = 0
     if data.task == "caption":
         from lmlab.tokenizers import load_tokenizer
 
-        eos = load_tokenizer(data.dir).eos_id
+        tok = load_tokenizer(data.dir)
+        eos, mask = tok.eos_id, tok.mask_id
         if data.meta["max_tokens"] > block_size:
             raise LmlabError(f"captions of up to {data.meta['max_tokens']} tokens exceed block_size {block_size}")
-    return ImageBatches(data, batch_size, seed=seed, augment=augment, eos_id=eos)
+    return ImageBatches(data, batch_size, seed=seed, augment=augment, eos_id=eos, mask_id=mask)
 
 
 def _labelled_text(data, model: nn.Module, block_size: int, batch_size: int, seed: int):
