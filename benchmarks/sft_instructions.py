@@ -1,9 +1,11 @@
 """SFT of SmolLM2-135M-Instruct on offline instruction pairs vs the base model's own 5-shot accuracy (issue 19).
 
-The pairs come from the few-shot tasks' generators (lmlab/eval/tasks/instructions.py): two task families
-are trained, the third (SFT_HELD_OUT: sequences by default, or arithmetic, scramble) is left out of SFT
-entirely; no training pair asks an evaluation test item's question. Three arms answer the same test
-items, scored by exact match of the greedy answer:
+The pairs come from the few-shot tasks' generators (lmlab/eval/tasks/instructions.py): every task family
+of SFT_FAMILIES (default: all of FAMILIES) is trained but one, SFT_HELD_OUT (sequences by default, or
+arithmetic, scramble, words), which is left out of SFT entirely; no training pair asks an evaluation test
+item's question. (The first three attempts ran before the words family existed: reproduce them with
+SFT_FAMILIES=arithmetic,scramble,sequences.) The arms answer the same test items, scored by exact match
+of the greedy answer:
 
 - base, 5-shot: the plain few-shot prompt of the harness (lmlab/eval/harness/fewshot.py);
 - base, 5-shot chat: the same five demonstrations, joined the same way, inside the chat turn;
@@ -26,6 +28,7 @@ its answers. Run the heavy steps under `flock /tmp/lmlab-heavy.lock` on a shared
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -42,7 +45,7 @@ from benchmarks.common import machine, write_results  # noqa: E402
 from lmlab.data.prepare import PrepareConfig, prepare  # noqa: E402
 from lmlab.eval.harness.fewshot import demonstrations, evaluate_task, wilson  # noqa: E402
 from lmlab.eval.harness.lm import TorchLM  # noqa: E402
-from lmlab.eval.tasks import Task, load_task  # noqa: E402
+from lmlab.eval.tasks import BUILTIN, Task, load_task  # noqa: E402
 from lmlab.eval.tasks.instructions import FAMILIES, conversation, family_of, instruction_pairs  # noqa: E402
 from lmlab.generate.engine import SamplingConfig, generate_texts  # noqa: E402
 from lmlab.io.load import load_model  # noqa: E402
@@ -77,17 +80,20 @@ N_TEST = int(os.environ.get("SFT_N_TEST", 60))     # test items per trained-fami
 N_HELD = int(os.environ.get("SFT_N_HELD", 200))    # test items per held-out-family task (tighter intervals)
 N_VAL = int(os.environ.get("SFT_N_VAL", 100))      # validation items per held-out-family task
 N_BAN = max(N_TEST, N_HELD)                        # validation items share no question with the first N_BAN
+FAMS = os.environ.get("SFT_FAMILIES", ",".join(FAMILIES)).split(",")
 HELD_OUT = os.environ.get("SFT_HELD_OUT", "sequences")
-if HELD_OUT not in FAMILIES:
-    sys.exit(f"SFT_HELD_OUT={HELD_OUT}: one of {', '.join(FAMILIES)}")
+if HELD_OUT not in FAMS or not set(FAMS) <= set(FAMILIES):
+    sys.exit(f"SFT_HELD_OUT={HELD_OUT}, SFT_FAMILIES={','.join(FAMS)}: families of {', '.join(FAMILIES)}, "
+             "the held-out one among them")
 RECIPE_NAME = os.environ.get("SFT_RECIPE", "r0")
 if RECIPE_NAME not in RECIPES:
     sys.exit(f"SFT_RECIPE={RECIPE_NAME}: one of {', '.join(RECIPES)}")
 RECIPE = RECIPES[RECIPE_NAME]
-TRAINED = [f for f in FAMILIES if f != HELD_OUT]
+TRAINED = [f for f in FAMS if f != HELD_OUT]
+# tasks evaluated of a trained family; of the held-out family: all
 SHOWN = {"arithmetic": ["arithmetic_2d+", "arithmetic_2d-"], "scramble": ["reversed_words", "cycle_letters"],
-         "sequences": ["counting", "months"]}  # tasks evaluated of a trained family; a held-out family: all
-EVAL_TASKS = [n for f in FAMILIES for n in (FAMILIES[f] if f == HELD_OUT else SHOWN[f])]
+         "sequences": ["counting", "months"], "words": ["capital_of", "plural_of"]}
+EVAL_TASKS = [n for f in FAMS for n in (FAMILIES[f] if f == HELD_OUT else SHOWN[f])]
 WORK = ROOT / "runs" / "sft-instructions"
 # the first runs' names stay as they were
 TAG = ("" if HELD_OUT == "sequences" else f"-heldout-{HELD_OUT}") + ("" if RECIPE_NAME == "r0" else f"-{RECIPE_NAME}")
@@ -111,9 +117,17 @@ def test_task(name: str) -> Task:
 
 def val_task(name: str) -> Task:
     """N_VAL validation items from another seeded stream, none asking a test item's (first N_BAN) or a
-    demonstration's question; demonstrations come from the test task's pool, as at test time."""
+    demonstration's question; demonstrations come from the test task's pool, as at test time. Tasks with
+    few questions (the words family) set a validation part apart themselves (`split="validation"`): all
+    of it, up to N_VAL, checked to share no question with the test items or the pool."""
     test = load_task(name, N_BAN, seed=0)
     taken = {it.context for it in test.items + test.pool}
+    finite = "split" in inspect.signature(BUILTIN[name]).parameters
+    if finite:
+        items = load_task(name, N_VAL, seed=0, split="validation").items
+        if {it.context for it in items} & taken or len({it.context for it in items}) < len(items):
+            sys.exit(f"{name}: the validation part shares questions with the test items or the pool")
+        return dataclasses.replace(test, items=items)
     drawn = load_task(name, 4 * N_VAL, seed="sft-validation")
     items = [it for it in drawn.pool + drawn.items if it.context not in taken]
     items = list({it.context: it for it in items}.values())[:N_VAL]
@@ -246,8 +260,9 @@ def report(split: str, names: list[str], rows: list[dict]) -> None:
     train_line = (f"SFT recipe `{RECIPE_NAME}` ({dataclasses.asdict(RECIPE)}): {losses[-1]['step']} steps, "
                   f"{losses[-1]['tokens']:,} positions, train loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}"
                   + (f", validation loss {vals[-1]['val_loss']:.3f}" if vals else "") if losses else "SFT: not run")
-    what = (f"{N_VAL} validation items per held-out task (another seeded stream, no test question)" if split == "val"
-            else f"test items: {N_HELD} per held-out-family task, {N_TEST} per trained-family task")
+    counts = ", ".join(f"{n} {find[ARMS[0], n]['n']}" for n in held if (ARMS[0], n) in find)
+    what = (f"validation items (another seeded stream or the task's validation part, no test question): {counts}"
+            if split == "val" else f"test items per held-out-family task: {counts}; {N_TEST} per trained-family task")
     md = (f"# SFT on offline instruction pairs (SmolLM2-135M-Instruct): {split}\n\n" + train_line
           + f" on {' and '.join(TRAINED)}, {HELD_OUT} left out; SFT seed {SEED}; {what}; exact match of the "
           "greedy answer, Wilson 95% intervals. The bar is the better of the base model's two 5-shot arms "

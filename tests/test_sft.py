@@ -263,3 +263,79 @@ def test_k_shot_pairs_show_training_demonstrations_only():
     demos = task.pool[:2]
     want = INSTRUCTIONS["arithmetic"] + build_prompt(task, item, demos)
     assert conversation(task, item, demos=demos)[1]["content"] == want
+
+
+@pytest.fixture(scope="module")
+def gensim_words():
+    """The real questions-words.txt that gensim ships (found, not imported, by lmlab.eval.tasks.words)."""
+    from lmlab.eval.tasks.words import default_file
+
+    require_module("gensim")
+    return str(default_file())
+
+
+def test_word_question_tasks_answer_from_the_file_and_split_it_three_ways(gensim_words):
+    from lmlab.eval.tasks import load_task
+    from lmlab.eval.tasks.instructions import FAMILIES, family_of
+    from lmlab.eval.tasks.words import QUESTION_POOL, word_pairs
+
+    assert FAMILIES["words"] == ["capital_of", "currency_of", "nationality_of", "plural_of", "comparative_of"]
+    known = {("capital_of", "Greece"): "Athens", ("capital_of", "Japan"): "Tokyo", ("currency_of", "Japan"): "yen",
+             ("nationality_of", "Netherlands"): "Dutch", ("plural_of", "mouse"): "mice",
+             ("comparative_of", "good"): "better"}
+    question = {"capital_of": "the capital of {}", "currency_of": "the currency of {}",
+                "nationality_of": "the adjective for people from {}", "plural_of": "the plural of {}",
+                "comparative_of": "the comparative form of {}"}
+    for name in FAMILIES["words"]:
+        assert family_of(name) == "words"
+        pairs = word_pairs(name, gensim_words)
+        test = load_task(name, 1000, seed=0, words_file=gensim_words)
+        val = load_task(name, 1000, seed=0, words_file=gensim_words, split="validation")
+        assert test.kind == "generation" and val.pool == test.pool and len(test.pool) == QUESTION_POOL
+        parts = [[it.context for it in p] for p in (test.pool, val.items, test.items)]
+        # every key asked exactly once: pool, validation and test parts are disjoint and cover the file
+        assert sum(map(len, parts)) == len(pairs) == len(set(sum(parts, [])))
+        assert len(test.items) > 2 * len(val.items) > 0
+        for it in test.pool + val.items + test.items:
+            key = it.context.removeprefix(f"Q: What is {question[name].format('')}").removesuffix("?\n\nA:")
+            assert it.context == f"Q: What is {question[name].format(key)}?\n\nA:" and it.target == pairs[key]
+        for (task, key), answer in known.items():
+            if task == name:
+                assert pairs[key] == answer
+                assert _answer_for(test, val, key, name) == answer
+        # deterministic from the seed; another seed splits the questions otherwise; asking for fewer keeps the first
+        again = load_task(name, 1000, seed=0, words_file=gensim_words)
+        assert again.items == test.items and again.pool == test.pool
+        assert load_task(name, 5, seed=0, words_file=gensim_words).items == test.items[:5]
+        assert load_task(name, 1000, seed=1, words_file=gensim_words).items != test.items
+    with pytest.raises(LmlabError, match="split"):
+        load_task("plural_of", 5, seed=0, words_file=gensim_words, split="train")
+
+
+def _answer_for(test, val, key: str, name: str) -> str:  # what the task's items answer for `key`
+    hits = [it.target for it in test.pool + val.items + test.items if it.context.endswith(f" {key}?\n\nA:")]
+    assert len(hits) == 1, (name, key, hits)
+    return hits[0]
+
+
+def test_words_family_pairs_avoid_its_test_questions_and_chat_turns_ask_for_one_word(gensim_words):
+    from lmlab.eval.tasks import load_task
+    from lmlab.eval.tasks.instructions import FAMILIES, conversation, instruction_pairs
+
+    names = FAMILIES["words"]
+    evals = {n: load_task(n, 200, seed=0) for n in names}  # as benchmarks/sft_instructions.py loads them
+    pairs = instruction_pairs(names, 250, seed=0, held_out=evals)
+    for name in names:  # trained when another family is held out: never on a test question, none twice
+        users = [p["messages"][1]["content"] for p in pairs if p["task"] == name]
+        tests = {conversation(evals[name], it)[1]["content"] for it in evals[name].items}
+        assert users and not tests & set(users) and len(users) == len(set(users))
+    task, item = evals["capital_of"], evals["capital_of"].items[0]
+    msgs = conversation(task, item)
+    assert msgs[1]["content"] == "Answer the question with one word.\n" + item.context
+    assert msgs[2] == {"role": "assistant", "content": item.target}
+    # held out: the other three families' pairs ask no question of this family
+    others = [n for f in ("arithmetic", "scramble", "sequences") for n in FAMILIES[f]]
+    held = {n: load_task(n, 60, seed=0) for n in others}
+    trained = instruction_pairs(others, 20, seed=0, held_out=held)
+    asked = {p["messages"][1]["content"] for p in trained}
+    assert not any(it.context in a for n in names for it in evals[n].items + evals[n].pool for a in asked)

@@ -28,17 +28,20 @@ FAMILIES: dict[str, list[str]] = {
     "arithmetic": ["arithmetic_2d+", "arithmetic_2d-", "arithmetic_3d+", "arithmetic_2dx", "arithmetic_1dc"],
     "scramble": ["reversed_words", "cycle_letters", "anagrams1", "random_insertion"],
     "sequences": ["counting", "days", "months", "letters"],
+    "words": ["capital_of", "currency_of", "nationality_of", "plural_of", "comparative_of"],
 }
 # every task a family's instruction covers: FAMILIES' own, and more that a recipe may add to training
 MEMBERS: dict[str, list[str]] = {
     "arithmetic": FAMILIES["arithmetic"] + ["arithmetic_3d-", "arithmetic_4d+", "arithmetic_4d-"],
     "scramble": FAMILIES["scramble"] + ["anagrams2"],
     "sequences": FAMILIES["sequences"],
+    "words": FAMILIES["words"],
 }
 INSTRUCTIONS = {
     "arithmetic": "Answer the question with a number.\n",
     "scramble": "",  # these tasks carry their own instruction (Task.description)
     "sequences": "Write the next item of this list.\n",
+    "words": "Answer the question with one word.\n",
 }
 SCRAMBLE = set(FAMILIES["scramble"])
 

@@ -9,6 +9,10 @@ there when gensim is installed (found, never imported), else pass its path as `w
 - `capitals`: "The capital of Greece is" -> " Athens", multiple choice among four capitals (from the
   two capital-* sections); an easy task, so small models' curves start above the floor.
 - `words()`: the file's lower-case words, the vocabulary of the scrambling tasks (scramble.py).
+- `capital_of`, `currency_of`, `nationality_of`, `plural_of`, `comparative_of` (the `words` instruction
+  family of SFT, eval/tasks/instructions.py): generation, "Q: What is the capital of Greece?\n\nA:" ->
+  " Athens", each key of the file asked once, split by the seed into demonstrations, a validation part
+  and the test items (`QUESTIONS`, `word_question`).
 """
 
 from __future__ import annotations
@@ -107,3 +111,59 @@ def capitals(name: str, n_items: int, seed: int | str, words_file: str | None = 
     rest = countries[n_pool:]
     items = [item(rest[i % len(rest)]) for i in range(n_items)]
     return Task(name=name, kind="multiple_choice", items=items, pool=pool, separator="\n")
+
+
+# Generation tasks asking for one word the file pairs with another (the `words` instruction family):
+# name -> (section prefix, whether the section's rows are `answer key` rather than `key answer`, question).
+QUESTIONS = {
+    "capital_of": ("capital-", True, "What is the capital of {}?"),  # rows: Athens Greece
+    "currency_of": ("currency", False, "What is the currency of {}?"),
+    "nationality_of": ("gram6-nationality-adjective", False, "What is the adjective for people from {}?"),
+    "plural_of": ("gram8-plural", False, "What is the plural of {}?"),
+    "comparative_of": ("gram3-comparative", False, "What is the comparative form of {}?"),
+}
+QUESTION_POOL = 8         # demonstrations per task (a 5-shot prompt draws five of them)
+VALIDATION_SHARE = 0.25   # of the questions outside the pool: the validation part; the rest are test items
+
+
+def word_pairs(name: str, words_file: str | Path | None = None) -> dict[str, str]:
+    """key -> answer for a `QUESTIONS` task, from every section whose name starts with its prefix."""
+    prefix, swapped, _ = QUESTIONS[name]
+    out: dict[str, str] = {}
+    for section, rows in sorted(read_sections(words_file).items()):
+        if not section.startswith(prefix):
+            continue
+        for row in rows:
+            for a, b in (row[:2], row[2:]):
+                key, answer = (b, a) if swapped else (a, b)
+                if out.setdefault(key, answer) != answer:
+                    raise LmlabError(f"{name}: '{key}' has two answers in the words file ({out[key]}, {answer})")
+    return out
+
+
+@register(*QUESTIONS)
+def word_question(name: str, n_items: int, seed: int | str, words_file: str | None = None,
+                  split: str = "test") -> Task:
+    """"Q: What is the capital of Greece?\\n\\nA:" -> " Athens", one question per key of the file, none twice.
+
+    The keys are shuffled by the seed into three disjoint parts: `QUESTION_POOL` demonstrations, a
+    validation part (`VALIDATION_SHARE` of the rest) and the test part. `split="test"` gives the first
+    `n_items` test questions, `split="validation"` the first `n_items` validation questions (both with
+    the same pool); there are at most as many items as the part has questions (no repeats)."""
+    if split not in ("test", "validation"):
+        raise LmlabError(f"{name}: split must be 'test' or 'validation', not '{split}'")
+    pairs = word_pairs(name, words_file)
+    question = QUESTIONS[name][2]
+    keys = sorted(pairs)
+    if len(keys) < QUESTION_POOL + 2:
+        raise LmlabError(f"{name}: the words file has only {len(keys)} questions for this task")
+    random.Random(seed).shuffle(keys)
+    pool_keys, rest = keys[:QUESTION_POOL], keys[QUESTION_POOL:]
+    n_val = max(1, round(len(rest) * VALIDATION_SHARE))
+    chosen = rest[:n_val] if split == "validation" else rest[n_val:]
+
+    def item(key: str) -> Item:
+        return Item(context=f"Q: {question.format(key)}\n\nA:", target=pairs[key])
+
+    return Task(name=name, kind="generation", items=[item(k) for k in chosen[:n_items]],
+                pool=[item(k) for k in pool_keys], separator="\n\n", stop=("\n",), max_new_tokens=10)
