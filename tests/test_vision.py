@@ -237,6 +237,32 @@ def test_captioner_decodes_through_the_engine():
         model(torch.tensor([[1]]))
 
 
+def test_captioner_reads_blind_ids_as_blind_to():
+    """Blind token ids are read as `blind_to` on every path (training, prefill and cached decoding), so
+    the word after one depends on the picture alone; the targets are untouched."""
+    torch.manual_seed(0)
+    kw = dict(image_size=8, patch_size=4, n_enc_layer=1, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64,
+              vocab_size=20, block_size=12, init_std=0.3)
+    plain = Captioner(CaptionerConfig(**kw)).eval()
+    blind = Captioner(CaptionerConfig(**kw, blind_ids=(7, 9), blind_to=4)).eval()
+    blind.load_state_dict(plain.state_dict())
+    px = torch.randn(2, 3, 8, 8)
+    ids = torch.tensor([[1, 7, 3, 9, 2], [1, 5, 9, 7, 2]])
+    seen = torch.tensor([[1, 4, 3, 4, 2], [1, 5, 4, 4, 2]])
+    out = blind(ids, targets=ids, pixel_values=px)
+    ref = plain(seen, targets=ids, pixel_values=px)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    assert not torch.allclose(out.logits, plain(ids, pixel_values=px).logits)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    for i in range(2):
+        cached = list(generate_ids(blind, [1, 7], greedy, inputs={"pixel_values": px[i:i + 1]}))
+        uncached = list(generate_ids(blind, [1, 7], greedy, use_cache=False, inputs={"pixel_values": px[i:i + 1]}))
+        assert cached == uncached == list(generate_ids(plain, [1, 4], greedy, inputs={"pixel_values": px[i:i + 1]}))
+    with pytest.raises(ValueError, match="blind_ids"):
+        Captioner(CaptionerConfig(**kw, blind_ids=(20,)))
+
+
 def test_cli_prepare_train_eval_on_a_folder(tmp_path, capsys):
     root = _folder(tmp_path / "pics", n=6)
     data, run = tmp_path / "data", tmp_path / "run"

@@ -42,6 +42,11 @@ class CaptionerConfig(ModelConfig):
     dropout: float = 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # token ids the decoder reads as `blind_to` (e.g. the colour words as <mask>): the next word, the
+    # shape, then has to come from the picture, not from which shapes went with that colour in training
+    # (a language prior that fails on unseen colour-shape pairs; docs/vision/README.md measures it)
+    blind_ids: tuple[int, ...] = ()
+    blind_to: int = 0
 
     def vision(self) -> ViTConfig:
         return ViTConfig(image_size=self.image_size, patch_size=self.patch_size, n_channels=self.n_channels,
@@ -72,6 +77,9 @@ class Captioner(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         init_normal(self, c.init_std)  # the ViT's position embeddings keep their own (truncated normal)
         self.lm_head.weight = self.wte.weight
+        if not all(0 <= i < c.vocab_size for i in (*c.blind_ids, c.blind_to)):
+            raise ValueError(f"blind_ids/blind_to must be token ids below vocab_size {c.vocab_size}")
+        self.register_buffer("blind_ids", torch.tensor(c.blind_ids, dtype=torch.long), persistent=False)
 
     def num_params(self, non_embedding: bool = True) -> int:
         return count_params(self, non_embedding, (self.wte, self.wpe))
@@ -89,6 +97,8 @@ class Captioner(nn.Module):
         """Logits of the text positions. `pixel_values` [B, C, H, W] are needed unless the image is
         already in `kv_cache` (a decoding step after the prefill)."""
         B, T = input_ids.shape
+        if len(self.blind_ids):
+            input_ids = input_ids.masked_fill(torch.isin(input_ids, self.blind_ids), self.config.blind_to)
         x = self.wte(input_ids)
         P = 0
         if pixel_values is not None:
