@@ -217,7 +217,8 @@ def _resolve(args: list[str], data: Path) -> list[str]:
 
     tok = load_tokenizer(data)
     ids = [[t for t in tok.encode(c) if t != tok.eos_id] for c in COLOURS]
-    assert all(len(i) == 1 for i in ids), ids
+    if any(len(i) != 1 for i in ids):
+        raise SystemExit(f"{data}: a colour word is not one token ({ids})")
     return [a for a in args if a != BLIND_COLOURS] + [
         "model.blind_ids=" + ",".join(str(i[0]) for i in ids), f"model.blind_to={tok.mask_id}"]
 
