@@ -213,6 +213,20 @@ def test_unnamed_colour_is_read_as_mask_and_never_a_target(tmp_path):
         assert float(model(**b).loss) > 0
 
 
+def test_eval_splits_do_not_depend_on_the_training_size(tmp_path):
+    def prep(name, n_train):
+        return prepare_images(ImagePrepareConfig(source="shapes-captions", out=str(tmp_path / name), n_train=n_train,
+                                                 n_eval=12, image_size=16))
+
+    small, big = prep("small", 30), prep("big", 90)
+    assert len(ImageSplit(small, "train")) == 30 and len(ImageSplit(big, "train")) == 90
+    for split in ("val", "test"):
+        a, b = ImageSplit(small, split), ImageSplit(big, split)
+        assert len(a) == 12 and np.array_equal(a.images[:], b.images[:])
+    with pytest.raises(LmlabError, match="n_eval >= 0"):
+        prepare_images(ImagePrepareConfig(source="shapes-captions", out=str(tmp_path / "bad"), n_eval=-1))
+
+
 def test_captioner_decodes_through_the_engine():
     torch.manual_seed(0)
     cfg = CaptionerConfig(image_size=8, patch_size=4, n_enc_layer=1, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64,

@@ -45,7 +45,8 @@ class ImagePrepareConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 1337
-    n_train: int = 20000              # shapes-captions: pictures per split (val and test: a tenth each)
+    n_train: int = 20000              # shapes-captions: training pictures
+    n_eval: int = 0                   # shapes-captions: val and test pictures each (0: a tenth of n_train)
     unnamed: float = 0.0              # shapes-captions: share of training shapes in an unnamed colour
     image_mean: list[float] = field(default_factory=lambda: [0.5])  # per channel (one value: every channel)
     image_std: list[float] = field(default_factory=lambda: [0.5])   # ViTImageProcessor's defaults
@@ -233,9 +234,11 @@ def _prepare_captions(cfg: ImagePrepareConfig, out: Path, force: bool, t0: float
     from lmlab.data.shapes import UNNAMED, ShapesConfig, generate
     from lmlab.tokenizers import train_tokenizer
 
+    if cfg.n_train < 1 or cfg.n_eval < 0:
+        raise LmlabError(f"shapes-captions needs n_train >= 1 and n_eval >= 0 (got {cfg.n_train}, {cfg.n_eval})")
     shapes = ShapesConfig(image_size=cfg.image_size or 32)
     pre = _preprocess(cfg, 3, shapes.image_size)
-    n_small = max(cfg.n_train // 10, 2)
+    n_small = cfg.n_eval or max(cfg.n_train // 10, 2)
     # seeds per split (and per half of val and test) so no two splits share a picture by construction;
     # the second half of val has the validation's held-out pairs, the second half of test the test's
     parts = {"train": [generate(cfg.n_train, cfg.seed, unnamed=cfg.unnamed, cfg=shapes)],
