@@ -334,10 +334,10 @@ def _grid(images: np.ndarray, rows: list[dict], pred: list[str], n_seen: int, n:
 def report(state: dict) -> None:
     d, c = state.get("digits", {}), state.get("captions", {})
     lines = ["# Vision: ViT on digits, shapes captioner", "",
-             f"Machine: {machine()['platform']}, {machine()['cpus']} CPUs. Wall-clock timings were taken on a "
-             "shared machine under load from other jobs (load average 4-8 on 2 cores; the digits seeds ran with 2 "
-             "torch threads, the captioner with 1), so they are upper bounds of what an idle machine needs: the same "
-             "digits run took 9 s alone and 190 s while another job held a core.", ""]
+             f"Machine: {machine()['platform']}, {machine()['cpus']} CPUs. The digits timings were taken on a "
+             "shared machine under load from other jobs (load average 4-8 on 2 cores, 2 torch threads), so they are "
+             "upper bounds of what an idle machine needs: the same digits run took 9 s alone and 190 s while another "
+             "job held a core. The captioner's runs below say their threads and the load average at their end.", ""]
     if "vit" in d:
         b = d["baselines"]
         lines += ["## ViT on scikit-learn's digits (8x8)", "",
