@@ -223,8 +223,9 @@ def test_eval_splits_do_not_depend_on_the_training_size(tmp_path):
     for split in ("val", "test"):
         a, b = ImageSplit(small, split), ImageSplit(big, split)
         assert len(a) == 12 and np.array_equal(a.images[:], b.images[:])
-    with pytest.raises(LmlabError, match="n_eval >= 0"):
-        prepare_images(ImagePrepareConfig(source="shapes-captions", out=str(tmp_path / "bad"), n_eval=-1))
+    for bad in (-1, 1):
+        with pytest.raises(LmlabError, match=r"n_eval 0 \(a tenth of n_train\) or >= 2"):
+            prepare_images(ImagePrepareConfig(source="shapes-captions", out=str(tmp_path / "bad"), n_eval=bad))
 
 
 def test_captioner_decodes_through_the_engine():

@@ -234,8 +234,9 @@ def _prepare_captions(cfg: ImagePrepareConfig, out: Path, force: bool, t0: float
     from lmlab.data.shapes import UNNAMED, ShapesConfig, generate
     from lmlab.tokenizers import train_tokenizer
 
-    if cfg.n_train < 1 or cfg.n_eval < 0:
-        raise LmlabError(f"shapes-captions needs n_train >= 1 and n_eval >= 0 (got {cfg.n_train}, {cfg.n_eval})")
+    if cfg.n_train < 1 or cfg.n_eval < 0 or cfg.n_eval == 1:  # val and test need a seen half and an unseen half
+        raise LmlabError(f"shapes-captions needs n_train >= 1 and n_eval 0 (a tenth of n_train) or >= 2 "
+                         f"(got {cfg.n_train}, {cfg.n_eval})")
     shapes = ShapesConfig(image_size=cfg.image_size or 32)
     pre = _preprocess(cfg, 3, shapes.image_size)
     n_small = cfg.n_eval or max(cfg.n_train // 10, 2)
