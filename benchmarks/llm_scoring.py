@@ -1,10 +1,11 @@
 """Scoring speed of SmolLM2-135M-Instruct (the Q4_1 GGUF file): tokens/s and perplexity of lmlab
 against `transformers` on the same windows, by the same scoring code.
 
-`lmlab eval MODEL` scores a GGUF file at `fp32` (the file dequantized, lmlab/cli/eval.py);
+`lmlab eval MODEL` and `lmlab fewshot` score a GGUF file in its blocks as stored (`lmlab-gguf`: the
+file's weights exactly, fp32 activations and arithmetic; lmlab/cli/eval.py, lmlab/eval/harness/lm.py);
 `transformers` loads the same file dequantized to float32 (`gguf_file=`), so both compute in fp32 on
-the same weights. `lmlab-gguf` (the file's blocks kept, lmlab's default for generation) is reported
-beside them. Every engine goes through `lmlab.eval.perplexity.token_nll` (windows of `--block`
+the same weights. `lmlab-fp32` (the file dequantized to float32 `nn.Linear`s, `--precision fp32`) is
+reported beside them. Every engine goes through `lmlab.eval.perplexity.token_nll` (windows of `--block`
 tokens, each scoring its last `--stride`, one window per forward), so only the forward differs.
 Engines alternate for `--rounds` rounds; tokens/s is each engine's best round.
 

@@ -192,9 +192,9 @@ def test_cli_chat_applies_the_template(tiny, capsys, monkeypatch):
     assert capsys.readouterr().out == want + "> "
 
 
-@pytest.mark.parametrize("block,stride", [(256, 0), (24, 8)])
+@pytest.mark.parametrize("block,stride,precision", [(256, 0, None), (24, 8, None), (24, 8, "fp32")])
 @torch.no_grad()
-def test_cli_eval_text_file_matches_transformers(tiny, tmp_path, block, stride):
+def test_cli_eval_text_file_matches_transformers(tiny, tmp_path, block, stride, precision):
     import json
 
     from lmlab.cli import main
@@ -204,6 +204,7 @@ def test_cli_eval_text_file_matches_transformers(tiny, tmp_path, block, stride):
     data.write_text("the theater in the rain at the sea, then the heat returns. " * 3, encoding="utf-8")
     out = tmp_path / "r.json"
     args = ["eval", "--model", str(path), "--data", str(data), "--block_size", str(block), "--json", str(out)]
+    args += ["--precision", precision] if precision else []  # default: the file's blocks as stored
     assert main(args + (["--stride", str(stride)] if stride else [])) == 0
     got = json.loads(out.read_text())
     # the same sliding windows, scored by transformers: each window predicts its last `stride` targets
@@ -263,3 +264,4 @@ def test_export_refuses_attention_llama_cpp_cannot_compute(tmp_path, setting):
     with pytest.raises(LmlabError, match="sliding-window"):
         save_gguf(model, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
+

@@ -138,3 +138,30 @@ def test_repacked_decoding_matmuls_match_float64(threads):
     qt, d = qk.repack_q8_0(q8, d8)
     qk._qg_mv_t(qt, d, d[:0], x.numpy(), y.numpy(), nt)  # Q8_0: the group kernel without offsets
     torch.testing.assert_close(y.double(), w8.double() @ x.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_gemm_for_prefill_keeps_float32_accuracy():
+    """`_gemm` (oneDNN's GEMM where PyTorch has it) must not round its inputs: an error at float32's level
+    against float64, where a bf16 down-conversion would be ~2^-9 of |x| |w|."""
+    gen = torch.Generator().manual_seed(3)
+    x, wt = torch.randn(256, 576, generator=gen), torch.randn(576, 1536, generator=gen)
+    err = (qk._gemm(x, wt).double() - x.double() @ wt.double()).abs() / (x.double().abs() @ wt.double().abs())
+    assert err.max() < 2 ** -18
+    x = torch.zeros(64, 64)
+    x[:, 0] = 1 + 2 ** -10 + 2 ** -20  # 21 significant bits: exact in fp32, not in bf16 or bf16 hi + lo
+    wt = torch.zeros(64, 64)
+    wt[0] = 1
+    assert torch.equal(qk._gemm(x, wt), x[:, :1].expand(64, 64))
+
+
+@pytest.mark.parametrize("scratch", [qk.SCRATCH_FLOATS, 32 * 160])  # one chunk; many chunks and a remainder
+def test_block_major_mm_matches_float64(monkeypatch, scratch):
+    """Many rows (prefill) on block-major codes: the exact weights a chunk at a time, then the GEMM."""
+    monkeypatch.setattr(qk, "SCRATCH_FLOATS", scratch)
+    monkeypatch.setattr(qk, "_SCRATCH", type(qk._SCRATCH)())
+    gen = torch.Generator().manual_seed(4)
+    qs, dm, w = q4_1_blocks(200, 160, gen)
+    x = torch.randn(37, 160, generator=gen)
+    args = qk.linear_args(qs.T.contiguous().T, dm)
+    y = qk.block_major_mm(x, args)
+    torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=0, atol=1e-4)

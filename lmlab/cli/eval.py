@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmlab.cli._args import model_argument, take_model
+from lmlab.cli._args import add_precision, model_argument, take_model
 from lmlab.errors import LmlabError
 
 
@@ -29,8 +29,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             return 0
     if kind != "lmlab" and not text_file:
         raise LmlabError(f"{path} brings its own tokenizer: give --data FILE.txt, a UTF-8 text file to score")
-    # scoring: the reference precision for GGUF files; lmlab and HF weights as stored
-    loaded = load_model(path, precision="fp32" if kind == "gguf" else None)
+    # a GGUF file in its blocks as stored (fp32 arithmetic: logits within ~1e-4 of its fp32 dequantization,
+    # docs/gguf/README.md); lmlab and HF weights as stored; --precision to choose
+    loaded = load_model(path, precision=args.precision)
     out = _eval_text_file(args, loaded) if text_file else _eval_split(args, loaded)
     if args.json:
         from lmlab.utils.atomic import atomic_write_text
@@ -150,6 +151,7 @@ def add_parser(add) -> None:
     sp.add_argument("--batch_size", type=int, default=8)
     sp.add_argument("--max_tokens", type=int, default=0, help="score only the first N tokens (0: all)")
     sp.add_argument("--bf16", action="store_true", help="data directory: run the model under bfloat16 autocast")
+    add_precision(sp)
     sp.add_argument("--baseline", action="store_true", help="data directory: also report a unigram model's figures")
     sp.add_argument("--json", help="write the results to this JSON file")
     sp.add_argument("--plot", help="image classifier: write its confusion matrix to this PNG file")

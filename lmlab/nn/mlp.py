@@ -88,7 +88,8 @@ class MLP(nn.Module):
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
+            # without autograd, in place: a prefill's temporaries are MBs per layer, each a fresh mapping
+            h = self.act(gate) * up if torch.is_grad_enabled() else self.act(gate).mul_(up)
         else:
             h = self.act(h)
         return self.drop(self.down(h))

@@ -164,7 +164,7 @@ class RotaryEmbedding:
             if x.dtype not in tables:
                 tables[x.dtype] = (cos.to(x.dtype), sin.to(x.dtype))
             c, s = tables[x.dtype]
-            return torch.addcmul(x * c, x.roll(half, dims=-1), s)
+            return (x * c).addcmul_(x.roll(half, dims=-1), s)  # in place: mul saves x and c, not its result
 
         return apply
 
