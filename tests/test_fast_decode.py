@@ -28,8 +28,17 @@ def tiny_llama(precision: str = "int4") -> Llama:
     return quantize_(m, precision)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Decoding on one thread, and on two (`_split_step`: both threads run every layer on their rows)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_each_step_gives_the_logits_of_the_model_forward(precision):
+def test_each_step_gives_the_logits_of_the_model_forward(precision, threads):
     model = tiny_llama(precision)
     prompt = torch.tensor([[5, 17, 3, 90]])
     tokens = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(1))
@@ -42,6 +51,7 @@ def test_each_step_gives_the_logits_of_the_model_forward(precision):
         for t in tokens:
             want = model(t.view(1, 1), kv_cache=ref_cache).logits[:, -1]
             torch.testing.assert_close(fast.step(t.view(1)), want, rtol=1e-4, atol=1e-4)
+        assert (getattr(fast, "team", None) is not None) == (threads > 1)  # two threads: the split step
     assert cache.pos == ref_cache.pos == 24
     torch.testing.assert_close(cache.k[:, :, :, :24], ref_cache.k[:, :, :, :24], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="KV cache full"):
@@ -49,7 +59,7 @@ def test_each_step_gives_the_logits_of_the_model_forward(precision):
             fast.step(torch.tensor([t]))
 
 
-def test_a_gguf_model_decodes_over_an_fp16_cache_on_request(tmp_path):
+def test_a_gguf_model_decodes_over_an_fp16_cache_on_request(tmp_path, threads):
     """With llama.cpp's default fp16 K/V (opt-in) the fast step gives the model forward's logits over its
     own fp16 cache, and stays close to decoding over an fp32 cache."""
     from lmlab.io.gguf.write import save_gguf
@@ -86,7 +96,7 @@ def test_a_gguf_model_decodes_over_an_fp16_cache_on_request(tmp_path):
     assert 0 < worst < 1e-3, worst  # fp16 K/V move the logits, but little
 
 
-def test_generation_takes_the_fast_step_and_keeps_the_tokens(monkeypatch):
+def test_generation_takes_the_fast_step_and_keeps_the_tokens(monkeypatch, threads):
     model = tiny_llama()
     cfg = SamplingConfig(max_new_tokens=15, temperature=0)
     built = []
@@ -95,6 +105,33 @@ def test_generation_takes_the_fast_step_and_keeps_the_tokens(monkeypatch):
     fast = list(generate_ids(model, [1, 2, 3], cfg))
     assert built and built[0] is not None
     assert fast == list(generate_ids(model, [1, 2, 3], cfg, use_cache=False))  # the module path, recomputed
+
+
+def test_a_failing_decoding_thread_is_an_error_not_a_hang(monkeypatch):
+    from lmlab.generate import fast_decode
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_llama()
+        cache = model.make_kv_cache(1, 8)
+        with torch.no_grad():
+            model(torch.tensor([[5, 17]]), kv_cache=cache)
+            fast = FastDecoder.build(model, cache)
+            fast.step(torch.tensor([3]))  # the team starts
+            run = fast_decode._run_token
+
+            def broken(team, t, *job):
+                if t == 1:
+                    raise MemoryError("worker")
+                return run(team, t, *job)
+
+            monkeypatch.setattr(fast_decode, "_run_token", broken)
+            with pytest.raises(RuntimeError, match="decoding thread failed: worker"):
+                fast.step(torch.tensor([4]))
+            assert cache.pos == 3  # the failed step appended nothing
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_it_declines_what_it_does_not_implement():

@@ -25,6 +25,7 @@ minus one character is held back). `stream_text` is the streaming face for one r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -151,6 +152,10 @@ class Decoder:
         if not self.rows:
             return []
         logits = self._logits()
+        with self.fast.quiet_torch() if self.fast is not None else contextlib.nullcontext():
+            return self._pick(logits)
+
+    def _pick(self, logits: torch.Tensor) -> list[tuple[int, int]]:
         toks = []
         greedy = [j for j, i in enumerate(self.rows) if self.cfgs[i].temperature <= 0]
         picked = torch.empty(len(self.rows), dtype=torch.long, device=logits.device)

@@ -14,7 +14,11 @@ buffers, with the kernels of lmlab/nn/quant_kernels.py on block-major copies of 
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
+import weakref
 
+import numba
 import numpy as np
 import torch
 from torch import nn
@@ -100,8 +104,12 @@ class FastDecoder:
         head = model.lm_head
         # a block-quantized output layer (Q8_0 by default) through the decoding kernels too; else the module
         self.head = _packed(head, model) if _kernel_linear(head) else None
-        self.threads = 1
+        # torch's thread count when built: more than one, and every matrix in the kernels, decodes on a
+        # team of threads (`_split_step`)
+        self.threads = kernels.set_threads(torch.get_num_threads())
+        self.split = self.threads > 1 and self.head is not None
         self.keep = model  # the weights stay alive while their views are used
+        self.team = _Team(self, self.threads) if self.split else None  # started here, not at the first step
 
     @classmethod
     def build(cls, model: nn.Module, cache: KVCache) -> FastDecoder | None:
@@ -118,8 +126,10 @@ class FastDecoder:
         cos, sin = self.model.rope.cos_sin(torch.tensor([[pos]]))
         cos, sin = cos.reshape(-1).contiguous().numpy(), sin.reshape(-1).contiguous().numpy()
         scale = np.float32(self.hd ** -0.5)
-        # torch's thread count for numba's pool: the two take turns (decoding runs no torch op meanwhile)
-        self.threads = kernels.set_threads(torch.get_num_threads())
+        if self.split:
+            return self._split_step(pos, cos, sin, scale)
+        # numba's pool for the largest matrices: it and torch's take turns (no torch op runs meanwhile)
+        self.threads = kernels.set_threads(self.threads)
         with kernels.POOL if self.threads > 1 else contextlib.nullcontext():
             for i, args in enumerate(self.layers):
                 kernels._decode_layer(*args, cos, sin, self.kc[i], self.vc[i], pos, self.nh, self.nkv, scale,
@@ -133,3 +143,98 @@ class FastDecoder:
         with kernels.POOL if self.threads > 1 else contextlib.nullcontext():
             kernels._linear(*self.head, h.numpy(), logits.numpy(), self.threads)
         return logits
+
+    def _split_step(self, pos: int, cos: np.ndarray, sin: np.ndarray, scale: np.float32) -> torch.Tensor:
+        """The step on `self.threads` threads: this one and the team's workers each run every layer and
+        the output layer on their share of the rows (`kernels._decode_layer_split`)."""
+        team = self.team
+        if team is None:  # after a failed step
+            team = self.team = _Team(self, self.threads)
+        logits = torch.empty(1, self.head[1].shape[2])
+        job = (team.count, pos, cos, sin, scale, logits.numpy())
+        for q in team.jobs:
+            q.put(job)
+        count = _run_token(team, 0, *job)
+        if count < 0 or team.errors:
+            self.team = None
+            team.flags[kernels.SPLIT_LINE * team.nt] = 1  # the workers stop waiting for this thread
+            raise RuntimeError(f"a decoding thread failed: {team.errors[0] if team.errors else 'stopped'}")
+        team.count = count
+        self.cache.advance(1)
+        return logits
+
+
+    def quiet_torch(self) -> contextlib.AbstractContextManager:
+        """A context for the caller's own torch ops between steps (sampling): on one thread while a team
+        decodes. A torch op on several threads leaves its OpenMP workers spinning for a while after it;
+        on the cores the team needs that halved decoding speed (SmolLM2 at 2 threads: 70 vs 145 tok/s)."""
+        return _torch_threads(1) if self.split else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+class _Team:
+    """`nt - 1` worker threads that decode each token beside the calling thread, each on its own share
+    of every matrix's rows; they meet at spin barriers inside the kernels (counters in `flags`) and wait
+    between tokens on a queue (no spinning while nothing is generated). The workers stop when the team is
+    garbage-collected."""
+
+    def __init__(self, dec: FastDecoder, nt: int):
+        self.nt, self.count, self.errors = nt, 0, []
+        self.flags = np.zeros(kernels.SPLIT_LINE * (nt + 1), dtype=np.int64)  # nt counters, then "give up"
+        f = torch.float32
+        per = []  # each thread's layers: its own normalised input h and attention scratch, the rest shared
+        for _ in range(nt):
+            h = torch.empty_like(dec.x).numpy()
+            scratch = torch.empty(dec.scratch.numel(), dtype=f).numpy()
+            layers = numba.typed.List()
+            for args in dec.layers:
+                layers.append((args[0], h, *args[2:7], scratch, *args[8:]))
+            per.append(layers)
+        norm_f = dec.model.norm_f
+        self.shared = (per, dec.kc, dec.vc, dec.nh, dec.nkv, dec.x.numpy(), norm_f.weight.detach().numpy(),
+                       np.float32(norm_f.eps), dec.head)
+        self.jobs: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(nt - 1)]
+        for t, q in enumerate(self.jobs, start=1):
+            threading.Thread(target=_worker, args=(weakref.ref(self), t, q), daemon=True,
+                             name=f"lmlab-decode-{t}").start()
+        weakref.finalize(self, _stop, self.jobs)
+
+    def __getstate__(self):  # pragma: no cover - threads and views of live buffers do not pickle
+        raise TypeError("a decoding team cannot be pickled")
+
+
+def _run_token(team: _Team, t: int, count: int, pos: int, cos: np.ndarray, sin: np.ndarray, scale: np.float32,
+               logits: np.ndarray) -> int:
+    """Thread t's share of one token: every layer, then the output layer; the barrier count after it
+    (negative: a thread gave up)."""
+    per, kc, vc, nh, nkv, x, norm, eps, head = team.shared
+    return kernels._decode_token_split(t, team.nt, team.flags, count, per[t], cos, sin, kc, vc, pos, nh, nkv, scale,
+                                       norm, eps, *head, logits)
+
+
+def _worker(ref: weakref.ref, t: int, jobs: queue.SimpleQueue) -> None:
+    """Worker t: runs its share of each token put on `jobs` until None arrives (the team is collected)."""
+    while (job := jobs.get()) is not None:
+        team = ref()
+        if team is None:
+            return
+        try:
+            _run_token(team, t, *job)
+        except Exception as e:  # noqa: BLE001 - reported by the calling thread, which stops waiting
+            team.errors.append(e)
+            team.flags[kernels.SPLIT_LINE * team.nt] = 1
+        del team, job
+
+
+def _stop(jobs: list[queue.SimpleQueue]) -> None:
+    for q in jobs:
+        q.put(None)

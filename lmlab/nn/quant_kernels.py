@@ -592,6 +592,163 @@ if numba is not None:
             x[0, j] += o[0, j]
 
 
+    # -----------------------------------------------------------------------------------------
+    # Decoding one token on several threads with one wake-up per token (lmlab/generate/fast_decode.py
+    # `SplitDecoder`): each thread runs every layer on its share of each matrix's rows, and the threads
+    # meet at a barrier (spinning on counters in shared memory) wherever a step reads what the others
+    # wrote: ~5 barriers per layer, each well under a microsecond when both threads are running, against
+    # tens of microseconds to wake a pool's threads for each of a token's ~120 matrices.
+
+    @_intrinsic
+    def _load_acquire(typingctx, arr, i):
+        """arr[i] (1-D int64) read atomically, acquire ordering: what its writer wrote before it is visible."""
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = _cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]], wraparound=False,
+                                            boundscheck=False)
+            return builder.load_atomic(ptr, "acquire", 8)
+        return _types.int64(arr, i), codegen
+
+    @_intrinsic
+    def _store_release(typingctx, arr, i, v):
+        """arr[i] = v (1-D int64) written atomically, release ordering (after everything written before)."""
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = _cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]], wraparound=False,
+                                            boundscheck=False)
+            builder.store_atomic(context.cast(builder, args[2], sig.args[2], _types.int64), ptr, "release", 8)
+            return context.get_dummy_value()
+        return _types.void(arr, i, v), codegen
+
+    SPLIT_LINE = 16  # int64s per thread's counter: each on its own 128 bytes (two cache lines)
+
+    @_njit
+    def _barrier(flags, t, nt, count):
+        """Thread t of nt has finished step `count` - 1; returns once every thread has (count + 1), or -1 if
+        a thread gave up (flags[SPLIT_LINE * nt] != 0, set by lmlab/generate/fast_decode.py)."""
+        count += 1
+        _store_release(flags, SPLIT_LINE * t, count)
+        for u in range(nt):
+            while u != t and _load_acquire(flags, SPLIT_LINE * u) < count:
+                if _load_acquire(flags, SPLIT_LINE * nt) != 0:
+                    return -1
+        return count
+
+    @_njit(inline="always")
+    def _share(n, t, nt, align):
+        """Thread t's rows [a, b) of n, split into nt parts of whole multiples of `align`."""
+        per = -(-n // nt)
+        per = -(-per // align) * align
+        a = min(n, t * per)
+        return a, min(n, a + per)
+
+    @_njit(fastmath=_FM)
+    def _rows_typed(kind, qt, s1, s2, x, y, a, b):
+        r = a
+        while r < b:
+            L = min(_TILE, b - r)
+            if kind == 0:
+                _q4_1_tile(qt, s1, s2, x, y, r, L)
+            elif kind == 1:
+                _qg_tile(qt.view(np.int8), s1, s2[:0], x, y, r, L)
+            else:
+                _qg_tile(qt.view(np.int8), s1, s2, x, y, r, L)
+            r += L
+
+    @_njit(fastmath=_FM)
+    def _rows(kind, qt, s1, s2, x, y, a, b):
+        """Rows [a, b) of y [n] = W x for one linear of `linear_args`, on this thread."""
+        if kind >= HALF:
+            _rows_typed(kind - HALF, qt, s1.view(np.uint16), s2.view(np.uint16), x, y, a, b)
+        else:
+            _rows_typed(kind, qt, s1.view(np.float32), s2.view(np.float32), x, y, a, b)
+
+    @_njit(fastmath=_FM)
+    def _decode_layer_split(t, nt, flags, count, x, h, o, qkv, att, gu, act, scratch, n1, n2, eps1, eps2,
+                            k_qkv, qs_qkv, s1_qkv, s2_qkv, k_o, qs_o, s1_o, s2_o, k_up, qs_up, s1_up, s2_up,
+                            k_down, qs_down, s1_down, s2_down, b_qkv, cos, sin, kc, vc, pos, nh, nkv, scale):
+        """Thread t's part of `_decode_layer`: x, o, qkv, att, gu, act are shared, h and scratch its own.
+        q/k/v rows go by whole heads, so each thread rotates and stores the heads it computed."""
+        hd = kc.shape[2]
+        _rms_norm(x, n1, h, eps1)  # every thread, into its own h
+        a, b = _share(qkv.shape[1], t, nt, hd)
+        _rows(k_qkv, qs_qkv, s1_qkv, s2_qkv, h[0], qkv[0], a, b)
+        for j in range(a, min(b, b_qkv.shape[0])):
+            qkv[0, j] += b_qkv[j]
+        heads = qkv.reshape((nh + 2 * nkv, hd))
+        half = hd // 2
+        for hh in range(a // hd, b // hd):
+            if hh < nh + nkv:  # RoPE on query and key heads
+                for j in range(half):
+                    u = heads[hh, j]
+                    w = heads[hh, j + half]
+                    heads[hh, j] = u * cos[j] - w * sin[j]
+                    heads[hh, j + half] = w * cos[j + half] + u * sin[j + half]
+            if hh >= nh + nkv:
+                _put(heads[hh], vc[hh - nh - nkv, pos])
+            elif hh >= nh:
+                _put(heads[hh], kc[hh - nh, pos])
+        count = _barrier(flags, t, nt, count)
+        if count < 0:
+            return count
+        g = nh // nkv  # attention by key/value heads (each with its g query heads)
+        ka, kb = _share(nkv, t, nt, 1)
+        if kb > ka:
+            _attend(heads[ka * g:kb * g], kc[ka:kb], vc[ka:kb], pos + 1, att.reshape((nh, hd))[ka * g:kb * g],
+                    scratch, scale)
+        count = _barrier(flags, t, nt, count)
+        if count < 0:
+            return count
+        a, b = _share(x.shape[1], t, nt, 16)
+        _rows(k_o, qs_o, s1_o, s2_o, att[0], o[0], a, b)
+        for j in range(a, b):
+            x[0, j] += o[0, j]
+        count = _barrier(flags, t, nt, count)
+        if count < 0:
+            return count
+        _rms_norm(x, n2, h, eps2)
+        hidden = act.shape[1]
+        a, b = _share(hidden, t, nt, 16)  # gate rows [a, b) and their up rows: this thread's activations
+        _rows(k_up, qs_up, s1_up, s2_up, h[0], gu[0], a, b)
+        _rows(k_up, qs_up, s1_up, s2_up, h[0], gu[0], hidden + a, hidden + b)
+        for j in range(a, b):
+            u = gu[0, j]
+            act[0, j] = u / (np.float32(1.0) + np.exp(-u)) * gu[0, hidden + j]
+        count = _barrier(flags, t, nt, count)
+        if count < 0:
+            return count
+        a, b = _share(x.shape[1], t, nt, 16)
+        _rows(k_down, qs_down, s1_down, s2_down, act[0], o[0], a, b)
+        for j in range(a, b):
+            x[0, j] += o[0, j]
+        return _barrier(flags, t, nt, count)
+
+    @_njit(fastmath=_FM)
+    def _decode_token_split(t, nt, flags, count, layers, cos, sin, kc, vc, pos, nh, nkv, scale,
+                            norm, eps, kind, qt, s1, s2, logits):
+        """Thread t's share of one token: every layer of `layers` (a typed list of `_decode_layer_split`'s
+        per-layer arguments, this thread's h and scratch in them), then the output layer."""
+        for i in range(len(layers)):
+            (x, h, o, qkv, att, gu, act, scratch, n1, n2, eps1, eps2, k_qkv, qs_qkv, s1_qkv, s2_qkv, k_o, qs_o,
+             s1_o, s2_o, k_up, qs_up, s1_up, s2_up, k_down, qs_down, s1_down, s2_down, b_qkv) = layers[i]
+            count = _decode_layer_split(t, nt, flags, count, x, h, o, qkv, att, gu, act, scratch, n1, n2, eps1,
+                                        eps2, k_qkv, qs_qkv, s1_qkv, s2_qkv, k_o, qs_o, s1_o, s2_o, k_up, qs_up,
+                                        s1_up, s2_up, k_down, qs_down, s1_down, s2_down, b_qkv, cos, sin, kc[i],
+                                        vc[i], pos, nh, nkv, scale)
+            if count < 0:
+                return count
+        x, h = layers[0][0], layers[0][1]
+        return _head_split(t, nt, flags, count, x, h, norm, eps, kind, qt, s1, s2, logits)
+
+    @_njit(fastmath=_FM)
+    def _head_split(t, nt, flags, count, x, h, norm, eps, kind, qt, s1, s2, logits):
+        """Thread t's rows of the output layer after the final RMSNorm (into its own h)."""
+        _rms_norm(x, norm, h, eps)
+        a, b = _share(logits.shape[1], t, nt, 16)
+        _rows(kind, qt, s1, s2, h[0], logits[0], a, b)
+        return _barrier(flags, t, nt, count)
+
+
 def set_threads(n: int) -> int:
     """Threads for the decoding kernels (at most numba's pool size); returns how many."""
     if numba is None:
