@@ -265,3 +265,27 @@ def test_export_refuses_attention_llama_cpp_cannot_compute(tmp_path, setting):
         save_gguf(model, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
 
+
+
+@torch.no_grad()
+def test_scoring_takes_its_temporaries_from_the_heap_then_pins_the_threshold_again(tiny, monkeypatch):
+    from lmlab.io.gguf import read
+
+    calls = []
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(read, "_mallopt_mmap_threshold", lambda size: calls.append(size) or True)
+    monkeypatch.setattr(read, "_trim_heap", lambda: calls.append("trim"))
+    model, _ = load_gguf(tiny[0], blocks=True)
+    assert read.MMAP_THRESHOLD in calls  # pinned at load
+    calls.clear()
+    cache = model.make_kv_cache(1, 16)
+    model(torch.arange(8)[None], kv_cache=cache)  # generation's prefill and steps: fresh mappings
+    model(torch.tensor([[5]]), kv_cache=cache)
+    model(torch.tensor([[5]]))
+    assert calls == []
+    model(torch.arange(8)[None])  # scoring: the heap, then pinned again and trimmed
+    assert calls == [read.SCORING_MMAP_THRESHOLD, read.MMAP_THRESHOLD, "trim"]
+    calls.clear()
+    with pytest.raises(IndexError):  # a failed forward pins the threshold again too
+        model(torch.full((1, 8), V + 5))
+    assert calls == [read.SCORING_MMAP_THRESHOLD, read.MMAP_THRESHOLD, "trim"]
