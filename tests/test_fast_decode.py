@@ -130,6 +130,8 @@ def test_a_failing_decoding_thread_is_an_error_not_a_hang(monkeypatch):
             with pytest.raises(RuntimeError, match="decoding thread failed: worker"):
                 fast.step(torch.tensor([4]))
             assert cache.pos == 3  # the failed step appended nothing
+            with pytest.raises(RuntimeError, match="earlier step"):
+                fast.step(torch.tensor([4]))
     finally:
         torch.set_num_threads(prev)
 

@@ -6,7 +6,9 @@ weighed as much as reading the weights. `FastDecoder` does the same arithmetic a
 for one new token -- pre-RMSNorm blocks, half-split RoPE, grouped-query attention over the KV cache,
 SwiGLU, residuals -- as one numba call per layer (`quant_kernels._decode_layer`) on preallocated
 buffers, with the kernels of lmlab/nn/quant_kernels.py on block-major copies of the quantized weights
-(made in `__init__`). It applies only where every piece matches
+(made in `__init__`). On more than one thread (`torch.set_num_threads`) a team of threads decodes each
+token, each running every layer on its share of the rows and meeting the others at spin barriers
+(`_Team`, `quant_kernels._decode_layer_split`; docs/gguf/README.md). It applies only where every piece matches
 (`FastDecoder.build` returns None otherwise), and it is tested against the model's own forward
 (tests/test_fast_decode.py).
 """
@@ -18,7 +20,6 @@ import queue
 import threading
 import weakref
 
-import numba
 import numpy as np
 import torch
 from torch import nn
@@ -148,21 +149,24 @@ class FastDecoder:
         """The step on `self.threads` threads: this one and the team's workers each run every layer and
         the output layer on their share of the rows (`kernels._decode_layer_split`)."""
         team = self.team
-        if team is None:  # after a failed step
-            team = self.team = _Team(self, self.threads)
+        if team is None:  # a failed thread may still be finishing its part of the shared buffers
+            raise RuntimeError("a decoding thread failed in an earlier step: build a new decoder")
         logits = torch.empty(1, self.head[1].shape[2])
         job = (team.count, pos, cos, sin, scale, logits.numpy())
         for q in team.jobs:
             q.put(job)
-        count = _run_token(team, 0, *job)
+        count = -1
+        try:
+            count = _run_token(team, 0, *job)
+        finally:
+            if count < 0 or team.errors:  # a worker failed, or this thread: none waits for the other
+                self.team = None
+                team.flags[kernels.SPLIT_LINE * team.nt] = 1
         if count < 0 or team.errors:
-            self.team = None
-            team.flags[kernels.SPLIT_LINE * team.nt] = 1  # the workers stop waiting for this thread
             raise RuntimeError(f"a decoding thread failed: {team.errors[0] if team.errors else 'stopped'}")
         team.count = count
         self.cache.advance(1)
         return logits
-
 
     def quiet_torch(self) -> contextlib.AbstractContextManager:
         """A context for the caller's own torch ops between steps (sampling): on one thread while a team
@@ -188,6 +192,8 @@ class _Team:
     garbage-collected."""
 
     def __init__(self, dec: FastDecoder, nt: int):
+        from numba import typed
+
         self.nt, self.count, self.errors = nt, 0, []
         self.flags = np.zeros(kernels.SPLIT_LINE * (nt + 1), dtype=np.int64)  # nt counters, then "give up"
         f = torch.float32
@@ -195,7 +201,7 @@ class _Team:
         for _ in range(nt):
             h = torch.empty_like(dec.x).numpy()
             scratch = torch.empty(dec.scratch.numel(), dtype=f).numpy()
-            layers = numba.typed.List()
+            layers = typed.List()  # one numba call per token runs them all
             for args in dec.layers:
                 layers.append((args[0], h, *args[2:7], scratch, *args[8:]))
             per.append(layers)
@@ -207,9 +213,6 @@ class _Team:
             threading.Thread(target=_worker, args=(weakref.ref(self), t, q), daemon=True,
                              name=f"lmlab-decode-{t}").start()
         weakref.finalize(self, _stop, self.jobs)
-
-    def __getstate__(self):  # pragma: no cover - threads and views of live buffers do not pickle
-        raise TypeError("a decoding team cannot be pickled")
 
 
 def _run_token(team: _Team, t: int, count: int, pos: int, cos: np.ndarray, sin: np.ndarray, scale: np.float32,

@@ -594,7 +594,7 @@ if numba is not None:
 
     # -----------------------------------------------------------------------------------------
     # Decoding one token on several threads with one wake-up per token (lmlab/generate/fast_decode.py
-    # `SplitDecoder`): each thread runs every layer on its share of each matrix's rows, and the threads
+    # `_Team`): each thread runs every layer on its share of each matrix's rows, and the threads
     # meet at a barrier (spinning on counters in shared memory) wherever a step reads what the others
     # wrote: ~5 barriers per layer, each well under a microsecond when both threads are running, against
     # tens of microseconds to wake a pool's threads for each of a token's ~120 matrices.
@@ -624,8 +624,8 @@ if numba is not None:
 
     @_njit
     def _barrier(flags, t, nt, count):
-        """Thread t of nt has finished step `count` - 1; returns once every thread has (count + 1), or -1 if
-        a thread gave up (flags[SPLIT_LINE * nt] != 0, set by lmlab/generate/fast_decode.py)."""
+        """Thread t of nt arrives at barrier number count + 1 and waits until every thread has; returns that
+        number, or -1 if a thread gave up (flags[SPLIT_LINE * nt] != 0, set by lmlab/generate/fast_decode.py)."""
         count += 1
         _store_release(flags, SPLIT_LINE * t, count)
         for u in range(nt):
