@@ -664,6 +664,14 @@ if numba is not None:
             _rows_typed(kind, qt, s1.view(np.float32), s2.view(np.float32), x, y, a, b)
 
     @_njit(fastmath=_FM)
+    def _rows_residual(kind, qt, s1, s2, inp, o, x, t, nt):
+        """Thread t's rows of o = W inp [1, k], added to the residual stream x [1, n] (its rows only)."""
+        a, b = _share(x.shape[1], t, nt, 16)
+        _rows(kind, qt, s1, s2, inp[0], o[0], a, b)
+        for j in range(a, b):
+            x[0, j] += o[0, j]
+
+    @_njit(fastmath=_FM)
     def _decode_layer_split(t, nt, flags, count, x, h, o, qkv, att, gu, act, scratch, n1, n2, eps1, eps2,
                             k_qkv, qs_qkv, s1_qkv, s2_qkv, k_o, qs_o, s1_o, s2_o, k_up, qs_up, s1_up, s2_up,
                             k_down, qs_down, s1_down, s2_down, b_qkv, cos, sin, kc, vc, pos, nh, nkv, scale):
@@ -699,10 +707,7 @@ if numba is not None:
         count = _barrier(flags, t, nt, count)
         if count < 0:
             return count
-        a, b = _share(x.shape[1], t, nt, 16)
-        _rows(k_o, qs_o, s1_o, s2_o, att[0], o[0], a, b)
-        for j in range(a, b):
-            x[0, j] += o[0, j]
+        _rows_residual(k_o, qs_o, s1_o, s2_o, att, o, x, t, nt)
         count = _barrier(flags, t, nt, count)
         if count < 0:
             return count
@@ -717,10 +722,7 @@ if numba is not None:
         count = _barrier(flags, t, nt, count)
         if count < 0:
             return count
-        a, b = _share(x.shape[1], t, nt, 16)
-        _rows(k_down, qs_down, s1_down, s2_down, act[0], o[0], a, b)
-        for j in range(a, b):
-            x[0, j] += o[0, j]
+        _rows_residual(k_down, qs_down, s1_down, s2_down, act, o, x, t, nt)
         return _barrier(flags, t, nt, count)
 
     @_njit(fastmath=_FM)
