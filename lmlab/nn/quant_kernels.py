@@ -620,7 +620,20 @@ if numba is not None:
             return context.get_dummy_value()
         return _types.void(arr, i, v), codegen
 
+    @_intrinsic
+    def _yield_cpu(typingctx):
+        """sched_yield(2): hand this core to another runnable thread, perhaps the one being waited for."""
+        def codegen(context, builder, sig, args):
+            fn = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_ir.IntType(32), []),
+                                                 "sched_yield")
+            builder.call(fn, [])
+            return context.get_dummy_value()
+        return _types.void(), codegen
+
     SPLIT_LINE = 16  # int64s per thread's counter: each on its own 128 bytes (two cache lines)
+    # Spins at a barrier before each further check yields the core: while every thread has a core a wait
+    # ends within microseconds; on a busy machine the awaited thread may be queued behind this one
+    SPIN = 2000
 
     @_njit
     def _barrier(flags, t, nt, count):
@@ -628,10 +641,14 @@ if numba is not None:
         number, or -1 if a thread gave up (flags[SPLIT_LINE * nt] != 0, set by lmlab/generate/fast_decode.py)."""
         count += 1
         _store_release(flags, SPLIT_LINE * t, count)
+        spins = 0
         for u in range(nt):
             while u != t and _load_acquire(flags, SPLIT_LINE * u) < count:
                 if _load_acquire(flags, SPLIT_LINE * nt) != 0:
                     return -1
+                spins += 1
+                if spins > SPIN:
+                    _yield_cpu()
         return count
 
     @_njit(inline="always")
