@@ -28,7 +28,7 @@ def lmlab(*args, procs: int = 1) -> None:
                 if procs > 1 else [sys.executable])
     r = subprocess.run([*launcher, "-m", "lmlab", "-q", *args], capture_output=True, text=True, timeout=300)
     if procs > 1 and r.returncode != 0 and "terminate called without an active exception" in r.stderr:
-        # a rank aborted in C++ (a joinable std::thread destroyed: gloo's teardown), seen once in ~10 CI runs
+        # a rank aborted in C++ (a joinable std::thread destroyed: gloo's teardown), seen once in four CI runs
         # and never in isolation (3/3 passes); one retry, and any other failure fails at once
         r = subprocess.run([*launcher, "-m", "lmlab", "-q", *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
