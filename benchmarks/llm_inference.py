@@ -18,7 +18,10 @@ at each thread count:
   llama.cpp's include loading its library; the peak RSS column is the whole process).
 
 lmlab loads each file with `load_model(path, precision=...)`; `lmlab-gguf` is the default for GGUF
-files (the file's blocks kept as stored, exact kernels; prefill dense in fp32). `lmlab-gguf-kv16` is
+files (the file's blocks kept as stored; prefill dense in fp32; decoding's activations on two int8
+planes where the CPU has AVX-512 VNNI, lmlab/nn/quant_int.py), `lmlab-gguf-exact` the same with fp32
+activations throughout (exact kernels), `lmlab-gguf-q8` with one int8 plane, as llama.cpp computes.
+The activations differ in decoding only: their agreement shows in the "(decoding)" rows. `lmlab-gguf-kv16` is
 the same with fp16 K/V (`model.kv_cache_dtype`), as llama.cpp keeps them by default; llama-cpp-python
 0.3.36 rounds n_ctx up to a multiple of 256, so its cache here holds 512 positions (11.25 MiB in f16).
 
@@ -40,10 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("lmlab-fp32", "lmlab-bf16", "lmlab-int8", "lmlab-int4", "lmlab-gguf", "lmlab-gguf-kv16", "transformers",
-           "llama.cpp")
-DEFAULT_ENGINES = {"q4_1": ("lmlab-fp32", "lmlab-int4", "lmlab-gguf", "lmlab-gguf-kv16", "transformers", "llama.cpp"),
-                   "q4_k_m": ("lmlab-fp32", "lmlab-gguf", "lmlab-gguf-kv16", "llama.cpp")}
+ENGINES = ("lmlab-fp32", "lmlab-bf16", "lmlab-int8", "lmlab-int4", "lmlab-gguf", "lmlab-gguf-exact", "lmlab-gguf-q8",
+           "lmlab-gguf-kv16", "transformers", "llama.cpp")
+DEFAULT_ENGINES = {"q4_1": ("lmlab-fp32", "lmlab-int4", "lmlab-gguf", "lmlab-gguf-exact", "lmlab-gguf-q8",
+                            "lmlab-gguf-kv16", "transformers", "llama.cpp"),
+                   "q4_k_m": ("lmlab-fp32", "lmlab-gguf", "lmlab-gguf-exact", "lmlab-gguf-q8", "lmlab-gguf-kv16",
+                              "llama.cpp")}
 KV16 = "-kv16"  # an lmlab engine with this suffix keeps K/V in fp16, as llama.cpp does by default
 PROMPT, NEW = 256, 128
 
@@ -155,7 +160,7 @@ def run_lmlab(precision: str, path: Path, ids: list[int], logits: Path) -> dict:
                              if new_ids.append(int(t)) is None)
         peak = peak_mb()  # before the logits kept for agreement
         np.save(logits, model(x).logits[0].float().numpy())
-        if precision == DEFAULT_PRECISION:  # with either cache type
+        if precision.startswith(DEFAULT_PRECISION):  # with either cache type
             np.save(decoding_logits(logits), decoding_path(model, x).numpy())
     return {"prefill": PROMPT / t_prefill, "decode": decode, "load_s": load_s, "greedy": new_ids,
             "peak_rss_mb": peak}

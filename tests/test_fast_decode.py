@@ -73,7 +73,7 @@ def test_a_gguf_model_decodes_over_an_fp16_cache_on_request(tmp_path, threads):
                              n_embd=64, mlp_hidden=96)).eval()
     with torch.no_grad():
         tiny.wte.weight.mul_(20)
-    model = load_model(save_gguf(tiny, tmp_path / "tiny.gguf", tok, qtype="Q4_1"), precision="gguf").model
+    model = load_model(save_gguf(tiny, tmp_path / "tiny.gguf", tok, qtype="Q4_1"), precision="gguf-exact").model
     assert model.make_kv_cache(1, 8).k.dtype == torch.float32  # the exact default
     model.kv_cache_dtype = torch.float16
     prompt = torch.tensor([[5, 17, 3, 90]])

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmlab.nn import quant_int
 from lmlab.nn import quant_kernels as kernels
 from lmlab.nn.block import Block
 from lmlab.nn.kv_cache import KVCache
@@ -91,11 +92,15 @@ class FastDecoder:
         self.scratch = torch.empty(self.nh // self.nkv * cache.max_len, dtype=f)  # one score row per grouped head
         # numpy views (zero-copy) of the buffers, weights and cache, as the numba layer step takes them
         bufs = tuple(t.numpy() for t in (self.x, self.h, self.o, self.qkv, self.att, self.gu, self.act, self.scratch))
+        # activations of the decoding matmuls: fp32, or int8 planes (kernels.PLANES added to each kind)
+        self.activations = getattr(model, "decode_activations", "fp32")
+        planes = quant_int.MODES[self.activations]
         self.layers = []
         for blk in model.blocks:
             lin = []
             for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.up, blk.mlp.down):
-                lin += _packed(m, model)
+                kind, *rest = _packed(m, model)
+                lin += [kind + kernels.PLANES * planes, *rest]
             b = blk.attn.qkv.bias
             b = np.zeros(0, np.float32) if b is None else b.detach().float().contiguous().numpy()
             self.layers.append((*bufs, blk.norm1.weight.detach().numpy(), blk.norm2.weight.detach().numpy(),
@@ -105,6 +110,8 @@ class FastDecoder:
         head = model.lm_head
         # a block-quantized output layer (Q8_0 by default) through the decoding kernels too; else the module
         self.head = _packed(head, model) if _kernel_linear(head) else None
+        if self.head is not None:
+            self.head = (self.head[0] + kernels.PLANES * planes, *self.head[1:])
         # torch's thread count when built: more than one, and every matrix in the kernels, decodes on a
         # team of threads (`_split_step`)
         self.threads = kernels.set_threads(torch.get_num_threads())

@@ -178,7 +178,7 @@ def load_model(path: str | Path, *, device: str = "cpu", precision: str | None =
 
         precision = precision or DEFAULT_PRECISION
         # "gguf": quantized matrices stay in the file's blocks; other precisions start from float32
-        model, tok = load_gguf(p, blocks=precision == "gguf")
+        model, tok = load_gguf(p, blocks=precision.startswith("gguf"))
         loaded = LoadedModel(model, tok, kind, p, bos=gguf_bos(tok.gguf_meta, tok))  # the file's own keys
     elif kind == "hf":
         from lmlab.io.hf import load_hf_dir

@@ -38,13 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
+from lmlab.nn import quant_int
 from lmlab.nn import quant_kernels as kernels
 from lmlab.nn.attention import Attention
 from lmlab.nn.quant_formats import Unpacked
 
-PRECISIONS = ("fp32", "bf16", "int8", "int4", "gguf")
-# GGUF files: their block-quantized matrices kept exactly as stored (lmlab/io/gguf/read.py, blocks=True)
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "gguf", "gguf-exact", "gguf-q8")
+# GGUF files: their block-quantized matrices kept exactly as stored (lmlab/io/gguf/read.py, blocks=True).
+# They differ in decoding's activations only (lmlab/nn/quant_int.py): "gguf" on two int8 planes where the
+# CPU has VNNI (else fp32), "gguf-exact" fp32 always, "gguf-q8" one int8 plane as llama.cpp computes.
 DEFAULT_PRECISION = "gguf"
+GGUF_ACTIVATIONS = {"gguf-exact": "fp32", "gguf-q8": "int8"}
 INT4_GROUP = 32  # inputs per scale/offset; GGUF Q4_0/Q4_1 block size (ggml-common.h QK4_0)
 # Up to this many rows per call (decoding, small batches) the block kernels run; more rows (prefill)
 # make the matmul compute-bound, where a dense matmul on weights dequantized on the fly is faster.
@@ -492,7 +496,9 @@ def quantize_(model: nn.Module, precision: str, *, head: str = "lm_head",
         return model.float()
     _float_except_blocks(model)  # what stays (norms, biases elsewhere) computes in fp32
     blocks = kernels.available()
-    if precision == "gguf":
+    if precision.startswith("gguf"):
+        # FastDecoder (lmlab/generate/fast_decode.py) reads this; prefill and scoring stay fp32
+        model.decode_activations = GGUF_ACTIVATIONS.get(precision) or quant_int.default_mode()
         return _decoding_kernels(model, blocks).eval()
     heads: dict[int, nn.Module] = {}  # id(fp32 weight) -> output layer, to share with a tied embedding
 

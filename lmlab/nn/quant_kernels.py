@@ -47,6 +47,8 @@ try:
     from numba.core import types as _types
     from numba.extending import intrinsic as _intrinsic
     from numba.extending import overload as _overload
+
+    from lmlab.nn import quant_int as _qint
 except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
@@ -61,6 +63,9 @@ POOL = threading.Lock()
 
 BLOCK = 32  # inputs per block in Q4_1 and Q8_0 (ggml-common.h QK4_1, QK8_0)
 HALF = 8  # added to a decoding linear's kind (`linear_args`) when its scales are fp16, as the file stores them
+# added to a kind, times 1 or 2: decode on int8 planes of the activations (lmlab/nn/quant_int.py), exactly as
+# many planes; the rows left over from its 16-row tiles go through the fp32 kernels
+PLANES = 16
 
 # 2^(e - 25) for an fp16 exponent field e: a finite fp16 with exponent field e >= 1 and mantissa field
 # m is (1024 + m) 2^(e - 25), and a subnormal (e = 0) is m 2^(1 - 25); both products are exact in fp32
@@ -547,8 +552,11 @@ if numba is not None:
 
     @_njit(fastmath=_FM, parallel=True, inline="always")
     def _linear(kind, qt, s1, s2, x, y, nt):
-        """One linear of `linear_args`: its scales s1, s2 arrive as bytes, fp16 where kind >= HALF."""
-        if kind >= HALF:
+        """One linear of `linear_args`: its scales s1, s2 arrive as bytes, fp16 where kind % PLANES >= HALF;
+        on int8 activations (`PLANES`) on this thread."""
+        if kind >= PLANES:
+            _rows(kind, qt, s1, s2, x[0], y[0], 0, y.shape[1])
+        elif kind >= HALF:
             _linear_typed(kind - HALF, qt, s1.view(np.uint16), s2.view(np.uint16), x, y, nt)
         else:
             _linear_typed(kind, qt, s1.view(np.float32), s2.view(np.float32), x, y, nt)
@@ -660,8 +668,16 @@ if numba is not None:
         return a, min(n, a + per)
 
     @_njit(fastmath=_FM)
-    def _rows_typed(kind, qt, s1, s2, x, y, a, b):
+    def _rows_typed(kind, qt, s1, s2, x, y, a, b, planes):
         r = a
+        if planes > 0 and kind == 0:
+            r = _qint.rows_int(qt, s1, s2, x, y, a, b, planes, True, 32, False)
+        elif planes > 0 and kind == 2 and s2.shape[0] > 0:
+            qg = qt.view(np.int8)
+            r = _qint.rows_int(qg, s1, s2, x, y, a, b, planes, True, qg.shape[1], True)
+        elif planes > 0:  # no offsets (Q8_0, or groups without them): s1 stands in for them, times 0
+            qg = qt.view(np.int8)
+            r = _qint.rows_int(qg, s1, s1, x, y, a, b, planes, False, qg.shape[1], True)
         while r < b:
             L = min(_TILE, b - r)
             if kind == 0:
@@ -675,10 +691,11 @@ if numba is not None:
     @_njit(fastmath=_FM)
     def _rows(kind, qt, s1, s2, x, y, a, b):
         """Rows [a, b) of y [n] = W x for one linear of `linear_args`, on this thread."""
+        planes, kind = kind // PLANES, kind % PLANES
         if kind >= HALF:
-            _rows_typed(kind - HALF, qt, s1.view(np.uint16), s2.view(np.uint16), x, y, a, b)
+            _rows_typed(kind - HALF, qt, s1.view(np.uint16), s2.view(np.uint16), x, y, a, b, planes)
         else:
-            _rows_typed(kind, qt, s1.view(np.float32), s2.view(np.float32), x, y, a, b)
+            _rows_typed(kind, qt, s1.view(np.float32), s2.view(np.float32), x, y, a, b, planes)
 
     @_njit(fastmath=_FM)
     def _rows_residual(kind, qt, s1, s2, inp, o, x, t, nt):
