@@ -125,7 +125,9 @@ def test_generic_code_without_vnni_gives_the_same_sums():
         assert np.array_equal(y1, y2) and np.abs(y1).max() > 0
 
 
-def test_a_gguf_model_decodes_on_int8_planes_by_default_where_vnni_runs(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_gguf_model_decodes_on_int8_planes_by_default_where_vnni_runs(tmp_path, threads):
+    """On one thread and on a team of two (the rows split in whole 16s, as the integer tiles need)."""
     from lmlab.generate.fast_decode import FastDecoder
     from lmlab.io.gguf.write import save_gguf
     from lmlab.io.load import load_model
@@ -141,16 +143,21 @@ def test_a_gguf_model_decodes_on_int8_planes_by_default_where_vnni_runs(tmp_path
     prompt = torch.tensor([[5, 17, 3, 90]])
     tokens = torch.randint(0, tok.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
     logits = {}
-    for precision in ("gguf-exact", "gguf", "gguf-q8"):
-        model = load_model(path, precision=precision).model
-        assert model.decode_activations == {"gguf-exact": "fp32", "gguf-q8": "int8"}.get(
-            precision, "int16" if qi.available() else "fp32")
-        cache = model.make_kv_cache(1, 20)
-        with torch.no_grad():
-            model(prompt, kv_cache=cache)
-            fast = FastDecoder.build(model, cache)
-            assert fast.activations == model.decode_activations
-            logits[precision] = torch.cat([fast.step(t.view(1)) for t in tokens])
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for precision in ("gguf-exact", "gguf", "gguf-q8"):
+            model = load_model(path, precision=precision).model
+            assert model.decode_activations == {"gguf-exact": "fp32", "gguf-q8": "int8"}.get(
+                precision, "int16" if qi.available() else "fp32")
+            cache = model.make_kv_cache(1, 20)
+            with torch.no_grad():
+                model(prompt, kv_cache=cache)
+                fast = FastDecoder.build(model, cache)
+                assert fast.activations == model.decode_activations and fast.split == (threads > 1)
+                logits[precision] = torch.cat([fast.step(t.view(1)) for t in tokens])
+    finally:
+        torch.set_num_threads(prev)
     ref = logits["gguf-exact"]
     scale = ref.abs().max().item()
     err16 = (logits["gguf"] - ref).abs().max().item() / scale
