@@ -54,7 +54,7 @@ def test_q4_1_rows_match_float64_on_the_same_quantized_activations(planes, n):
     x[5] = 0.0
     x[32:64] = 0.0  # a block of zeros: step 0
     y = np.full(n, np.nan, np.float32)
-    stop = qi.rows_int(qt, dd, mm, x, y, 0, n, planes, True, 32, False)
+    stop = qi.rows_int(qt, dd, mm, x, y, 0, n, planes, True, 32)
     assert stop == n // 16 * 16
     ref = want(q.reshape(n, k), d.astype(np.float32), m.astype(np.float32), x, 32, planes)
     np.testing.assert_allclose(y[:stop], ref[:stop], rtol=2e-6, atol=1e-6 * np.abs(ref).max())
@@ -77,7 +77,7 @@ def test_int8_group_codes_match_float64(planes, g, offsets):
                                  torch.from_numpy(m) if offsets else None)
     x = (rng.standard_normal(k) * 50).astype(np.float32)
     y = np.empty(n, np.float32)
-    qi.rows_int(qt, dd, mm if offsets else dd, x, y, 0, n, planes, offsets, g, True)
+    qi.rows_int(qt.view(np.int32), dd, mm if offsets else dd, x, y, 0, n, planes, offsets, g)
     ref = want(q, d, m, x, g, planes)
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
 
@@ -110,8 +110,8 @@ def test_generic_code_without_vnni_gives_the_same_sums():
         native(qt, d, m, xw, dx, sx, corr, y2, 0, 0, qt.shape[0])
 
     rng = np.random.default_rng(4)
-    for qt, signed in ((rng.integers(0, 256, (3, 16, 16)).astype(np.uint8), False),
-                       (rng.integers(-128, 128, (3, 32, 16)).astype(np.int8), True)):
+    for qt, signed in ((rng.integers(0, 2 ** 32, (3, 4, 16), dtype=np.uint32), False),  # Q4_1 words
+                       (rng.integers(-2 ** 31, 2 ** 31, (3, 8, 16), dtype=np.int32), True)):  # int8 codes
         g = 32
         x = rng.standard_normal(3 * g).astype(np.float32)
         xq = np.empty((2, 3 * g), np.int8)

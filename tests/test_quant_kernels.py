@@ -162,6 +162,6 @@ def test_block_major_mm_matches_float64(monkeypatch, scratch):
     gen = torch.Generator().manual_seed(4)
     qs, dm, w = q4_1_blocks(200, 160, gen)
     x = torch.randn(37, 160, generator=gen)
-    args = qk.linear_args(qs.T.contiguous().T, dm)
+    args = qk.linear_args(qk.to_block_major(qs), dm)
     y = qk.block_major_mm(x, args)
     torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=0, atol=1e-4)

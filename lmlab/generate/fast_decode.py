@@ -63,11 +63,11 @@ def _packed(m: nn.Module, model: nn.Module) -> tuple:
     """A quantized linear's arguments for `_decode_layer`, its weights block-major and row-minor.
 
     The codes are stored so once, in place (GGUF layers are loaded so): `qs` [n, k'] becomes the
-    transpose of a contiguous [k', n] array, the same values, so the decoding kernels read it without
-    a copy and the model keeps one copy of its weights (`block_args`)."""
-    if m.qs.is_contiguous():
+    [n, k'/4, 4] view of a contiguous [k'/4, n, 4] array (`kernels.to_block_major`), the same values, so
+    the decoding kernels read it without a copy and the model keeps one copy of its weights (`block_args`)."""
+    if not kernels.block_major(m.qs):
         old = m.qs
-        m.qs = old.T.contiguous().T
+        m.qs = kernels.to_block_major(old)
         for e in model.modules():  # an embedding sharing the tied output layer's codes follows them
             if isinstance(e, Q8Embedding) and e.qs is old:
                 e.qs = m.qs

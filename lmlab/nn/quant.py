@@ -197,6 +197,7 @@ class Int4Linear(nn.Module):
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight (or its `rows`) the exact kernel multiplies by, in float32 ([n, k])."""
         qs, dm = (self.qs, self.dm) if rows is None else (self.qs[rows], self.dm[rows])
+        qs = kernels.flat_codes(qs)
         n, g, _ = dm.shape
         b = qs.reshape(n, g, 16)
         q = torch.cat([b & 15, b >> 4], dim=-1).float()
@@ -240,6 +241,7 @@ class Q8Linear(nn.Module):
 
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         qs, d = (self.qs, self.d) if rows is None else (self.qs[rows], self.d[rows])
+        qs = kernels.flat_codes(qs)
         return (qs.float().reshape(*d.shape, kernels.BLOCK) * d.float()[..., None]).view(*qs.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +272,7 @@ class Q8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.qs[ids].float().reshape(*ids.shape, -1, kernels.BLOCK) * self.d[ids].float()[..., None]
-        return rows.view(*ids.shape, self.qs.shape[1])
+        return rows.view(*ids.shape, -1)
 
 
 class GroupLinear(nn.Module):
@@ -298,6 +300,7 @@ class GroupLinear(nn.Module):
     def dequantized_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         qs, d, m = (self.qs, self.d, self.m) if rows is None else \
             (self.qs[rows], self.d[rows], None if self.m is None else self.m[rows])
+        qs = kernels.flat_codes(qs)
         w = qs.float().reshape(*d.shape, self.group) * d.float()[..., None]
         return (w if m is None else w + m.float()[..., None]).view(*qs.shape)
 
@@ -349,7 +352,7 @@ def linear_from_blocks(parts: list[Unpacked], bias: torch.Tensor | None = None,
     """`_linear_from_blocks` with its codes stored block-major (`kernels.block_major`): the layout decoding
     reads, made here, one tensor at a time, rather than for the whole model when decoding starts."""
     layer = _linear_from_blocks(parts, bias, prefill_dtype)
-    layer.qs = layer.qs.T.contiguous().T
+    layer.qs = kernels.to_block_major(layer.qs)
     return layer
 
 

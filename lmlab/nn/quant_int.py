@@ -14,11 +14,11 @@ Nothing else is approximated: the weights' codes and their fp16 scales are used 
 integer sum is exact (|sum| < 2^24 for 4-bit codes, so also exact as a float), and the offset term
 m sum(x) (Q4_1) uses the exact fp32 sum of the block's activations.
 
-The weights stay where decoding already keeps them (lmlab/nn/quant_kernels.py `linear_args`: block-major,
-row-minor: byte j of block b for rows r.. r+R-1 is contiguous), so this mode costs no memory. VNNI wants four
-consecutive inputs of one row in each 32-bit lane: the kernel loads bytes j..j+3 for R rows and
-interleaves them in registers (one shuffle network, which LLVM lowers to `vpermt2b`-style permutes).
-Q4_1 bytes hold inputs j (low nibble) and j + 16 (high); codes of other formats are int8, made unsigned
+The weights stay where decoding already keeps them (lmlab/nn/quant_kernels.py `words`: block-major,
+row-minor, in words of four consecutive codes of a row), so this mode costs no memory, and that layout is
+what VNNI wants: a 512-bit load of word s for 16 rows gives each 32-bit lane one row's four codes, to be
+multiplied with four activations broadcast to every lane.
+Q4_1 bytes hold inputs j (low nibble) and j + 16 (high) of a block; codes of other formats are int8, made unsigned
 by flipping the top bit (q + 128), with 128 sum(v) taken off each block's sum.
 
 The kernel is written directly in LLVM IR (numba `intrinsic`), as numba cannot express 512-bit integer
@@ -39,6 +39,7 @@ try:
     from numba.core import cgutils as _cgutils
     from numba.core import types as _types
     from numba.extending import intrinsic as _intrinsic
+    from numba.extending import overload as _overload
 except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
@@ -102,9 +103,10 @@ if numba is not None:
         return acc
 
     def _make_tile(R: int, planes: int, vnni: bool | None = None):
-        """An intrinsic computing rows r0 .. r0 + R - 1 (R a multiple of 16, <= 64) of y = W x:
-        `tile(qt, d, m, xw, dx, sx, corr, y, r0)`, with qt [nb, J, n] (uint8: Q4_1 bytes, J = 16; int8:
-        group codes, J = g), scales d, m [nb, n] (float32 or fp16 bit patterns; m = d with sx = 0 when the
+        """An intrinsic adding blocks b0 .. b1 - 1 of rows r0 .. r0 + R - 1 (R a multiple of 16, <= 64) of
+        y = W x into y: `tile(qt, d, m, xw, dx, sx, corr, y, r0, b0, b1)`, with qt [nb, J, n] the codes'
+        words (lmlab/nn/quant_kernels.py `words`; uint32: Q4_1 bytes, J = 4; int32: int8 group codes,
+        J = g / 4), scales d, m [nb, n] (float32 or fp16 bit patterns; m = d with sx = 0 when the
         format has no offsets), the quantized activations xw [planes, k / 4] (int8 codes viewed as int32,
         four inputs each), and per block dx (step), sx (fp32 sum of x, for the offsets) and corr (what the
         unsigned codes add: 128 v summed, int32). `vnni`: the instruction or generic vector code (None:
@@ -116,7 +118,7 @@ if numba is not None:
 
         def codegen(context, builder, sig, args):
             qt_t, d_t = sig.args[0], sig.args[1]
-            nib = qt_t.dtype == _types.uint8
+            nib = qt_t.dtype == _types.uint32
             half = d_t.dtype == _types.uint16
             use = _has_vnni() if vnni is None else vnni
             arrs = [context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:8], args[:8])]
@@ -125,7 +127,7 @@ if numba is not None:
             J, n = _cgutils.unpack_tuple(builder, qa.shape, 3)[1:]
             k4 = _cgutils.unpack_tuple(builder, xa.shape, 2)[1]
             intp = n.type
-            steps = 4 if nib else None  # quads of bytes per block; J / 4 for group codes (runtime J)
+            steps = 4  # Q4_1: words per block (J at run time for group codes)
             ybase = builder.bitcast(ya.data, _F32.as_pointer())
             yptr = [builder.bitcast(builder.gep(ybase, [builder.add(r0, _ir.Constant(intp, 16 * c))]),
                                     _vec(_F32, 16).as_pointer()) for c in range(C)]
@@ -140,28 +142,22 @@ if numba is not None:
             dbase = builder.bitcast(da.data, scale_ty.as_pointer())
             mbase = builder.bitcast(ma.data, scale_ty.as_pointer())
             ahead_by = _ir.Constant(intp, PREFETCH)
-            words = builder.sdiv(J, _ir.Constant(intp, 4)) if not nib else _ir.Constant(intp, 8)  # per block
-            # interleave bytes j..j+3 of R rows: lane r of the result holds row r's four bytes
-            inter = [i * R + r for r in range(R) for i in range(4)]
+            words = J if not nib else _ir.Constant(intp, 8)  # activation words per block
             with _cgutils.for_range_slice(builder, b0, b1, _ir.Constant(intp, 1), inc=True) as (b, _):
                 accs = [[_ir.Constant(_vec(_I32, 16), [0] * 16) for _ in range(C)] for _ in range(planes)]
-                row0 = builder.add(builder.mul(builder.mul(b, J), n), r0)  # qt[b, 0, r0]
+                row0 = builder.add(builder.mul(builder.mul(b, J), n), r0)  # qt[b, 0, r0], in words
 
-                def quad(j):
-                    """The R rows' bytes j..j+3 as C chunks of [64 x i8], row-major within each."""
-                    vs = []
-                    for i in range(4):
-                        off = builder.add(row0, builder.mul(builder.add(j, _ir.Constant(intp, i)), n))
-                        q = builder.gep(qbase, [off])
-                        ahead = builder.gep(q, [ahead_by])  # read, keep, data
+                def rows_word(sidx):
+                    """Word sidx of block b for the R rows: C chunks of [64 x i8], 16 rows' four codes each."""
+                    off = builder.mul(builder.add(row0, builder.mul(sidx, n)), _ir.Constant(intp, 4))  # bytes
+                    q = builder.gep(qbase, [off])
+                    out = []
+                    for c in range(C):
+                        qc = builder.gep(q, [_ir.Constant(intp, 64 * c)])
+                        ahead = builder.gep(qc, [ahead_by])  # read, keep, data
                         builder.call(pf, [ahead, *(_ir.Constant(_I32, v) for v in (0, 3, 1))])
-                        p = builder.bitcast(q, _vec(_I8, R).as_pointer())
-                        vs.append(builder.load(p, align=1))
-                    c01 = _shuffle(builder, vs[0], vs[1], range(2 * R))
-                    c23 = _shuffle(builder, vs[2], vs[3], range(2 * R))
-                    allb = _shuffle(builder, c01, c23, range(4 * R))
-                    t = _shuffle(builder, allb, allb, inter)
-                    return [_shuffle(builder, t, t, range(64 * c, 64 * c + 64)) for c in range(C)]
+                        out.append(builder.load(builder.bitcast(qc, _vec(_I8, 64).as_pointer()), align=1))
+                    return out
 
                 def word(p, w):
                     """Activation word w of block b in plane p, splat to [64 x i8]."""
@@ -171,7 +167,7 @@ if numba is not None:
 
                 if nib:
                     for s in range(steps):
-                        chunks = quad(_ir.Constant(intp, 4 * s))
+                        chunks = rows_word(_ir.Constant(intp, s))
                         for c in range(C):
                             lo = builder.and_(chunks[c], _ir.Constant(_vec(_I8, 64), [15] * 64))
                             hi = builder.lshr(chunks[c], _ir.Constant(_vec(_I8, 64), [4] * 64))
@@ -180,14 +176,14 @@ if numba is not None:
                                 accs[p][c] = _dpbusd(builder, accs[p][c], hi, word(p, _ir.Constant(intp, 4 + s)),
                                                      use)
                 else:
-                    # runtime quads per block (g / 4): the accumulators live in memory across that loop
+                    # runtime words per block (g / 4): the accumulators live in memory across that loop
                     slots = [[_cgutils.alloca_once(builder, _vec(_I32, 16)) for _ in range(C)] for _ in range(planes)]
                     for p in range(planes):
                         for c in range(C):
                             builder.store(accs[p][c], slots[p][c])
                     with _cgutils.for_range(builder, words) as inner:
                         s = inner.index
-                        chunks = quad(builder.mul(s, _ir.Constant(intp, 4)))
+                        chunks = rows_word(s)
                         for c in range(C):
                             u = builder.xor(chunks[c], _ir.Constant(_vec(_I8, 64), [-128] * 64))
                             for p in range(planes):
@@ -224,6 +220,14 @@ if numba is not None:
     _tile64_1, _tile16_1 = _make_tile(64, 1), _make_tile(16, 1)
     _tile64_2, _tile16_2 = _make_tile(64, 2), _make_tile(16, 2)
 
+    def _signed(qt):  # pragma: no cover - compiled through the overload below
+        """Whether the words `qt` hold int8 codes (int32 words) rather than Q4_1 bytes (uint32)."""
+
+    @_overload(_signed, inline="always")
+    def _signed_impl(qt):
+        signed = qt.dtype == _types.int32
+        return lambda qt: signed
+
     @_njit(fastmath=_FM)
     def quantize(x, g, planes, offsets, xq, dx, sx, corr):
         """The activations x [k] as int8 codes xq [planes, k] per group of g inputs: dx [k/g] the step, sx the
@@ -254,11 +258,11 @@ if numba is not None:
             corr[b] = 128 * tot
 
     @_njit(fastmath=_FM)
-    def rows_int(qt, d, m, x, y, a, b, planes, offsets, g, signed):
+    def rows_int(qt, d, m, x, y, a, b, planes, offsets, g):
         """Rows [a, a + 16 j) of y = W x on integer dot products, for the most whole 16s that fit in [a, b);
         returns where it stopped (the caller computes any rest). d, m as in `_make_tile`; the offsets m are
-        used when `offsets` (else pass m = d: times sx = 0); `signed`: qt holds int8 group codes (g inputs
-        per block), else Q4_1 bytes."""
+        used when `offsets` (else pass m = d: times sx = 0); qt int32: int8 group codes (g inputs per block),
+        uint32: Q4_1 bytes."""
         k = x.shape[0]
         xq = np.empty((planes, k), dtype=np.int8)
         nb = k // g
@@ -266,15 +270,13 @@ if numba is not None:
         sx = np.empty(nb, dtype=np.float32)
         corr = np.empty(nb, dtype=np.int32)
         quantize(x, g, planes, offsets, xq, dx, sx, corr)
-        if not signed:
+        if not _signed(qt):
             corr[:] = 0  # Q4_1 nibbles are unsigned already
         xw = xq.view(np.int32)
         b = a + (b - a) // 16 * 16
         y[a:b] = 0.0
-        # one block at a time over a tile of up to _TILE rows (all of a layer's): J streams of bytes side by side,
-        # 1-4 KB each. Block-major storage makes that the most sequential order this kernel can take; still,
-        # with cold caches SmolLM2's 120 layer matrices take 3.9 ms a token against 1.5 ms hot, while reading
-        # the same bytes in address order takes 0.95 ms (docs/gguf/README.md: a tile-major layout is the fix)
+        # one block at a time over a tile of up to _TILE rows (all of a layer's): the block's words side by
+        # side, each a run of 4 L bytes
         for t0 in range(a, b, _TILE):
             t1 = min(b, t0 + _TILE)
             for b0 in range(nb):
