@@ -16,9 +16,10 @@ Decoding (lmlab/generate/fast_decode.py) reads the weights block-major and row-m
 codes (`to_block_major`, `words`: word s of block b of all rows together, each row's codes 4s .. 4s + 3
 side by side; the same bytes, reordered; GGUF layers are stored so from load, so this is a view): its
 innermost loop runs over output rows, so LLVM vectorises it without a horizontal sum per block, and the
-integer kernels (lmlab/nn/quant_int.py) load a word of 16 rows as one 512-bit VNNI operand; each tile prefetches the next block (`_prefetch`), and fp16 scales stay fp16 (`_scales`). Many
-rows on that layout (prefill, scoring) go through `block_major_mm`: W^T dequantized a chunk at a time
-into a reused buffer, then an fp32 GEMM.
+integer kernels (lmlab/nn/quant_int.py) load a word of 16 rows as one 512-bit VNNI operand; each tile
+prefetches the next block (`_prefetch`), and fp16 scales stay fp16 (`_scales`). Many rows on that layout
+(prefill, scoring) go through `block_major_mm`: W^T dequantized a chunk at a time into a reused buffer,
+then an fp32 GEMM.
 
 Decoding's small per-layer steps are here too, one call each instead of several PyTorch ops (a few
 microseconds apiece, which at one token per step add up to as much as reading the weights): RMSNorm,
