@@ -925,9 +925,7 @@ def _rows_block_major(mv, x: torch.Tensor, qt: np.ndarray, d: np.ndarray, m: np.
 
 
 _SCRATCH = threading.local()  # each thread's buffer for `block_major_mm`'s dequantized weights
-# 2 MB: a SmolLM2 layer's largest matrix (576 x 3072) in 4 chunks. 8 MB (one chunk) made prefill ~1.25x
-# faster but, with its temporaries on the heap (lmlab/io/gguf/read.py), model memory over the issue's bar
-SCRATCH_FLOATS = 1 << 19
+SCRATCH_FLOATS = 1 << 21  # 8 MB: a SmolLM2 layer's largest matrix (576 x 3072) at once; more goes in chunks
 
 
 def block_major_mm(x: torch.Tensor, args: tuple) -> torch.Tensor:

@@ -222,19 +222,18 @@ def _mallopt_mmap_threshold(size: int) -> bool:
 SCORING_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 
 
-def _heap_for_many_tokens(model: nn.Module) -> None:
-    """Around a forward over many tokens (scoring: `lmlab eval`, `fewshot`; generation's prefill), take the
+def _heap_while_scoring(model: nn.Module) -> None:
+    """Around a forward over many tokens without a KV cache (scoring: `lmlab eval`, `fewshot`), take the
     temporaries from the heap, then pin the threshold again and hand the freed pages back (`malloc_trim`).
     Each fresh mapping is zero-filled page by page on first touch: a 1024-token window of SmolLM2 makes
     ~1.5 GB of temporaries (~400,000 page faults), which the heap serves from the same pages layer after
-    layer (scoring 1.3x faster, docs/gguf/README.md). For prefill the heap's reuse leaves more resident at
-    its peak: with the prefill GEMMs' weights made 2 MB at a time (`kernels.SCRATCH_FLOATS`) SmolLM2's
-    256-token prompt measured 1080-1090 tok/s at 2 threads and 151-153 MB model memory, against 940-980
-    and 138-141 MB on fresh mappings (8 MB chunks; with those the heap gave 1370-1410 and 154-158 MB, over
-    the issue's 155 MB)."""
+    layer (scoring 1.3x faster, docs/gguf/README.md). Generation's prefill (with a cache) stays on fresh
+    mappings: the heap's reuse leaves more resident at its peak (+8-15 MB on SmolLM2's 256-token prompt),
+    and there the memory is what is compared."""
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else kwargs.get("input_ids")
-        if isinstance(ids, torch.Tensor) and ids.numel() > KERNEL_ROWS and len(args) < 3:
+        if (isinstance(ids, torch.Tensor) and ids.numel() > KERNEL_ROWS and len(args) < 3
+                and kwargs.get("kv_cache") is None):
             module._scoring_heap = _mallopt_mmap_threshold(SCORING_MMAP_THRESHOLD)
 
     def after(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
@@ -540,5 +539,5 @@ def load_gguf(path: str | Path, *, blocks: bool = False,
     del meta, reader
     _trim_heap()
     if blocks and _pin_mmap_threshold():
-        _heap_for_many_tokens(model)
+        _heap_while_scoring(model)
     return model.eval(), tok
