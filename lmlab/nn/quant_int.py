@@ -44,12 +44,12 @@ except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
 V_ONE = 127  # one plane: v in [-127, 127] (ggml's Q8 activations)
-V_TWO = 127 * 128
-# Measured on SmolLM2's output layer (49,152 x 576 Q8_0, 28 MB, one thread, alone): 1.3 ms a token without
-# software prefetch, 0.95-1.0 ms asking for the line 256 bytes ahead in each byte row (512: 1.0-1.05, 1024+:
-# none); on the layers' matrices (0.3-0.9 MB each) the distance made no difference
+V_TWO = 127 * 128  # two planes: v = 128 vh + vl, |vh| <= 127, |vl| <= 64
+# Bytes ahead of each load to request (llvm.prefetch): on SmolLM2's output layer (49,152 x 576 Q8_0, 28 MB,
+# one thread, alone; session 17's first, byte-row layout) 1.3 ms a token without, 0.95-1.0 ms with 256
+# (512: 1.0-1.05, 1024+: no gain); on the layers' matrices (0.3-0.9 MB each) the distance made no difference
 PREFETCH = 256
-_TILE = 4096  # rows per pass over a run of blocks  # two planes: v = 128 vh + vl, |vh| <= 127, |vl| <= 64
+_TILE = 4096  # rows per pass over one block
 
 
 MODES = {"fp32": 0, "int8": 1, "int16": 2}  # decoding activations -> int8 planes (0: fp32, the exact kernels)
