@@ -58,7 +58,9 @@ def add_precision(sp: argparse.ArgumentParser) -> None:
     from lmlab.nn.quant import DEFAULT_PRECISION, PRECISIONS
 
     sp.add_argument("--precision", choices=PRECISIONS, default=None,
-                    help=f"weights for inference (default: {DEFAULT_PRECISION} for a .gguf file, as stored otherwise)")
+                    help=f"weights for inference (default: {DEFAULT_PRECISION} for a .gguf file, as stored "
+                         "otherwise); a .gguf file's blocks as stored: gguf decodes with int8 activations where "
+                         "the CPU has AVX-512 VNNI, gguf-exact with fp32 ones, gguf-q8 with llama.cpp's 8-bit")
 
 
 def add_sampling(sp: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float | None,
