@@ -268,7 +268,7 @@ def test_export_refuses_attention_llama_cpp_cannot_compute(tmp_path, setting):
 
 
 @torch.no_grad()
-def test_scoring_takes_its_temporaries_from_the_heap_then_pins_the_threshold_again(tiny, monkeypatch):
+def test_many_token_forwards_take_their_temporaries_from_the_heap_then_pin_the_threshold_again(tiny, monkeypatch):
     from lmlab.io.gguf import read
 
     calls = []
@@ -277,15 +277,48 @@ def test_scoring_takes_its_temporaries_from_the_heap_then_pins_the_threshold_aga
     monkeypatch.setattr(read, "_trim_heap", lambda: calls.append("trim"))
     model, _ = load_gguf(tiny[0], blocks=True)
     assert read.MMAP_THRESHOLD in calls  # pinned at load
+    heap = [read.HEAP_MMAP_THRESHOLD, read.MMAP_THRESHOLD, "trim"]
     calls.clear()
     cache = model.make_kv_cache(1, 16)
-    model(torch.arange(8)[None], kv_cache=cache)  # generation's prefill and steps: fresh mappings
-    model(torch.tensor([[5]]), kv_cache=cache)
+    model(torch.tensor([[5]]), kv_cache=cache)  # a decoding step, one token: fresh mappings, nothing to do
     model(torch.tensor([[5]]))
     assert calls == []
-    model(torch.arange(8)[None])  # scoring: the heap, then pinned again and trimmed
-    assert calls == [read.SCORING_MMAP_THRESHOLD, read.MMAP_THRESHOLD, "trim"]
+    model(torch.arange(8)[None], kv_cache=cache)  # generation's prefill: the heap, then pinned and trimmed
+    assert calls == heap
+    calls.clear()
+    model(torch.arange(8)[None])  # scoring: the same
+    assert calls == heap
     calls.clear()
     with pytest.raises(IndexError):  # a failed forward pins the threshold again too
         model(torch.full((1, 8), V + 5))
-    assert calls == [read.SCORING_MMAP_THRESHOLD, read.MMAP_THRESHOLD, "trim"]
+    assert calls == heap
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])  # Int4Linear; GroupLinear
+def test_block_layers_fuse_the_swiglu_of_many_rows_and_pack_their_kernels_arguments_at_load(tmp_path, monkeypatch,
+                                                                                              qtype):
+    """A file's gate-and-up projections compute silu(gate) * up with the product fused into the GEMM
+    (`quant._swiglu`) under no_grad; the model's output equals the projection split by hand, and every
+    block-major layer's kernel arguments exist right after loading (no repacking at the first forward)."""
+    from lmlab.nn import quant
+    from lmlab.nn.mlp import MLP
+
+    write_tiny_gguf(tmp_path / "m.gguf", qtype)
+    model, _ = load_gguf(tmp_path / "m.gguf", blocks=True)
+    ups = [m.up for m in model.modules() if isinstance(m, MLP)]
+    assert ups and all(isinstance(u, (quant.Int4Linear, quant.GroupLinear)) for u in ups)
+    assert all("_decode_pack" in u.__dict__ for u in ups)
+    x = torch.randn(2, 9, ups[0].in_features)
+    gate, up = ups[0](x).chunk(2, dim=-1)
+    torch.testing.assert_close(ups[0].swiglu(x), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    fused, swiglu = [], quant.kernels.block_major_swiglu
+    monkeypatch.setattr(quant.kernels, "block_major_swiglu", lambda *a: fused.append(1) or swiglu(*a))
+    ids = torch.arange(12)[None]
+    got = model(ids).logits
+    assert len(fused) == len(ups)
+    for u in ups:  # the same model, the MLP's unfused path
+        u.swiglu = None
+    want = model(ids).logits
+    assert len(fused) == len(ups)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -165,3 +165,25 @@ def test_block_major_mm_matches_float64(monkeypatch, scratch):
     args = qk.linear_args(qk.to_block_major(qs), dm)
     y = qk.block_major_mm(x, args)
     torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("scratch", [qk.SCRATCH_FLOATS, 32 * 160])  # each half at once; in chunks
+def test_block_major_swiglu_matches_float64(monkeypatch, scratch, onednn):
+    """The MLP's fused gate-and-up path: silu(x Wg^T) * (x Wu^T) with W = [Wg; Wu], the silu and the product
+    as oneDNN post-ops (or torch ops without oneDNN, and after a chunked GEMM), equal to float64."""
+    monkeypatch.setattr(qk, "SCRATCH_FLOATS", scratch)
+    monkeypatch.setattr(qk, "_SCRATCH", type(qk._SCRATCH)())
+    if not onednn:
+        monkeypatch.setattr(qk, "_ONEDNN", False)
+    gen = torch.Generator().manual_seed(6)
+    qs, dm, w = q4_1_blocks(2 * 150, 160, gen)
+    x = torch.randn(37, 160, generator=gen)
+    y = qk.block_major_swiglu(x, qk.linear_args(qk.to_block_major(qs), dm))
+    h = x.double() @ w.double().T
+    want = torch.nn.functional.silu(h[:, :150]) * h[:, 150:]
+    assert y.shape == (37, 150)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    # rows start .. start + count of W alone
+    part = qk.block_major_mm(x, qk.linear_args(qk.to_block_major(qs), dm), 150, 100)
+    torch.testing.assert_close(part.double(), h[:, 150:250], rtol=0, atol=1e-4)

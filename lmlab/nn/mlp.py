@@ -85,11 +85,15 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            # without autograd, in place: a prefill's temporaries are MBs per layer, each a fresh mapping
-            h = self.act(gate) * up if torch.is_grad_enabled() else self.act(gate).mul_(up)
-        else:
-            h = self.act(h)
-        return self.drop(self.down(h))
+        if not self.gated:
+            return self.drop(self.down(self.act(self.up(x))))
+        if not torch.is_grad_enabled():
+            # a quantized projection may compute silu(gate) * up itself (lmlab/nn/quant.py `_swiglu`);
+            # else in place: a prefill's temporaries are MBs per layer
+            fused = getattr(self.up, "swiglu", None)
+            if fused is not None:
+                return self.drop(self.down(fused(x)))
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.drop(self.down(self.act(gate).mul_(up)))
+        gate, up = self.up(x).chunk(2, dim=-1)
+        return self.drop(self.down(self.act(gate) * up))

@@ -217,6 +217,9 @@ class Int4Linear(nn.Module):
             y = F.linear(x.to(self.dtype), kernels.q4_1_dequantize(self.qs, self.dm, self.dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # the MLP's fused gate-and-up path
+        return _swiglu(self, x)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
                 f"bias={self.bias is not None}, exact_kernel={self.packed is None}")
@@ -319,6 +322,9 @@ class GroupLinear(nn.Module):
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:  # the MLP's fused gate-and-up path
+        return _swiglu(self, x)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
                 f"offsets={self.m is not None}, bias={self.bias is not None}")
@@ -333,6 +339,19 @@ def _block_major_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     made a chunk at a time into one reused buffer, then fp32 GEMMs (`kernels.block_major_mm`)."""
     y = kernels.block_major_mm(x.reshape(-1, m.in_features).float().contiguous(), block_args(m))
     return y.view(*x.shape[:-1], m.out_features)
+
+
+def _swiglu(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused gate-and-up projection `m` (lmlab's MLP layout: W = [Wg; Wu]), without
+    autograd (the MLP asks for it under no_grad only). Many rows on block-major codes go through
+    `kernels.block_major_swiglu` (silu and the product fused into the GEMMs); else the module's output,
+    split."""
+    if (x.numel() > KERNEL_ROWS * m.in_features and m.bias is None and _block_major_fp32(m)
+            and m.out_features % 2 == 0):
+        y = kernels.block_major_swiglu(x.reshape(-1, m.in_features).float().contiguous(), block_args(m))
+        return y.view(*x.shape[:-1], m.out_features // 2).to(x.dtype)
+    gate, up = m(x).chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 class BlockEmbedding(nn.Module):
@@ -401,6 +420,15 @@ def block_args(m: nn.Module) -> tuple:
             args = kernels.linear_args(m.qs, m.dm if isinstance(m, Int4Linear) else m.d)
         hit = m.__dict__["_decode_pack"] = (key, _share_scales(m, args))
     return hit[1]
+
+
+def pack_block_args(model: nn.Module) -> None:
+    """Make `block_args` of every block-major linear now (at load), not at the first forward: repacking
+    the scales frees the loaded ones, which in the middle of the heap would stay resident through that
+    forward (+30-40 MB at the first prefill of SmolLM2 Q4_K_M)."""
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, GroupLinear)) and kernels.available() and kernels.block_major(m.qs):
+            block_args(m)
 
 
 def _share_scales(m: nn.Module, args: tuple) -> tuple:

@@ -925,42 +925,67 @@ def _rows_block_major(mv, x: torch.Tensor, qt: np.ndarray, d: np.ndarray, m: np.
 
 
 _SCRATCH = threading.local()  # each thread's buffer for `block_major_mm`'s dequantized weights
-SCRATCH_FLOATS = 1 << 21  # 8 MB: a SmolLM2 layer's largest matrix (576 x 3072) at once; more goes in chunks
+# 4 MB: a SmolLM2 layer's largest matrix as `block_major_swiglu` makes it (576 x 1536, the gate or the up
+# half) at once; more goes in chunks
+SCRATCH_FLOATS = 1 << 20
 
 
-def block_major_mm(x: torch.Tensor, args: tuple) -> torch.Tensor:
-    """x [M, k] float32 @ W^T -> [M, n] float32 for a linear in `linear_args`' block-major layout: W^T made
-    a chunk of rows at a time in one reused per-thread buffer (no allocation per call, so prefill leaves
-    no heap behind), then one fp32 GEMM per chunk. The weights are those of `dequantized_weight`."""
+def block_major_mm(x: torch.Tensor, args: tuple, start: int = 0, count: int | None = None, *,
+                   swish: bool = False, times: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, k] float32 @ W^T -> [M, n] float32 for a linear in `linear_args`' block-major layout (or for
+    its rows start .. start + count): W^T made a chunk of rows at a time in one reused per-thread buffer
+    (no allocation per call, so prefill leaves no heap behind), then one fp32 GEMM per chunk. The
+    weights are those of `dequantized_weight`. `swish`: silu of the result; `times`: the result times
+    this [M, n] tensor (oneDNN post-ops of the GEMM, where it makes the matrix in one chunk)."""
     kind, qt, s1, s2 = args
-    k, n = x.shape[1], qt.shape[2]
+    k = x.shape[1]
+    n = qt.shape[2] - start if count is None else count
     chunk = max(64, min(n, SCRATCH_FLOATS // k))
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < k * chunk:
         buf = _SCRATCH.buf = torch.empty(max(k * chunk, SCRATCH_FLOATS))
     if chunk >= n:  # one chunk: the GEMM's own output is the result
         wt = buf[:k * n].view(k, n)
-        _dequant_t_any(kind, qt, s1, s2, 0, wt.numpy())
-        return _gemm(x, wt)
+        _dequant_t_any(kind, qt, s1, s2, start, wt.numpy())
+        return _gemm(x, wt, swish, times)
     y = x.new_empty(x.shape[0], n)
     for c0 in range(0, n, chunk):
         L = min(chunk, n - c0)
         wt = buf[:k * L].view(k, L)
-        _dequant_t_any(kind, qt, s1, s2, c0, wt.numpy())
+        _dequant_t_any(kind, qt, s1, s2, start + c0, wt.numpy())
         y[:, c0:c0 + L] = _gemm(x, wt)
-    return y
+    if swish:
+        F.silu(y, inplace=True)
+    return y if times is None else y.mul_(times)
 
 
-def _gemm(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+def block_major_swiglu(x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """silu(x Wg^T) * (x Wu^T) -> [M, n / 2] for a fused gate-and-up projection W = [Wg; Wu] (lmlab's MLP
+    layout) in `linear_args`' block-major layout: two GEMMs, silu fused into the first and the product
+    into the second, so neither the [M, n] projection nor silu's output is made, and each half's weights
+    fit the scratch buffer in one piece (SmolLM2's 256-token prefill: 30 ms less than projection, silu
+    and product apart; docs/gguf/README.md)."""
+    half = args[1].shape[2] // 2
+    gate = block_major_mm(x, args, 0, half, swish=True)
+    return block_major_mm(x, args, half, half, times=gate)
+
+
+def _gemm(x: torch.Tensor, wt: torch.Tensor, swish: bool = False, times: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, k] @ wt [k, n] in float32 through oneDNN's GEMM where PyTorch has it (the op its compiler's
     CPU passes use for linear layers; strict fp32, no down-conversion unless the user has set
-    `torch.backends.mkldnn.matmul.fp32_precision`). `torch.mm` goes to MKL's sgemm, which on AMD CPUs
-    runs a path without AVX-512: on this machine's EPYC, 113 GFLOP/s a core against oneDNN's 262 on
-    SmolLM2's prefill shapes (256 x 576 x 1536), with the same fp32 rounding (max error 2^-21.6 of
-    sum |x w| against MKL's 2^-22.9, both summation order)."""
+    `torch.backends.mkldnn.matmul.fp32_precision`), with silu (`swish`) or a product (`times`) applied to
+    the result as oneDNN post-ops. `torch.mm` goes to MKL's sgemm, which on AMD CPUs runs a path without
+    AVX-512: on this machine's EPYC, 113 GFLOP/s a core against oneDNN's 262 on SmolLM2's prefill shapes
+    (256 x 576 x 1536), with the same fp32 rounding (max error 2^-21.6 of sum |x w| against MKL's
+    2^-22.9, both summation order)."""
     if _ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise(x, wt.T, None, "none", [], "")
-    return torch.mm(x, wt)
+        if times is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, times, wt.T, None, "mul")
+        return torch.ops.mkldnn._linear_pointwise(x, wt.T, None, "swish" if swish else "none", [], "")
+    y = torch.mm(x, wt)
+    if swish:
+        F.silu(y, inplace=True)
+    return y if times is None else y.mul_(times)
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

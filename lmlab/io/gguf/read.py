@@ -49,7 +49,7 @@ from lmlab.models.registry import build
 from lmlab.models.transformer.llama import LlamaConfig
 from lmlab.models.transformer.mixtral import MixtralConfig
 from lmlab.nn import quant_kernels
-from lmlab.nn.quant import KERNEL_ROWS, BlockEmbedding, linear_from_blocks
+from lmlab.nn.quant import KERNEL_ROWS, BlockEmbedding, linear_from_blocks, pack_block_args
 from lmlab.nn.quant_formats import BLOCKS, unpack
 
 
@@ -219,25 +219,24 @@ def _mallopt_mmap_threshold(size: int) -> bool:
         return False
 
 
-SCORING_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
+HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 
 
-def _heap_while_scoring(model: nn.Module) -> None:
-    """Around a forward over many tokens without a KV cache (scoring: `lmlab eval`, `fewshot`), take the
+def _heap_for_many_tokens(model: nn.Module) -> None:
+    """Around a forward over many tokens (generation's prefill; scoring: `lmlab eval`, `fewshot`), take the
     temporaries from the heap, then pin the threshold again and hand the freed pages back (`malloc_trim`).
-    Each fresh mapping is zero-filled page by page on first touch: a 1024-token window of SmolLM2 makes
-    ~1.5 GB of temporaries (~400,000 page faults), which the heap serves from the same pages layer after
-    layer (scoring 1.3x faster, docs/gguf/README.md). Generation's prefill (with a cache) stays on fresh
-    mappings: the heap's reuse leaves more resident at its peak (+8-15 MB on SmolLM2's 256-token prompt),
-    and there the memory is what is compared."""
+    Each fresh mapping is zero-filled page by page on first touch: a 256-token prefill of SmolLM2 makes
+    ~300 MB of temporaries (~75,000 page faults), which the heap serves from the same pages layer after
+    layer (prefill 1.4x faster at 2 threads; scoring 1.3x). Its reuse costs a few MB at the peak now that
+    the kernels' arguments are packed at load (`pack_block_args`) and the MLP's gate, silu and product are
+    fused (`quant._swiglu`): SmolLM2 Q4_1's model memory stays ~1.1x llama.cpp's (docs/gguf/README.md)."""
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else kwargs.get("input_ids")
-        if (isinstance(ids, torch.Tensor) and ids.numel() > KERNEL_ROWS and len(args) < 3
-                and kwargs.get("kv_cache") is None):
-            module._scoring_heap = _mallopt_mmap_threshold(SCORING_MMAP_THRESHOLD)
+        if isinstance(ids, torch.Tensor) and ids.numel() > KERNEL_ROWS:
+            module._many_tokens_heap = _mallopt_mmap_threshold(HEAP_MMAP_THRESHOLD)
 
     def after(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
-        if module.__dict__.pop("_scoring_heap", False):  # also after an exception (always_call)
+        if module.__dict__.pop("_many_tokens_heap", False):  # also after an exception (always_call)
             _mallopt_mmap_threshold(MMAP_THRESHOLD)
             _trim_heap()
 
@@ -537,7 +536,9 @@ def load_gguf(path: str | Path, *, blocks: bool = False,
     # the keys lmlab.io.load's BOS rule reads, so the file need not be parsed again
     tok.gguf_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.") and not isinstance(v, list)}
     del meta, reader
+    if blocks:
+        pack_block_args(model)
     _trim_heap()
     if blocks and _pin_mmap_threshold():
-        _heap_while_scoring(model)
+        _heap_for_many_tokens(model)
     return model.eval(), tok
