@@ -18,9 +18,9 @@ at each thread count:
   llama.cpp's include loading its library; the peak RSS column is the whole process).
 
 lmlab loads each file with `load_model(path, precision=...)`; `lmlab-gguf` is the default for GGUF
-files (the file's blocks kept as stored; prefill dense in fp32; decoding's activations on two int8
-planes where the CPU has AVX-512 VNNI, lmlab/nn/quant_int.py), `lmlab-gguf-exact` the same with fp32
-activations throughout (exact kernels), `lmlab-gguf-q8` with one int8 plane, as llama.cpp computes.
+files (the file's blocks kept as stored; prefill dense in fp32, SwiGLU fused into its GEMMs; decoding's
+activations on two int8 planes where the CPU has AVX-512 VNNI, lmlab/nn/quant_int.py), `lmlab-gguf-exact`
+the same with fp32 activations throughout (exact kernels), `lmlab-gguf-q8` with one int8 plane, as llama.cpp computes.
 The activations differ in decoding only: their agreement shows in the "(decoding)" rows. `lmlab-gguf-kv16` is
 the same with fp16 K/V (`model.kv_cache_dtype`), as llama.cpp keeps them by default; llama-cpp-python
 0.3.36 rounds n_ctx up to a multiple of 256, so its cache here holds 512 positions (11.25 MiB in f16).
@@ -327,8 +327,9 @@ def markdown(data: dict) -> str:
              f"RSS after imports, before loading. lmlab's default for GGUF files is `{DEFAULT_PRECISION}`. "
              "Agreement over the prompt's positions (top-1: same most likely token; KL(reference || engine) in "
              "nats; logits from one forward over the prompt, \"(decoding)\": fed one token at a time through "
-             "the KV cache, as generation computes them).", "",
-             f"Measured under load: {data['note']}", ""]
+             "the KV cache, as generation computes them).", ""]
+    if data["note"]:
+        lines += [f"Measured under load: {data['note']}", ""]
     for run in data["runs"]:
         lines += _table(run["model"], run["threads"], run["engines"], run["agreement"])
     lines += [f"Machine: {data['machine']}", ""]
