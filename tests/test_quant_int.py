@@ -29,13 +29,14 @@ def reference_quantize(x: np.ndarray, g: int, planes: int) -> tuple[np.ndarray, 
 
 
 def want(w_int: np.ndarray, d: np.ndarray, m: np.ndarray | None, x: np.ndarray, g: int, planes: int):
-    """y = sum over blocks of d dx sum(q v) + m sum(x): float64, from the weights' integer codes."""
+    """y = sum over blocks of d dx sum(q v) + m dx sum(v): the weights times the quantized activations, in
+    float64, from the weights' integer codes."""
     v, dx = reference_quantize(x, g, planes)
     n, k = w_int.shape
     prod = (w_int.astype(np.float64) * v).reshape(n, k // g, g).sum(-1) * dx.astype(np.float64)
     y = (prod * d.astype(np.float64)).sum(-1)
     if m is not None:
-        y += (m.astype(np.float64) * x.reshape(-1, g).astype(np.float64).sum(-1)).sum(-1)
+        y += (m.astype(np.float64) * v.reshape(-1, g).sum(-1) * dx.astype(np.float64)).sum(-1)
     return y
 
 
@@ -94,7 +95,8 @@ def test_two_planes_quantize_each_activation_to_a_32512th_of_its_block():
         err = np.abs(v.reshape(8, 32) * dx[:, None].astype(np.float64) - x.reshape(8, 32))
         assert (err <= amax[:, None] / vmax * 0.5 * (1 + 1e-5)).all()  # half a step
         assert np.abs(v).max() <= vmax and (planes == 1 or np.abs(xq[1]).max() <= 64)
-        np.testing.assert_allclose(sx, x.reshape(8, 32).sum(1), rtol=1e-6)
+        # the offsets' sums: of the quantized activations, as the codes' term sees them
+        np.testing.assert_allclose(sx, dx * v.reshape(8, 32).sum(1), rtol=1e-6)
         assert (corr == 128 * v.reshape(8, 32).sum(1)).all()
 
 
