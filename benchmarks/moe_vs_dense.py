@@ -7,6 +7,7 @@ FLOPs within 1%, tests/test_sizing.py). Same data order, schedule and seeds for 
     nohup python benchmarks/moe_vs_dense.py run &   # 2 runs at a time at nice 19; resumes what was interrupted
     MOE_CORPUS=stdlib-code python benchmarks/moe_vs_dense.py run   # the same at ~1 pass (runs/moe-10m-stdlib-code)
     MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # data order fixed across seeds: seeds vary the init only
+    MOE_POSITION=alibi MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # ALiBi in both arms (docs/moe/README.md)
     flock /tmp/lmlab-heavy.lock python benchmarks/moe_vs_dense.py speed   # tokens/s apart, ~4 min
     python benchmarks/moe_vs_dense.py report   # docs/moe/results.md, results.json, curves.png (partial runs too)
 """
@@ -35,8 +36,12 @@ CORPUS = os.environ.get("MOE_CORPUS", "stdlib-docs")
 # A paired design: with MOE_DATA_SEED every run draws its training windows in the same order (train.data_seed)
 # and the seeds vary only the initialisation, so the seed spread measures init noise, not which windows came first.
 DATA_SEED = os.environ.get("MOE_DATA_SEED", "")
+# MOE_POSITION=alibi: ALiBi biases (Press et al. 2022) instead of the learned table, in both arms. On stdlib-code
+# the learned-position runs' seed spread was in-context copying (docs/moe/README.md); ALiBi's recency bias gives
+# every head a distance signal from the start, which is what copying the token after an earlier match needs.
+POSITION = os.environ.get("MOE_POSITION", "learned")
 _TAG = (("" if STEPS == 2442 else f"-{STEPS}") + ("" if CORPUS == "stdlib-docs" else f"-{CORPUS}")
-        + (f"-data{DATA_SEED}" if DATA_SEED else ""))
+        + (f"-data{DATA_SEED}" if DATA_SEED else "") + ("" if POSITION == "learned" else f"-{POSITION}"))
 RUNS = ROOT / "benchmarks" / "runs" / f"moe-10m{_TAG}"
 DOCS = ROOT / "docs" / "moe" / _TAG.lstrip("-")
 BATCH, BLOCK, WARMUP, CKPT = 16, 256, 100, 100
@@ -45,7 +50,8 @@ TOKENS_PER_STEP = BATCH * BLOCK
 MILESTONES = (600, 1200, 1800, STEPS)
 NICE = os.environ.get("MOE_NICE", "19")  # runs soak up idle CPU only on the shared machine
 MODEL = ["--model.family=gpt", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=192",
-         f"--model.block_size={BLOCK}", "--model.dropout=0"]
+         f"--model.block_size={BLOCK}", "--model.dropout=0",
+         *([] if POSITION == "learned" else [f"--model.position={POSITION}"])]
 ARMS = {"dense": [], "moe": ["--model.n_expert=8", "--model.n_expert_per_token=2", "--model.moe_hidden=384"]}
 TRAIN = [f"--train.batch_size={BATCH}", f"--train.max_steps={STEPS}", "--train.lr=2e-3", "--train.min_lr=2e-4",
          f"--train.warmup_steps={WARMUP}", "--train.eval_interval=100", "--train.eval_iters=16",
@@ -188,13 +194,14 @@ def report(data: str) -> None:
     sp = json.loads((DOCS / "speed.json").read_text()) if (DOCS / "speed.json").is_file() else None
     config = {"steps": STEPS, "tokens_per_run": STEPS * TOKENS_PER_STEP, "batch": BATCH, "block": BLOCK,
               "warmup": WARMUP, "model": MODEL, "arms": ARMS, "train": TRAIN, "seeds": SEEDS, "nice": NICE,
-              "data_seed": DATA_SEED or None}
+              "data_seed": DATA_SEED or None, "position": POSITION}
     (DOCS / "results.json").write_text(json.dumps({"config": config, "milestones": table, "speed": sp, "runs": res},
                                                   indent=1) + "\n")
     partial = [k for k, v in res.items() if not v["done"]]
     n_train = _train_tokens(data)
     lines = [f"# MoE vs dense at equal active FLOPs ({CORPUS})", "",
-             f"GPT 4 x 192, block {BLOCK}, batch {BATCH}, {STEPS} steps = {STEPS * TOKENS_PER_STEP:,} tokens per run "
+             f"GPT 4 x 192 ({'learned positions' if POSITION == 'learned' else POSITION}), block {BLOCK}, "
+             f"batch {BATCH}, {STEPS} steps = {STEPS * TOKENS_PER_STEP:,} tokens per run "
              f"(~{STEPS * TOKENS_PER_STEP / n_train:.1f} passes over the {n_train:,}-token training "
              "split), bf16 autocast, "
              f"lr 2e-3 (warm-up {WARMUP} steps) cosine to 2e-4 over the whole run, weight decay 0.1, no dropout. "
@@ -202,10 +209,11 @@ def report(data: str) -> None:
              f"nice {NICE}, two at a time, beside other work on a shared 2-core machine. "
              "`python benchmarks/moe_vs_dense.py run && ... speed && ... report`.", ""]
     if DATA_SEED:
+        same = "" if POSITION != "learned" else (f" (Runs with seed {DATA_SEED} are the same runs as without a data "
+                                                 "seed: data_seed -1 means the seed's own order.)")
         lines += [f"**Data order fixed** (`train.data_seed={DATA_SEED}` in every run): all runs draw the same "
                   "training windows in the same order, and the seeds vary only the initialisation, so the seed "
-                  f"spread below is initialisation noise alone. (Runs with seed {DATA_SEED} are the same runs as "
-                  "without a data seed: data_seed -1 means the seed's own order.)", ""]
+                  f"spread below is initialisation noise alone.{same}", ""]
     if partial:
         where = [f"{k} at step {res[k]['reached_step']} ({res[k]['reached_step'] * TOKENS_PER_STEP:,} tokens)"
                  for k in partial] + [f"{k} not started" for k in names if k not in res]
