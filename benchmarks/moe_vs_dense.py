@@ -275,7 +275,7 @@ def _plot(res: dict) -> None:
                    ".", ms=2, color=("C3", "C1", "C5", "C6")[nth % 4], label=k)
     a.set_xlabel("tokens (M)")
     a.set_ylabel("val loss (lines: 16 batches; dots: whole split)")
-    b.set_xlabel("wall-clock (min; 1 thread, nice 19 on a shared machine)")
+    b.set_xlabel(f"wall-clock (min; 1 thread, nice {NICE}, two runs at a time)")
     b.set_ylabel("validation loss")
     c.axhline(2, color="grey", lw=0.8)
     c.set_xlabel("tokens (M)")
