@@ -8,6 +8,7 @@ FLOPs within 1%, tests/test_sizing.py). Same data order, schedule and seeds for 
     MOE_CORPUS=stdlib-code python benchmarks/moe_vs_dense.py run   # the same at ~1 pass (runs/moe-10m-stdlib-code)
     MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # data order fixed across seeds: seeds vary the init only
     MOE_POSITION=alibi MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # ALiBi in both arms (docs/moe/README.md)
+    MOE_DROPOUT=0.2 MOE_POSITION=alibi MOE_DATA_SEED=1 ... run   # stdlib-docs with dropout in both arms
     flock /tmp/lmlab-heavy.lock python benchmarks/moe_vs_dense.py speed   # tokens/s apart, ~4 min
     python benchmarks/moe_vs_dense.py report   # docs/moe/results.md, results.json, curves.png (partial runs too)
 """
@@ -40,8 +41,16 @@ DATA_SEED = os.environ.get("MOE_DATA_SEED", "")
 # the learned-position runs' seed spread was in-context copying (docs/moe/README.md); ALiBi's recency bias gives
 # every head a distance signal from the start, which is what copying the token after an earlier match needs.
 POSITION = os.environ.get("MOE_POSITION", "learned")
+# MOE_DROPOUT=p: dropout p in both arms on the embedding and each residual branch (the expert layer's output as
+# the dense FFN's), none on the attention probabilities (that one turns off the causal fast paths: -30% tokens/s).
+# stdlib-docs repeats ~17 times in 10M tokens and without it both arms overfit, the MoE (2.35x the parameters)
+# more (docs/moe/README.md).
+DROPOUT = float(os.environ.get("MOE_DROPOUT", "0"))
+_DROP_TEXT = (f"dropout {DROPOUT:g} in both arms (embedding, residual branches; none on attention probabilities)"
+              if DROPOUT else "no dropout")
 _TAG = (("" if STEPS == 2442 else f"-{STEPS}") + ("" if CORPUS == "stdlib-docs" else f"-{CORPUS}")
-        + (f"-data{DATA_SEED}" if DATA_SEED else "") + ("" if POSITION == "learned" else f"-{POSITION}"))
+        + (f"-data{DATA_SEED}" if DATA_SEED else "") + ("" if POSITION == "learned" else f"-{POSITION}")
+        + (f"-drop{DROPOUT:g}" if DROPOUT else ""))
 RUNS = ROOT / "benchmarks" / "runs" / f"moe-10m{_TAG}"
 DOCS = ROOT / "docs" / "moe" / _TAG.lstrip("-")
 BATCH, BLOCK, WARMUP, CKPT = 16, 256, 100, 100
@@ -50,7 +59,7 @@ TOKENS_PER_STEP = BATCH * BLOCK
 MILESTONES = (600, 1200, 1800, STEPS)
 NICE = os.environ.get("MOE_NICE", "19")  # runs soak up idle CPU only on the shared machine
 MODEL = ["--model.family=gpt", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=192",
-         f"--model.block_size={BLOCK}", "--model.dropout=0",
+         f"--model.block_size={BLOCK}", f"--model.dropout={DROPOUT:g}", "--model.attn_dropout=0",
          *([] if POSITION == "learned" else [f"--model.position={POSITION}"])]
 ARMS = {"dense": [], "moe": ["--model.n_expert=8", "--model.n_expert_per_token=2", "--model.moe_hidden=384"]}
 TRAIN = [f"--train.batch_size={BATCH}", f"--train.max_steps={STEPS}", "--train.lr=2e-3", "--train.min_lr=2e-4",
@@ -194,7 +203,8 @@ def report(data: str) -> None:
     sp = json.loads((DOCS / "speed.json").read_text()) if (DOCS / "speed.json").is_file() else None
     config = {"steps": STEPS, "tokens_per_run": STEPS * TOKENS_PER_STEP, "batch": BATCH, "block": BLOCK,
               "warmup": WARMUP, "model": MODEL, "arms": ARMS, "train": TRAIN, "seeds": SEEDS, "nice": NICE,
-              "data_seed": DATA_SEED or None, "position": POSITION}
+              "data_seed": DATA_SEED or None, "position": POSITION,
+              "dropout": DROPOUT}
     (DOCS / "results.json").write_text(json.dumps({"config": config, "milestones": table, "speed": sp, "runs": res},
                                                   indent=1) + "\n")
     partial = [k for k, v in res.items() if not v["done"]]
@@ -204,7 +214,8 @@ def report(data: str) -> None:
              f"batch {BATCH}, {STEPS} steps = {STEPS * TOKENS_PER_STEP:,} tokens per run "
              f"(~{STEPS * TOKENS_PER_STEP / n_train:.1f} passes over the {n_train:,}-token training "
              "split), bf16 autocast, "
-             f"lr 2e-3 (warm-up {WARMUP} steps) cosine to 2e-4 over the whole run, weight decay 0.1, no dropout. "
+             f"lr 2e-3 (warm-up {WARMUP} steps) cosine to 2e-4 over the whole run, weight decay 0.1, "
+             f"{_DROP_TEXT}. "
              "MoE: 8 experts of 384, top-2, load balancing 0.01 per layer, z-loss 0.001. Each run on 1 CPU thread at "
              f"nice {NICE}, two at a time, beside other work on a shared 2-core machine. "
              "`python benchmarks/moe_vs_dense.py run && ... speed && ... report`.", ""]

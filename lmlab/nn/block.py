@@ -19,15 +19,18 @@ class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, *, n_kv_head: int | None = None, mlp_hidden: int | None = None,
                  activation: str = "gelu_tanh", norm: str = "layernorm", norm_eps: float = 1e-5,
                  bias: bool = True, dropout: float = 0.0, causal: bool = True, post_norm: bool = False,
-                 cross_attention: bool = False, attention: dict | None = None, moe: MoEConfig | None = None):
+                 cross_attention: bool = False, attention: dict | None = None, moe: MoEConfig | None = None,
+                 attn_dropout: float | None = None):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = make_norm(norm, n_embd, norm_eps, bias)
         # `attention`: the self-attention's backend options (backend, window, n_global)
-        self.attn = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=causal, **(attention or {}))
+        # `attn_dropout`: on the attention probabilities (None: `dropout`); `dropout` on every residual branch
+        p_attn = dropout if attn_dropout is None else attn_dropout
+        self.attn = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=p_attn, causal=causal, **(attention or {}))
         if cross_attention:
             self.norm_cross = make_norm(norm, n_embd, norm_eps, bias)
-            self.cross = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=False)
+            self.cross = Attention(n_embd, n_head, n_kv_head, bias=bias, dropout=p_attn, causal=False)
         self.norm2 = make_norm(norm, n_embd, norm_eps, bias)
         hidden = mlp_hidden or 4 * n_embd
         self.mlp = (MoE(n_embd, moe.moe_hidden or hidden, activation, moe, dropout=dropout) if moe is not None

@@ -25,7 +25,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
     return GPTConfig(vocab_size=get(hf, "vocab_size"), block_size=get(hf, "n_positions"),
                      n_layer=get(hf, "n_layer"), n_head=get(hf, "n_head"), n_embd=n_embd,
                      activation=ACTIVATIONS[act], norm_eps=get(hf, "layer_norm_epsilon", 1e-5),
-                     dropout=get(hf, "resid_pdrop", 0.0), tie_embeddings=get(hf, "tie_word_embeddings", True),
+                     dropout=get(hf, "resid_pdrop", 0.0), attn_dropout=get(hf, "attn_pdrop", None),
+                     tie_embeddings=get(hf, "tie_word_embeddings", True),
                      init_std=get(hf, "initializer_range", 0.02), bias=True)
 
 
@@ -40,7 +41,8 @@ def config_to_hf(c: GPTConfig) -> dict:
         raise LmlabError(f"GPT activation '{c.activation}' has no GPT-2 equivalent")
     return {"vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
             "n_head": c.n_head, "n_inner": None, "activation_function": act, "layer_norm_epsilon": c.norm_eps,
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
+            "attn_pdrop": c.dropout if c.attn_dropout is None else c.attn_dropout,
             "initializer_range": c.init_std, "tie_word_embeddings": c.tie_embeddings}
 
 
