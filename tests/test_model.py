@@ -133,3 +133,24 @@ def test_fused_loss_under_bf16_autocast_with_one_partial_sum():
     (3 * torch.nn.functional.cross_entropy(x64 @ w64.t(), t, ignore_index=-100)).backward()
     for g, r in ((x.grad, x64.grad), (w.grad, w64.grad)):
         assert ((g.double() - r).norm() / r.norm()).item() < 1e-2
+
+
+def test_attn_dropout_is_separate_from_residual_dropout():
+    """GPT-2's attn_pdrop: attn_dropout=0 leaves the attention probabilities alone (the causal fast paths stay on)
+    while dropout still acts on the residual branches; None follows `dropout`; the HF config carries both."""
+    from lmlab.io.hf import config_from_hf, config_to_hf
+
+    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    split = GPT(GPTConfig(**base, dropout=0.3, attn_dropout=0.0))
+    same = GPT(GPTConfig(**base, dropout=0.3))
+    assert [b.attn.dropout for b in split.blocks] == [0.0, 0.0]
+    assert [b.attn.dropout for b in same.blocks] == [0.3, 0.3]
+    assert [b.drop.p for b in split.blocks] == [0.3, 0.3] and split.drop.p == 0.3
+    x = torch.randint(0, 50, (2, 16))
+    split.train()
+    assert not torch.equal(split(x).logits, split(x).logits)  # residual dropout still draws
+    hf = config_to_hf(split.config)
+    assert (hf["attn_pdrop"], hf["resid_pdrop"], hf["embd_pdrop"]) == (0.0, 0.3, 0.3)
+    hf["model_type"] = "gpt2"
+    back = config_from_hf(hf)
+    assert (back.attn_dropout, back.dropout) == (0.0, 0.3)
