@@ -9,6 +9,7 @@ FLOPs within 1%, tests/test_sizing.py). Same data order, schedule and seeds for 
     MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # data order fixed across seeds: seeds vary the init only
     MOE_POSITION=alibi MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # ALiBi in both arms (docs/moe/README.md)
     MOE_DROPOUT=0.2 MOE_POSITION=alibi MOE_DATA_SEED=1 ... run   # stdlib-docs with dropout in both arms
+    MOE_EXPERT_DROPOUT=0.4 MOE_DROPOUT=0.2 ... run   # and Switch's expert dropout in the MoE arm
     flock /tmp/lmlab-heavy.lock python benchmarks/moe_vs_dense.py speed   # tokens/s apart, ~4 min
     python benchmarks/moe_vs_dense.py report   # docs/moe/results.md, results.json, curves.png (partial runs too)
 """
@@ -46,11 +47,15 @@ POSITION = os.environ.get("MOE_POSITION", "learned")
 # stdlib-docs repeats ~17 times in 10M tokens and without it both arms overfit, the MoE (2.35x the parameters)
 # more (docs/moe/README.md).
 DROPOUT = float(os.environ.get("MOE_DROPOUT", "0"))
+# MOE_EXPERT_DROPOUT=p: Switch's expert dropout (Fedus et al. 2021, sec. 4) in the MoE arm only, on the experts'
+# hidden units (`moe_expert_dropout`), on top of MOE_DROPOUT; the dense arm has no experts and stays as it was.
+EXPERT_DROPOUT = float(os.environ.get("MOE_EXPERT_DROPOUT", "0"))
 _DROP_TEXT = (f"dropout {DROPOUT:g} in both arms (embedding, residual branches; none on attention probabilities)"
-              if DROPOUT else "no dropout")
+              if DROPOUT else "no dropout") + (f"; expert dropout {EXPERT_DROPOUT:g} on the MoE experts' hidden units"
+                                               if EXPERT_DROPOUT else "")
 _TAG = (("" if STEPS == 2442 else f"-{STEPS}") + ("" if CORPUS == "stdlib-docs" else f"-{CORPUS}")
         + (f"-data{DATA_SEED}" if DATA_SEED else "") + ("" if POSITION == "learned" else f"-{POSITION}")
-        + (f"-drop{DROPOUT:g}" if DROPOUT else ""))
+        + (f"-drop{DROPOUT:g}" if DROPOUT else "") + (f"-edrop{EXPERT_DROPOUT:g}" if EXPERT_DROPOUT else ""))
 RUNS = ROOT / "benchmarks" / "runs" / f"moe-10m{_TAG}"
 DOCS = ROOT / "docs" / "moe" / _TAG.lstrip("-")
 BATCH, BLOCK, WARMUP, CKPT = 16, 256, 100, 100
@@ -61,7 +66,8 @@ NICE = os.environ.get("MOE_NICE", "19")  # runs soak up idle CPU only on the sha
 MODEL = ["--model.family=gpt", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=192",
          f"--model.block_size={BLOCK}", f"--model.dropout={DROPOUT:g}", "--model.attn_dropout=0",
          *([] if POSITION == "learned" else [f"--model.position={POSITION}"])]
-ARMS = {"dense": [], "moe": ["--model.n_expert=8", "--model.n_expert_per_token=2", "--model.moe_hidden=384"]}
+ARMS = {"dense": [], "moe": ["--model.n_expert=8", "--model.n_expert_per_token=2", "--model.moe_hidden=384",
+                             *([f"--model.moe_expert_dropout={EXPERT_DROPOUT:g}"] if EXPERT_DROPOUT else [])]}
 TRAIN = [f"--train.batch_size={BATCH}", f"--train.max_steps={STEPS}", "--train.lr=2e-3", "--train.min_lr=2e-4",
          f"--train.warmup_steps={WARMUP}", "--train.eval_interval=100", "--train.eval_iters=16",
          "--train.log_interval=10", f"--train.ckpt_interval={CKPT}", "--train.keep_checkpoints=0",
@@ -204,7 +210,7 @@ def report(data: str) -> None:
     config = {"steps": STEPS, "tokens_per_run": STEPS * TOKENS_PER_STEP, "batch": BATCH, "block": BLOCK,
               "warmup": WARMUP, "model": MODEL, "arms": ARMS, "train": TRAIN, "seeds": SEEDS, "nice": NICE,
               "data_seed": DATA_SEED or None, "position": POSITION,
-              "dropout": DROPOUT}
+              "dropout": DROPOUT, "expert_dropout": EXPERT_DROPOUT}
     (DOCS / "results.json").write_text(json.dumps({"config": config, "milestones": table, "speed": sp, "runs": res},
                                                   indent=1) + "\n")
     partial = [k for k, v in res.items() if not v["done"]]

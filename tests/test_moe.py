@@ -44,6 +44,32 @@ def test_top1_without_renormalisation_keeps_the_router_gradient():
     assert m.router.weight.grad.abs().sum() > 0
 
 
+def test_expert_dropout_acts_inside_the_experts_in_training_only():
+    m = layer(moe_expert_dropout=0.5)
+    x = torch.randn(6, 32)
+    m.eval()
+    y = m(x)
+    torch.testing.assert_close(y, reference(m, x))  # evaluation: no dropout
+    m.train()
+    torch.manual_seed(1)
+    draws = torch.stack([m(x) for _ in range(3000)])
+    assert (draws[0] - y).abs().max() > 0.1 and (draws[0] - draws[1]).abs().max() > 0.1
+    # the mask is on the hidden units, before the (linear) down projection: inverted dropout keeps the mean
+    torch.testing.assert_close(draws.mean(0), y, atol=0.06 * y.abs().max().item(), rtol=0)
+    # the mask falls on hidden units: with each expert's down projection an identity onto the first 24
+    # output features and k = 1 (weight 1), a dropped unit is an exact 0 in the output, and a kept one doubles
+    m = layer(n_expert_per_token=1, moe_expert_dropout=0.5)
+    with torch.no_grad():
+        m.experts_down.copy_(torch.eye(32, 24).expand(4, 32, 24))
+    m.eval()
+    y = m(x)
+    m.train()
+    yt = m(x)
+    dropped = yt[:, :24] == 0
+    assert 0.3 < dropped.float().mean() < 0.7 and (y[:, :24] != 0).all()
+    torch.testing.assert_close(yt[:, :24][~dropped], 2 * y[:, :24][~dropped])
+
+
 def test_capacity_factor_drops_the_overflow_first_come_first_served():
     m = layer(n_expert_per_token=1, moe_capacity_factor=1.0)
     with torch.no_grad():

@@ -41,6 +41,9 @@ class MoEConfig:
     moe_aux_pooled: bool = False       # one loss over all layers' pooled routing (transformers' Mixtral)
     #                                    instead of Switch's one per layer, summed
     moe_z_loss_coef: float = 0.001     # router z-loss weight 1e-3 (Zoph et al. 2022, ST-MoE, eq. 5 / table 4)
+    moe_expert_dropout: float = 0.0    # dropout on each expert's hidden activations, training only: Switch's
+    #                                    "expert dropout" (Fedus et al. 2021, sec. 4, table 4: 0.4 in the experts,
+    #                                    0.1 elsewhere) regularises the experts' extra parameters on little data
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_expert > 0 and (i + 1) % self.moe_every == 0
@@ -62,6 +65,7 @@ class MoE(nn.Module):
         self.shared = (MLP(n_embd, cfg.moe_shared_hidden, activation, bias=False)
                        if cfg.moe_shared_hidden > 0 else None)
         self.drop = nn.Dropout(dropout)
+        self.expert_dropout = cfg.moe_expert_dropout
         self.router_logits: torch.Tensor | None = None  # [N, E] of the last forward
         self.load: torch.Tensor | None = None           # [E] assignments per expert (before capacity drops)
 
@@ -81,6 +85,8 @@ class MoE(nn.Module):
             h = self.act(gate) * up
         else:
             h = self.act(h)
+        if self.expert_dropout > 0:
+            h = F.dropout(h, self.expert_dropout, self.training)
         return F.linear(h, self.experts_down[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
