@@ -2,6 +2,7 @@
 the loss mask on a real SmolLM2 conversation, packed loss = sum of the conversations' losses alone,
 no attention across conversations, bad lines named file:line, and an SFT run through the CLI."""
 
+import dataclasses
 import json
 import math
 import random
@@ -339,3 +340,32 @@ def test_words_family_pairs_avoid_its_test_questions_and_chat_turns_ask_for_one_
     trained = instruction_pairs(others, 20, seed=0, held_out=held)
     asked = {p["messages"][1]["content"] for p in trained}
     assert not any(it.context in a for n in names for it in evals[n].items + evals[n].pool for a in asked)
+
+
+def test_geography_and_lexicon_regroup_the_word_relations_and_lexicon_pairs_ask_no_place_question(gensim_words):
+    from lmlab.eval.tasks import load_task
+    from lmlab.eval.tasks.instructions import FAMILIES, conversation, family_of, instruction_pairs
+    from lmlab.eval.tasks.words import word_pairs
+
+    geo, lex = FAMILIES["geography"], FAMILIES["lexicon"]
+    assert not set(geo) & set(lex) and set(FAMILIES["words"]) <= set(geo) | set(lex)
+    assert {family_of(n) for n in lex} == {"words", "lexicon"}  # one instruction for all of them
+    known = {("female_of", "king"): "queen", ("superlative_of", "bad"): "worst", ("adverb_of", "calm"): "calmly",
+             ("opposite_of", "aware"): "unaware", ("participle_of", "code"): "coding",
+             ("past_tense_of", "swimming"): "swam", ("third_person_of", "eat"): "eats"}
+    for (name, key), answer in known.items():
+        assert word_pairs(name, gensim_words)[key] == answer
+    # lexicon is trained on every question it has (none of its tasks is evaluated), each once
+    empty = {n: dataclasses.replace(load_task(n, 1000, seed=0), items=[]) for n in lex}
+    pairs = instruction_pairs(lex, 250, seed=0, held_out=empty)
+    users = [p["messages"][1]["content"] for p in pairs]
+    assert len(users) == len(set(users)) > 250
+    assert all(p["messages"][1]["content"].startswith("Answer the question with one word.\n") for p in pairs)
+    # and no geography question, test, validation or demonstration, is asked or answered in them
+    for name in geo:
+        task, val = load_task(name, 1000, seed=0), load_task(name, 1000, seed=0, split="validation")
+        for it in task.items + task.pool + val.items:
+            q = conversation(task, it)[1]["content"].split("\n", 1)[1]
+            assert not any(q in u for u in users)
+    answers = {p["messages"][2]["content"] for p in pairs}
+    assert not answers & {v for n in geo for v in word_pairs(n, gensim_words).values()}

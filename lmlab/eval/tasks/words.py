@@ -10,9 +10,10 @@ there when gensim is installed (found, never imported), else pass its path as `w
   two capital-* sections); an easy task, so small models' curves start above the floor.
 - `words()`: the file's lower-case words, the vocabulary of the scrambling tasks (scramble.py).
 - `capital_of`, `currency_of`, `nationality_of`, `plural_of`, `comparative_of` (the `words` instruction
-  family of SFT, eval/tasks/instructions.py): generation, "Q: What is the capital of Greece?\n\nA:" ->
-  " Athens", each key of the file asked once, split by the seed into demonstrations, a validation part
-  and the test items (`QUESTIONS`, `word_question`).
+  family of SFT, eval/tasks/instructions.py), and `female_of`, `adverb_of`, `opposite_of`, `superlative_of`,
+  `participle_of`, `past_tense_of`, `third_person_of` (the rest of the file's relations): generation,
+  "Q: What is the capital of Greece?\n\nA:" -> " Athens", each key of the file asked once, split by the
+  seed into demonstrations, a validation part and the test items (`QUESTIONS`, `word_question`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ QUESTIONS = {
     "nationality_of": ("gram6-nationality-adjective", False, "What is the adjective for people from {}?"),
     "plural_of": ("gram8-plural", False, "What is the plural of {}?"),
     "comparative_of": ("gram3-comparative", False, "What is the comparative form of {}?"),
+    # the rest of the file's word relations (the `lexicon` family of SFT, trained only, never evaluated)
+    "female_of": ("family", False, "What is the female form of {}?"),
+    "adverb_of": ("gram1-adjective-to-adverb", False, "What is the adverb formed from {}?"),
+    "opposite_of": ("gram2-opposite", False, "What is the opposite of {}?"),
+    "superlative_of": ("gram4-superlative", False, "What is the superlative form of {}?"),
+    "participle_of": ("gram5-present-participle", False, "What is the present participle of {}?"),
+    "past_tense_of": ("gram7-past-tense", False, "What is the past tense of {}?"),
+    "third_person_of": ("gram9-plural-verbs", False, "What is the third-person singular of {}?"),
 }
 QUESTION_POOL = 8         # demonstrations per task (a 5-shot prompt draws five of them)
 VALIDATION_SHARE = 0.25   # of the questions outside the pool: the validation part; the rest are test items
