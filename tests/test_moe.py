@@ -70,6 +70,31 @@ def test_expert_dropout_acts_inside_the_experts_in_training_only():
     torch.testing.assert_close(yt[:, :24][~dropped], 2 * y[:, :24][~dropped])
 
 
+def test_low_precision_cpu_dispatch_pads_expert_groups_to_bucketed_row_counts(monkeypatch):
+    import lmlab.nn.moe as moe
+
+    m = layer(n_expert_per_token=2)
+    x = torch.randn(300, 32)  # 600 assignments over 4 experts: groups of ~150 rows
+    with torch.no_grad():
+        m.router.weight[0] += 0.5  # uneven groups
+    seen, expert = [], m.expert
+    monkeypatch.setattr(m, "expert", lambda e, xe: (seen.append(xe.shape[0]), expert(e, xe))[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    counts = m.load.tolist()
+    assert [n for n in counts if n] != seen  # padded ...
+    assert seen == [n if n < moe._ROW_BUCKET else -(-n // moe._ROW_BUCKET) * moe._ROW_BUCKET for n in counts if n]
+    monkeypatch.setattr(moe, "_ROW_BUCKET", 10**9)  # ... and the padding rows change nothing
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_unpadded = m(x)
+    assert seen == [n for n in counts if n]
+    torch.testing.assert_close(y, y_unpadded, rtol=2e-2, atol=2e-2)
+    seen.clear()
+    m(x)  # float32: row counts as they are (only oneDNN's low-precision kernels are built per shape)
+    assert seen == [n for n in counts if n]
+
+
 def test_capacity_factor_drops_the_overflow_first_come_first_served():
     m = layer(n_expert_per_token=1, moe_capacity_factor=1.0)
     with torch.no_grad():
