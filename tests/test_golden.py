@@ -11,18 +11,27 @@ Guarded (inputs and computations in tests/golden/compute.py, shared with the rec
 Re-record (only when a change of numbers is intended, and say so in the commit):
     python tests/golden/record.py                  # everything
     python tests/golden/record.py --only smollm2   # the SmolLM2 section
-The values are exact for one software stack and CPU kind (golden.json's "recorded_with").
+The values are exact for one software stack and CPU kind ("recorded_with"): golden.json was recorded on an
+AVX-512 CPU without AMX, golden-amx.json on one with AMX (compute.cpu_kind picks the file).
 """
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from golden.compute import FAMILIES, NGRAM_ORDERS, ngram, prepare_data, smollm2, train_family
+from golden.compute import FAMILIES, NGRAM_ORDERS, cpu_kind, golden_file, ngram, prepare_data, smollm2, train_family
 from peers import smollm2_gguf
 
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "golden.json").read_text(encoding="utf-8"))
+# one file per CPU kind (golden.json: AVX-512 without AMX; golden-amx.json): a kind with no file fails every
+# test below, never skips; record it with tests/golden/record.py on such a machine
+_FILE = golden_file()
+GOLDEN = json.loads(_FILE.read_text(encoding="utf-8")) if _FILE.is_file() else None
+
+
+@pytest.fixture(autouse=True)
+def _recorded_for_this_cpu():
+    assert GOLDEN is not None, f"no golden values for this CPU kind ({cpu_kind()}): record {_FILE.name}"
+    assert GOLDEN["recorded_with"].get("cpu_kind", "avx") == cpu_kind(), _FILE
 
 
 def assert_same(got, want, rel: float = 0.0, where: str = "") -> None:

@@ -25,6 +25,25 @@ os.environ.setdefault("LMLAB_NO_TENSORBOARD", "1")
 
 import torch  # noqa: E402
 
+# ------------------------------------------------------------------ which golden file
+
+
+def cpu_kind() -> str:
+    """The CPU kind the bit-exact values belong to: "amx" where the CPU has AMX tiles (oneDNN and MKL take
+    other kernels there: float32 losses differ from an AVX-512 machine's in the 7th digit), else "avx"."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "avx"
+    return "amx" if " amx_tile" in flags else "avx"
+
+
+def golden_file(kind: str | None = None) -> Path:
+    """tests/golden/golden.json (recorded on an AVX-512 machine without AMX) or golden-<kind>.json."""
+    kind = kind or cpu_kind()
+    return Path(__file__).with_name("golden.json" if kind == "avx" else f"golden-{kind}.json")
+
+
 # ------------------------------------------------------------------ deterministic text
 
 _MASK = (1 << 64) - 1

@@ -1,4 +1,5 @@
-"""Record the golden fixtures: compute every value of tests/golden/compute.py and write golden.json.
+"""Record the golden fixtures: compute every value of tests/golden/compute.py and write golden.json
+(golden-amx.json on a CPU with AMX: the exact values differ by CPU kind, compute.cpu_kind).
 
     python tests/golden/record.py                  # everything
     python tests/golden/record.py --only smollm2   # one section, keeping the others as recorded
@@ -21,9 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the checkout's lmlab; tests/ for golden.compute
 
-from golden.compute import SECTIONS  # noqa: E402
+from golden.compute import SECTIONS, cpu_kind, golden_file  # noqa: E402
 
-GOLDEN = HERE / "golden.json"
+GOLDEN = golden_file()  # golden.json, or golden-amx.json when recorded on a CPU with AMX
 
 
 def dumps(x, indent: str = "") -> str:
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lmlab from {Path(lmlab.__file__).parent}", file=sys.stderr)
     # bit-exact values hold for one software stack and CPU kind: what they were recorded on
     out["recorded_with"] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+                            "cpu_kind": cpu_kind()}
     out = {k: out[k] for k in [*SECTIONS, "recorded_with"] if k in out}
     fd, tmp = tempfile.mkstemp(dir=HERE, prefix=".golden-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
