@@ -10,6 +10,7 @@ FLOPs within 1%, tests/test_sizing.py). Same data order, schedule and seeds for 
     MOE_POSITION=alibi MOE_DATA_SEED=1 MOE_CORPUS=stdlib-code ... run   # ALiBi in both arms (docs/moe/README.md)
     MOE_DROPOUT=0.2 MOE_POSITION=alibi MOE_DATA_SEED=1 ... run   # stdlib-docs with dropout in both arms
     MOE_EXPERT_DROPOUT=0.4 MOE_DROPOUT=0.2 ... run   # and Switch's expert dropout in the MoE arm
+    MOE_TOKENIZER=char MOE_DROPOUT=0.2 ... run   # stdlib-docs as characters: ~4.9 passes in 10M tokens
     flock /tmp/lmlab-heavy.lock python benchmarks/moe_vs_dense.py speed   # tokens/s apart, ~4 min
     python benchmarks/moe_vs_dense.py report   # docs/moe/results.md, results.json, curves.png (partial runs too)
 """
@@ -50,10 +51,15 @@ DROPOUT = float(os.environ.get("MOE_DROPOUT", "0"))
 # MOE_EXPERT_DROPOUT=p: Switch's expert dropout (Fedus et al. 2021, sec. 4) in the MoE arm only, on the experts'
 # hidden units (`moe_expert_dropout`), on top of MOE_DROPOUT; the dense arm has no experts and stays as it was.
 EXPERT_DROPOUT = float(os.environ.get("MOE_EXPERT_DROPOUT", "0"))
+# MOE_TOKENIZER=char: the corpus prepared as characters (`lmlab prepare stdlib-docs --tokenizer char --out
+# data/stdlib-docs-char`): stdlib-docs' training split is then 2.06M tokens, so 10M tokens are ~4.9 passes, not ~17.
+TOKENIZER = os.environ.get("MOE_TOKENIZER", "bpe")
 _DROP_TEXT = (f"dropout {DROPOUT:g} in both arms (embedding, residual branches; none on attention probabilities)"
               if DROPOUT else "no dropout") + (f"; expert dropout {EXPERT_DROPOUT:g} on the MoE experts' hidden units"
                                                if EXPERT_DROPOUT else "")
+_DATA_NAME = CORPUS + ("" if TOKENIZER == "bpe" else f"-{TOKENIZER}")  # default data/<this>
 _TAG = (("" if STEPS == 2442 else f"-{STEPS}") + ("" if CORPUS == "stdlib-docs" else f"-{CORPUS}")
+        + ("" if TOKENIZER == "bpe" else f"-{TOKENIZER}")
         + (f"-data{DATA_SEED}" if DATA_SEED else "") + ("" if POSITION == "learned" else f"-{POSITION}")
         + (f"-drop{DROPOUT:g}" if DROPOUT else "") + (f"-edrop{EXPERT_DROPOUT:g}" if EXPERT_DROPOUT else ""))
 RUNS = ROOT / "benchmarks" / "runs" / f"moe-10m{_TAG}"
@@ -215,7 +221,7 @@ def report(data: str) -> None:
                                                   indent=1) + "\n")
     partial = [k for k, v in res.items() if not v["done"]]
     n_train = _train_tokens(data)
-    lines = [f"# MoE vs dense at equal active FLOPs ({CORPUS})", "",
+    lines = [f"# MoE vs dense at equal active FLOPs ({_DATA_NAME})", "",
              f"GPT 4 x 192 ({'learned positions' if POSITION == 'learned' else POSITION}), block {BLOCK}, "
              f"batch {BATCH}, {STEPS} steps = {STEPS * TOKENS_PER_STEP:,} tokens per run "
              f"(~{STEPS * TOKENS_PER_STEP / n_train:.1f} passes over the {n_train:,}-token training "
@@ -306,8 +312,8 @@ def _plot(res: dict) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["run", "speed", "report"])
-    ap.add_argument("data", nargs="?", default=str(ROOT / "data" / CORPUS),
-                    help="a prepared data dir (default data/$MOE_CORPUS: `lmlab prepare CORPUS --out` it first)")
+    ap.add_argument("data", nargs="?", default=str(ROOT / "data" / _DATA_NAME),
+                    help="a prepared data dir (default data/$MOE_CORPUS[-$MOE_TOKENIZER]: `lmlab prepare` it first)")
     ap.add_argument("--workers", type=int, default=2, help="runs trained at once (run)")
     args = ap.parse_args()
     if args.what == "run":
