@@ -39,7 +39,7 @@ from lmlab.cli import main as lmlab  # noqa: E402
 from lmlab.data.classify import TextClassSplit  # noqa: E402
 from lmlab.data.docstring_task import LabelledText, build_docstring_task, pretraining_corpus  # noqa: E402
 from lmlab.data.prepare import PrepareConfig, prepare  # noqa: E402
-from lmlab.eval.harness.fewshot import evaluate_task, wilson  # noqa: E402
+from lmlab.eval.harness.fewshot import evaluate_task, mcnemar_p, wilson  # noqa: E402
 from lmlab.eval.harness.lm import TorchLM  # noqa: E402
 from lmlab.eval.images import evaluate_classifier  # noqa: E402
 from lmlab.eval.tasks.packages import chat_pairs, conversation, fewshot_task  # noqa: E402
@@ -288,19 +288,6 @@ def acc_cell(correct: list[int]) -> dict:
     n, k = len(correct), sum(correct)
     lo, hi = wilson(k / n, n)
     return {"n": n, "correct": k, "acc": k / n, "ci95": [lo, hi]}
-
-
-def mcnemar_p(a: list[int], b: list[int]) -> float:
-    """Exact two-sided McNemar test on paired right/wrong answers (binomial on the discordant pairs)."""
-    from math import comb
-
-    n01 = sum(x == 0 and y == 1 for x, y in zip(a, b))
-    n10 = sum(x == 1 and y == 0 for x, y in zip(a, b))
-    n = n01 + n10
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, i) for i in range(min(n01, n10) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def stage_report() -> None:

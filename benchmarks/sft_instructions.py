@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, write_results  # noqa: E402
 from lmlab.data.prepare import PrepareConfig, prepare  # noqa: E402
-from lmlab.eval.harness.fewshot import demonstrations, evaluate_task, wilson  # noqa: E402
+from lmlab.eval.harness.fewshot import demonstrations, evaluate_task, mcnemar_p, wilson  # noqa: E402
 from lmlab.eval.harness.lm import TorchLM  # noqa: E402
 from lmlab.eval.tasks import BUILTIN, Task, load_task  # noqa: E402
 from lmlab.eval.tasks.instructions import FAMILIES, conversation, family_of, instruction_pairs  # noqa: E402
@@ -200,14 +200,16 @@ def evaluate(split: str) -> None:
     loaded = load_model(gguf(), precision="fp32")
     template = chat_template_for(loaded.tokenizer)
     sft_model = load_checkpoint(RUN)[0] if (RUN / "checkpoints").is_dir() else None
-    rows = []
+    rows, hits_of = [], {}  # hits_of[arm, task]: right/wrong per item, for the paired test against the bar
     for arm in ARMS:
         for name, task in tasks.items():
             # the base arms depend on neither the held-out family nor the recipe
             who = f"{arm}{TAG}-s{SEED}" if arm.startswith("SFT") else arm
             f = cache / f"{split}__{who.replace(' ', '_')}__{name}__n{len(task.items)}.json"
             if f.is_file():
-                rows.append({**json.loads(f.read_text())["row"], "held_out": name in FAMILIES[HELD_OUT]})
+                got = json.loads(f.read_text())
+                rows.append({**got["row"], "held_out": name in FAMILIES[HELD_OUT]})
+                hits_of[arm, name] = [it["correct"] for it in got["items"]]
                 continue
             if arm.startswith("SFT") and sft_model is None:
                 continue
@@ -228,8 +230,9 @@ def evaluate(split: str) -> None:
             items = [{"target": it.target, "answer": a, "correct": h} for it, a, h in zip(task.items, answers, hits)]
             atomic_write_text(f, json.dumps({"row": row, "example_prompt": prompts[0], "items": items}))
             rows.append(row)
+            hits_of[arm, name] = hits
             print(json.dumps(row), flush=True)
-    report(split, names, rows)
+    report(split, names, rows, hits_of)
 
 
 def cell(r: dict | None) -> str:
@@ -244,7 +247,7 @@ def pooled(rows: list[dict]) -> dict | None:
     return {"n": n, "hits": hits, "acc": hits / n, "ci95": list(wilson(hits / n, n))}
 
 
-def report(split: str, names: list[str], rows: list[dict]) -> None:
+def report(split: str, names: list[str], rows: list[dict], hits_of: dict[tuple[str, str], list[bool]]) -> None:
     metrics = RUN / "metrics.jsonl"
     curve = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []
     find = {(r["arm"], r["task"]): r for r in rows}
@@ -263,8 +266,22 @@ def report(split: str, names: list[str], rows: list[dict]) -> None:
     summary = {arm: pooled([find[arm, n] for n in held]) if all((arm, n) in find for n in held) else None
                for arm in ARMS}
     summary["bar"] = pooled([bar(n) for n in held]) if all(bar(n) for n in held) else None
+    # each SFT arm against the bar on the same held-out items: exact McNemar (two-sided) on the pooled items
+    paired = {}
+    for arm in (a for a in ARMS if a.startswith("SFT")):
+        if summary[arm] and summary["bar"]:
+            sft = [h for n in held for h in hits_of[arm, n]]
+            ref = [h for n in held for h in hits_of[bar(n)["arm"], n]]
+            paired[arm] = {"only_sft_right": sum(a and not b for a, b in zip(sft, ref, strict=True)),
+                           "only_bar_right": sum(b and not a for a, b in zip(sft, ref, strict=True)),
+                           "mcnemar_p": mcnemar_p(sft, ref)}
+    summary["paired_vs_bar"] = paired
     lines.append(f"| **{HELD_OUT}, all {len(held)} tasks pooled** | (held out) | "
                  + " | ".join(cell(summary[arm]) for arm in ARMS) + f" | {cell(summary['bar'])} |")
+    for arm, t in paired.items():
+        lines.append(f"\n{arm} against the bar on the same {summary[arm]['n']} held-out items: right where the bar is "
+                     f"wrong {t['only_sft_right']}, wrong where it is right {t['only_bar_right']}; exact McNemar "
+                     f"p = {t['mcnemar_p']:.2g}")
     losses = [r for r in curve if "loss" in r]
     vals = [r for r in curve if "val_loss" in r]
     train_line = (f"SFT recipe `{RECIPE_NAME}` ({dataclasses.asdict(RECIPE)}): {losses[-1]['step']} steps, "

@@ -392,3 +392,17 @@ def test_wilson_interval_is_not_degenerate_and_cache_keys_weights_and_code(tmp_p
     (model / "model.safetensors").write_bytes(b"b")  # retrained weights under the same path
     assert weights_digest(model) != before
     assert CellCache(tmp_path / "cells", {"seed": 0}).get("m", str(model), task, 0) is None  # not reused
+
+
+def test_mcnemar_p_is_the_exact_binomial_test_on_discordant_items():
+    from scipy.stats import binomtest
+
+    from lmlab.eval.harness.fewshot import mcnemar_p
+
+    a = [1] * 30 + [0] * 12 + [1] * 5 + [0] * 53  # 12 items only b gets right, 5 only a
+    b = [1] * 30 + [1] * 12 + [0] * 5 + [0] * 53
+    assert mcnemar_p(a, b) == pytest.approx(binomtest(5, 17, 0.5).pvalue, rel=1e-12)
+    assert mcnemar_p(a, b) == mcnemar_p(b, a)
+    assert mcnemar_p(a, a) == 1.0  # no discordant item: no evidence either way
+    with pytest.raises(ValueError, match="not paired"):
+        mcnemar_p(a, b[:-1])

@@ -22,7 +22,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,19 @@ def wilson(p: float, n: int, z: float = WILSON_Z) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def mcnemar_p(a: Sequence[int], b: Sequence[int]) -> float:
+    """Exact two-sided McNemar test of two systems' right (1) / wrong (0) answers on the same items: a
+    binomial test with p = 1/2 on the items where exactly one of them is right (McNemar 1947)."""
+    if len(a) != len(b):
+        raise ValueError(f"mcnemar_p: {len(a)} and {len(b)} answers are not paired")
+    n01 = sum(not x and bool(y) for x, y in zip(a, b, strict=True))
+    n10 = sum(bool(x) and not y for x, y in zip(a, b, strict=True))
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(n01, n10) + 1)) / 2 ** n)
 
 
 @dataclass
