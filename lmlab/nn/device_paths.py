@@ -28,6 +28,11 @@ def cpu_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: autocast's where it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 @contextlib.contextmanager
 def forced(path: str) -> Iterator[None]:
     """Take `path` ("cpu" | "generic") whatever the device (for tests and benchmarks)."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
+from lmlab.nn.device_paths import compute_dtype
 from lmlab.nn.quant import quantized_linear
 
 BASES = ("fp32", "bf16", "int8", "int4")
@@ -65,7 +66,7 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         ctx.base, ctx.x_dtype = base, x.dtype
         w = base.dequantized_weight()
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         bias = base.bias.to(dtype) if base.bias is not None else None
         return F.linear(x.to(dtype), w.to(dtype), bias)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmlab.nn.device_paths import cpu_kernels
+from lmlab.nn.device_paths import compute_dtype, cpu_kernels
 
 # Under bf16/fp16 the weight gradient is summed in the compute dtype over this many chunks (`addmm`
 # accumulates each product in float32 and rounds once per chunk, as an autocast Linear's weight gradient
@@ -103,9 +103,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     still never exist whole (gpt2's vocabulary at 16 x 1024 positions: 4 chunks of up to 5,341 rows, two
     0.54 GB buffers in bf16, against 3.3 GB of float32 logits unchunked). Each chunk costs ~29 ATen
     operators, a GPU step's host overhead (tests/test_device_paths.py counts them)."""
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = compute_dtype(x)
     if not cpu_kernels(x):
         chunk_size = max(chunk_size, _GENERIC_CHUNK_LOGITS // weight.shape[0])
         if torch.compiler.is_compiling() and x.shape[0] <= chunk_size and dtype != torch.float32:

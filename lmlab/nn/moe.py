@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.nn.device_paths import cpu_kernels
+from lmlab.nn.device_paths import compute_dtype, cpu_kernels
 from lmlab.nn.mlp import ACTIVATIONS, MLP
 
 # oneDNN (PyTorch's CPU bf16/fp16 matmul) builds a kernel for each new row count and caches it; an expert's
@@ -114,8 +114,7 @@ class MoE(nn.Module):
             keep = torch.arange(flat.numel(), device=x.device) - start.repeat_interleave(counts) < cap
             token, gate, counts = token[keep], gate[keep], counts.clamp(max=cap)
         sizes = counts.tolist()
-        bucket = cpu_kernels(x) and (x.dtype in _LOW or (torch.is_autocast_enabled("cpu")
-                                                         and torch.get_autocast_dtype("cpu") in _LOW))
+        bucket = cpu_kernels(x) and compute_dtype(x) in _LOW
         pieces = []
         for e, xe in enumerate(x[token].split(sizes)):
             n = sizes[e]
